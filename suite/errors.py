@@ -1,0 +1,25 @@
+"""User-facing errors: the CLI prints them as one line and exits 2, never a traceback."""
+
+from __future__ import annotations
+
+import tomllib
+from typing import Any
+
+
+class UserError(Exception):
+    """A mistake in the user's input (config, flag, path); the message names what and where."""
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value as TOML reads it (3, 0.5, true, [1, 2], "x"); bare words are strings."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_assignment(text: str, flag: str = "--set") -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"{flag} expects KEY=VALUE, got '{text}'")
+    return key.strip(), parse_value(value.strip())

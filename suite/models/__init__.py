@@ -1,0 +1,25 @@
+"""TNT, ViT and DeiT from one shared set of transformer layers."""
+
+from .layers import Attention, Block, DropPath, Mlp, PatchEmbed
+from .registry import ModelEntry, PaperRef, create_model, get_entry, list_models, model_knobs
+from .timm_import import load_timm_state_dict
+from .tnt import TNT, TNTBlock
+from .vit import VisionTransformer
+
+__all__ = [
+    "TNT",
+    "Attention",
+    "Block",
+    "DropPath",
+    "Mlp",
+    "ModelEntry",
+    "PaperRef",
+    "PatchEmbed",
+    "TNTBlock",
+    "VisionTransformer",
+    "create_model",
+    "get_entry",
+    "list_models",
+    "load_timm_state_dict",
+    "model_knobs",
+]

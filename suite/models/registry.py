@@ -1,0 +1,182 @@
+"""Model registry: each entry reads like a row of the paper's table.
+
+Reference values are copied from ``shared/reference/paper_tables.{md,toml}`` with their sources:
+TNT paper (arXiv 2103.00112) Table 3, DeiT paper (arXiv 2012.12877) Table 1, and timm's published
+result CSVs. "gflops" follows the papers' and fvcore's unit: one multiply-add = one flop (GMACs).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .tnt import TNT
+from .vit import VisionTransformer
+
+
+@dataclass(frozen=True)
+class PaperRef:
+    params_m: float | None = None
+    gflops: float | None = None
+    top1: float | None = None
+    top5: float | None = None
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    arch: type[nn.Module]
+    kwargs: dict[str, Any]
+    paper: PaperRef = field(default_factory=PaperRef)
+    # timm's published figures for the same architecture (params M, GMACs), where it has one
+    timm_name: str | None = None
+    timm_params_m: float | None = None
+    timm_gmacs: float | None = None
+
+    @property
+    def family(self) -> str:
+        if self.arch is TNT:
+            return "tnt"
+        return "deit" if self.name.startswith("deit") else "vit"
+
+    @property
+    def img_size(self) -> int:
+        return self.kwargs.get("img_size", 224)
+
+
+_TNT = "TNT paper (arXiv 2103.00112) Table 3"
+_DEIT = "DeiT paper (arXiv 2012.12877) Table 1; TNT paper Table 3"
+_DEIT_DIST = "DeiT paper Table 1 (distilled, 300 epochs); params from timm"
+_TIMM = "timm results CSV (no paper ImageNet-1k row at 224)"
+_VITB = "ViT-B/16 at 224 is DeiT-B's architecture: 17.6 GFLOPs (DeiT paper Table 1)"
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def _tnt(d: int, c: int, heads: int, inner_heads: int) -> dict[str, Any]:
+    return dict(embed_dim=d, inner_dim=c, depth=12, num_heads=heads, inner_heads=inner_heads)
+
+
+def _vit(d: int, heads: int, **kw: Any) -> dict[str, Any]:
+    return dict(embed_dim=d, depth=12, num_heads=heads, **kw)
+
+
+# Small configs for two CPU cores: 32x32 input, 4x4 patch grid of 8x8 patches; TNT splits each
+# patch into 16 pixels of 2x2, the same 16 pixels per patch as the 224 models.
+_NANO = dict(img_size=32, num_classes=10, patch_size=8, embed_dim=96, depth=6, num_heads=3)
+
+for _e in [
+    # name, arch, kwargs, paper reference, timm name, timm params, timm GMACs
+    ModelEntry("tnt_ti_patch16_224", TNT, _tnt(192, 12, 3, 2), PaperRef(6.1, 1.4, 73.9, 91.9, _TNT)),
+    ModelEntry(
+        "tnt_s_patch16_224",
+        TNT,
+        _tnt(384, 24, 6, 4),
+        PaperRef(23.8, 5.2, 81.5, 95.7, _TNT),
+        "tnt_s_patch16_224",
+        23.77,
+        5.25,
+    ),
+    ModelEntry(
+        "tnt_b_patch16_224",
+        TNT,
+        _tnt(640, 40, 10, 4),
+        PaperRef(65.6, 14.1, 82.9, 96.3, _TNT),
+        "tnt_b_patch16_224",
+        65.43,
+        14.10,
+    ),
+    ModelEntry("vit_tiny_patch16_224", VisionTransformer, _vit(192, 3), PaperRef(source=_TIMM),
+               "vit_tiny_patch16_224", 5.72, 1.26),
+    ModelEntry("vit_small_patch16_224", VisionTransformer, _vit(384, 6), PaperRef(source=_TIMM),
+               "vit_small_patch16_224", 22.05, 4.61),
+    ModelEntry("vit_base_patch16_224", VisionTransformer, _vit(768, 12),
+               PaperRef(None, 17.6, None, None, _VITB), "vit_base_patch16_224", 86.57, 17.58),
+    ModelEntry(
+        "vit_base_patch16_384",
+        VisionTransformer,
+        _vit(768, 12, img_size=384),
+        # ViT-B/16 trained on ImageNet-1k only, fine-tuned at 384, as the TNT paper lists it
+        PaperRef(86.4, 55.5, 77.9, None, "TNT paper Table 3, ViT-B/16 row [recalled]"),
+        "vit_base_patch16_384",
+    ),
+    ModelEntry("deit_tiny_patch16_224", VisionTransformer, _vit(192, 3),
+               PaperRef(5.7, 1.3, 72.2, None, _DEIT), "deit_tiny_patch16_224", 5.72, 1.26),
+    ModelEntry("deit_small_patch16_224", VisionTransformer, _vit(384, 6),
+               PaperRef(22.0, 4.6, 79.8, None, _DEIT), "deit_small_patch16_224", 22.05, 4.61),
+    ModelEntry("deit_base_patch16_224", VisionTransformer, _vit(768, 12),
+               PaperRef(86.0, 17.6, 81.8, None, _DEIT), "deit_base_patch16_224", 86.57, 17.58),
+    ModelEntry("deit_tiny_distilled_patch16_224", VisionTransformer,
+               _vit(192, 3, distilled=True), PaperRef(None, 1.3, 74.5, None, _DEIT_DIST),
+               "deit_tiny_distilled_patch16_224"),
+    ModelEntry("deit_small_distilled_patch16_224", VisionTransformer,
+               _vit(384, 6, distilled=True), PaperRef(None, 4.6, 81.2, None, _DEIT_DIST),
+               "deit_small_distilled_patch16_224", 22.44, 4.63),
+    ModelEntry("deit_base_distilled_patch16_224", VisionTransformer,
+               _vit(768, 12, distilled=True), PaperRef(None, 17.6, 83.4, None, _DEIT_DIST),
+               "deit_base_distilled_patch16_224"),
+    ModelEntry("tnt_nano", TNT, dict(_NANO, pixel_size=2, inner_dim=12, inner_heads=2)),
+    ModelEntry("vit_nano", VisionTransformer, dict(_NANO)),
+    ModelEntry("deit_nano", VisionTransformer, dict(_NANO)),
+    ModelEntry("deit_nano_distilled", VisionTransformer, dict(_NANO, distilled=True)),
+]:  # fmt: skip
+    _REGISTRY[_e.name] = _e
+
+
+def list_models() -> list[str]:
+    return list(_REGISTRY)
+
+
+def get_entry(name: str) -> ModelEntry:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown model '{name}'; choose from: {', '.join(_REGISTRY)}") from None
+
+
+def model_knobs(name: str) -> list[str]:
+    """The constructor arguments a config may override for this model."""
+    return list(inspect.signature(get_entry(name).arch).parameters)
+
+
+def _check_knob(name: str, key: str, value: Any, default: Any) -> None:
+    expected = type(default)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise ValueError(
+            f"{key}={value!r} for model {name} must be {expected.__name__}, "
+            f"not {type(value).__name__}"
+        )
+    if expected in (int, float) and not isinstance(value, bool):
+        low = 0 if key in _MAY_BE_ZERO else 1e-12
+        if value < low or (key.endswith("drop_rate") or key == "drop_path_rate") and value >= 1:
+            raise ValueError(f"{key}={value!r} for model {name} is out of range")
+
+
+# knobs where 0 is meaningful: no classifier head, no dropout / stochastic depth
+_MAY_BE_ZERO = {"num_classes", "drop_rate", "attn_drop_rate", "drop_path_rate"}
+
+
+def resolve_kwargs(name: str, **overrides: Any) -> dict[str, Any]:
+    """The entry's constructor arguments with ``overrides`` applied, each checked by name,
+    type and range; a ValueError names the knob and the value."""
+    entry = get_entry(name)
+    params = inspect.signature(entry.arch).parameters
+    for key, value in overrides.items():
+        if key not in params:
+            raise ValueError(f"unknown knob '{key}' for model {name}; valid: {', '.join(params)}")
+        _check_knob(name, key, value, params[key].default)
+    return {**entry.kwargs, **overrides}
+
+
+def create_model(name: str, **overrides: Any) -> nn.Module:
+    """Build a registered model, with any constructor argument overridden (as timm does)."""
+    entry = get_entry(name)
+    model = entry.arch(**resolve_kwargs(name, **overrides))
+    model.model_name = name
+    return model

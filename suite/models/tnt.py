@@ -1,0 +1,182 @@
+"""Transformer iN Transformer (Han et al. 2021, arXiv 2103.00112), as its official code defines it.
+
+Shapes: B batch, N = (img/patch)^2 patches, P = (patch/pixel)^2 pixels per patch,
+c inner dim, D outer dim. Pixel tokens live as (B*N, P, c): every patch is one short
+sequence for the inner transformer; patch tokens as (B, 1 + N, D) with the class token first.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .layers import Block, check_divisible, check_input, drop_path_rates, init_weights
+
+LN_EPS = 1e-5  # the official code and timm's TNT use nn.LayerNorm's default
+
+
+class PixelEmbed(nn.Module):
+    """Image (B, C, H, W) -> pixel tokens (B*N, P, c).
+
+    Each patch is cut out and convolved on its own (kernel 7, padding 3, stride = pixel size),
+    so the zero padding stops at the patch border exactly as in the official code.
+    """
+
+    def __init__(
+        self, img_size: int, patch_size: int, pixel_size: int, in_chans: int, inner_dim: int
+    ) -> None:
+        super().__init__()
+        check_divisible("img_size", img_size, "patch_size", patch_size)
+        check_divisible("patch_size", patch_size, "pixel_size", pixel_size)
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.grid = img_size // patch_size
+        self.num_patches = self.grid**2
+        self.pixel_grid = patch_size // pixel_size
+        self.num_pixels = self.pixel_grid**2
+        self.proj = nn.Conv2d(in_chans, inner_dim, kernel_size=7, padding=3, stride=pixel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.img_size)
+        B, C = x.shape[:2]
+        g, p = self.grid, self.patch_size
+        # (B, C, g, p, g, p) -> (B, g, g, C, p, p) -> (B*N, C, p, p), patches in row-major order
+        x = x.reshape(B, C, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(B * g * g, C, p, p)
+        x = self.proj(x)  # (B*N, c, p/s, p/s)
+        return x.flatten(2).transpose(1, 2)  # (B*N, P, c)
+
+
+class TNTBlock(nn.Module):
+    """Inner block on pixels, pixel->patch projection added to patch tokens, outer block."""
+
+    def __init__(
+        self,
+        inner_dim: int,
+        embed_dim: int,
+        num_pixels: int,
+        inner_heads: int,
+        num_heads: int,
+        mlp_ratio: float,
+        inner_mlp_ratio: float,
+        qkv_bias: bool,
+        drop: float,
+        attn_drop: float,
+        drop_path: float,
+    ) -> None:
+        super().__init__()
+        self.inner = Block(
+            inner_dim, inner_heads, inner_mlp_ratio, qkv_bias, drop, attn_drop, drop_path, LN_EPS
+        )
+        # LN(P*c) -> Linear(P*c -> D, no bias) -> LN(D), added to the patch tokens without DropPath
+        self.proj_norm1 = nn.LayerNorm(num_pixels * inner_dim, eps=LN_EPS)
+        self.proj = nn.Linear(num_pixels * inner_dim, embed_dim, bias=False)
+        self.proj_norm2 = nn.LayerNorm(embed_dim, eps=LN_EPS)
+        self.outer = Block(
+            embed_dim, num_heads, mlp_ratio, qkv_bias, drop, attn_drop, drop_path, LN_EPS
+        )
+
+    def forward(
+        self, pixel: torch.Tensor, patch: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        pixel = self.inner(pixel)  # (B*N, P, c)
+        B, N1, _ = patch.shape
+        # (B*N, P, c) -> (B, N, P*c): a view, each patch's pixels flattened pixel-major
+        delta = self.proj_norm2(self.proj(self.proj_norm1(pixel.reshape(B, N1 - 1, -1))))
+        patch = torch.cat([patch[:, :1], patch[:, 1:] + delta], dim=1)  # class token untouched
+        return pixel, self.outer(patch)
+
+
+class TNT(nn.Module):
+    family = "tnt"
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        patch_size: int = 16,
+        pixel_size: int = 4,
+        embed_dim: int = 384,
+        inner_dim: int = 24,
+        depth: int = 12,
+        num_heads: int = 6,
+        inner_heads: int = 4,
+        mlp_ratio: float = 4.0,
+        inner_mlp_ratio: float = 4.0,
+        qkv_bias: bool = False,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        patch_pos_embed: bool = True,
+        pixel_pos_embed: bool = True,
+    ) -> None:
+        super().__init__()
+        check_divisible("embed_dim", embed_dim, "num_heads", num_heads)
+        check_divisible("inner_dim", inner_dim, "inner_heads", inner_heads)
+        self.num_classes = num_classes
+        self.embed_dim = embed_dim
+        self.inner_dim = inner_dim
+        self.distilled = False
+        self.pixel_embed = PixelEmbed(img_size, patch_size, pixel_size, in_chans, inner_dim)
+        N, P = self.pixel_embed.num_patches, self.pixel_embed.num_pixels
+        self.num_patches, self.num_pixels = N, P
+        # one (P, c) pixel position table shared by every patch
+        self.pixel_pos = nn.Parameter(torch.zeros(1, P, inner_dim)) if pixel_pos_embed else None
+        # initial patch tokens from their pixels: LN(P*c) -> Linear -> LN(D)
+        self.norm1_proj = nn.LayerNorm(P * inner_dim, eps=LN_EPS)
+        self.proj = nn.Linear(P * inner_dim, embed_dim)
+        self.norm2_proj = nn.LayerNorm(embed_dim, eps=LN_EPS)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.patch_pos = nn.Parameter(torch.zeros(1, N + 1, embed_dim)) if patch_pos_embed else None
+        self.pos_drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
+        dpr = drop_path_rates(drop_path_rate, depth)
+        self.blocks = nn.ModuleList(
+            TNTBlock(
+                inner_dim,
+                embed_dim,
+                P,
+                inner_heads,
+                num_heads,
+                mlp_ratio,
+                inner_mlp_ratio,
+                qkv_bias,
+                drop_rate,
+                attn_drop_rate,
+                dpr[i],
+            )
+            for i in range(depth)
+        )
+        self.norm = nn.LayerNorm(embed_dim, eps=LN_EPS)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(init_weights)
+        for p in (self.cls_token, self.patch_pos, self.pixel_pos):
+            if p is not None:
+                nn.init.trunc_normal_(p, std=0.02)
+
+    def forward_features(
+        self, x: torch.Tensor, return_intermediates: list[int] | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+        """(B, C, H, W) -> normed patch tokens (B, 1 + N, D); optionally the (pixel, patch)
+        tokens entering the blocks listed in ``return_intermediates`` (0-based)."""
+        B = x.shape[0]
+        pixel = self.pixel_embed(x)  # (B*N, P, c)
+        if self.pixel_pos is not None:
+            pixel = pixel + self.pixel_pos
+        patch = self.norm2_proj(self.proj(self.norm1_proj(pixel.reshape(B, self.num_patches, -1))))
+        patch = torch.cat([self.cls_token.expand(B, -1, -1), patch], dim=1)  # (B, 1 + N, D)
+        if self.patch_pos is not None:
+            patch = patch + self.patch_pos
+        patch = self.pos_drop(patch)
+        inter: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for i, blk in enumerate(self.blocks):
+            if return_intermediates is not None and i in return_intermediates:
+                inter[i] = (pixel, patch)
+            pixel, patch = blk(pixel, patch)
+        patch = self.norm(patch)
+        return (patch, inter) if return_intermediates is not None else patch
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x[:, 0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))

@@ -1,0 +1,98 @@
+"""ViT (Dosovitskiy et al. 2021) and DeiT (Touvron et al. 2021), with DeiT's distillation token.
+
+Tokens: [cls, (dist), patch_1 .. patch_N], shape (B, 1 + distilled + N, D).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .layers import Block, PatchEmbed, check_divisible, drop_path_rates, init_weights
+
+
+class VisionTransformer(nn.Module):
+    family = "vit"
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        patch_size: int = 16,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        distilled: bool = False,
+        pos_embed: bool = True,
+    ) -> None:
+        super().__init__()
+        check_divisible("embed_dim", embed_dim, "num_heads", num_heads)
+        self.num_classes = num_classes
+        self.embed_dim = embed_dim
+        self.distilled = distilled
+        self.num_prefix = 2 if distilled else 1
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        n = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if distilled else None
+        self.pos_embed = (
+            nn.Parameter(torch.zeros(1, n + self.num_prefix, embed_dim)) if pos_embed else None
+        )
+        self.pos_drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
+        dpr = drop_path_rates(drop_path_rate, depth)
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, dpr[i])
+            for i in range(depth)
+        )
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head_dist = (
+            (nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity())
+            if distilled
+            else None
+        )
+        self.apply(init_weights)
+        for p in (self.cls_token, self.dist_token, self.pos_embed):
+            if p is not None:
+                nn.init.trunc_normal_(p, std=0.02)
+
+    def forward_features(
+        self, x: torch.Tensor, return_intermediates: list[int] | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """(B, C, H, W) -> normed tokens (B, prefix + N, D); optionally the tokens entering
+        the blocks listed in ``return_intermediates`` (0-based block index)."""
+        B = x.shape[0]
+        x = self.patch_embed(x)  # (B, N, D)
+        prefix = [self.cls_token.expand(B, -1, -1)]
+        if self.dist_token is not None:
+            prefix.append(self.dist_token.expand(B, -1, -1))
+        x = torch.cat(prefix + [x], dim=1)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        x = self.pos_drop(x)
+        inter: dict[int, torch.Tensor] = {}
+        for i, blk in enumerate(self.blocks):
+            if return_intermediates is not None and i in return_intermediates:
+                inter[i] = x
+            x = blk(x)
+        x = self.norm(x)
+        return (x, inter) if return_intermediates is not None else x
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        logits = self.head(x[:, 0])
+        if self.head_dist is None:
+            return logits
+        logits_dist = self.head_dist(x[:, 1])
+        if self.training:
+            # both heads for the distillation loss (class head vs label, dist head vs teacher)
+            return logits, logits_dist
+        return (logits + logits_dist) / 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        return self.forward_head(self.forward_features(x))

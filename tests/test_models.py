@@ -1,0 +1,147 @@
+"""Models: shared layers, every registered model at a tiny size, paper/timm param counts."""
+
+import pytest
+import torch
+
+from suite.cli import main
+from suite.models import Attention, create_model, get_entry, list_models
+from suite.models.summary import count_params
+
+NANO = [n for n in list_models() if n.endswith(("nano", "nano_distilled"))]
+BIG = [n for n in list_models() if n not in NANO]
+
+
+def test_sdpa_matches_written_out_attention():
+    attn = Attention(dim=48, num_heads=4).eval()
+    x = torch.randn(3, 17, 48)
+    attn.fused = True
+    fused = attn(x)
+    attn.fused = False
+    written = attn(x)
+    torch.testing.assert_close(fused, written, rtol=1e-5, atol=1e-6)
+
+
+def _tiny(name):
+    entry = get_entry(name)
+    # nano models as registered; 224/384 models at depth 2 (same widths, heads, tokens)
+    return create_model(name) if name in NANO else create_model(name, depth=2)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_forward_backward_every_model(name):
+    model = _tiny(name)
+    entry = get_entry(name)
+    n_cls = model.num_classes
+    x = torch.randn(1 if name in BIG else 2, 3, entry.img_size, entry.img_size)
+    model.train()
+    out = model(x)
+    outs = out if isinstance(out, tuple) else (out,)
+    assert len(outs) == (2 if model.distilled else 1)
+    loss = sum(o.float().logsumexp(-1).sum() for o in outs)
+    loss.backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None, f"no gradient reaches {pname}"
+        assert torch.isfinite(p.grad).all(), pname
+        assert p.grad.abs().sum() > 0, f"zero gradient at {pname}"
+    model.eval()
+    with torch.no_grad():
+        a, b = model(x), model(x)
+    assert a.shape == (x.shape[0], n_cls)
+    assert torch.isfinite(a).all()
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_distilled_heads_average_at_eval():
+    model = create_model("deit_nano_distilled").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        expected = (model.head(feats[:, 0]) + model.head_dist(feats[:, 1])) / 2
+        torch.testing.assert_close(model(x), expected)
+
+
+def test_tnt_patch_token_gets_pixel_projection_class_token_does_not():
+    model = create_model("tnt_nano", depth=1).eval()
+    blk = model.blocks[0]
+    pixel = torch.randn(2 * 16, 16, 12)
+    patch = torch.randn(2, 17, 96)
+    seen = {}
+    blk.outer.register_forward_pre_hook(lambda m, a: seen.setdefault("in", a[0]))
+    blk(pixel, patch)
+    inner_out = blk.inner(pixel)
+    delta = blk.proj_norm2(blk.proj(blk.proj_norm1(inner_out.reshape(2, 16, -1))))
+    torch.testing.assert_close(seen["in"][:, 0], patch[:, 0])
+    torch.testing.assert_close(seen["in"][:, 1:], patch[:, 1:] + delta)
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(pixel_size=3), ["patch_size=16", "pixel_size=3"]),
+        (dict(img_size=200), ["img_size=200", "patch_size=16"]),
+        (dict(inner_heads=5), ["inner_dim=24", "inner_heads=5"]),
+        (dict(num_heads=7), ["embed_dim=384", "num_heads=7"]),
+    ],
+)
+def test_invalid_combination_names_both_values(kwargs, words):
+    with pytest.raises(ValueError) as e:
+        create_model("tnt_s_patch16_224", **kwargs)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_pos_embed_switches_remove_the_tables():
+    m = create_model("tnt_nano", patch_pos_embed=False, pixel_pos_embed=False)
+    assert m.patch_pos is None and m.pixel_pos is None
+    full = count_params("tnt_nano")
+    assert sum(p.numel() for p in m.parameters()) == full - 17 * 96 - 16 * 12
+
+
+PAPER_PARAMS = {
+    "tnt_ti_patch16_224": 6.1,
+    "tnt_s_patch16_224": 23.8,
+    "tnt_b_patch16_224": 65.6,
+    "deit_tiny_patch16_224": 5.7,
+    "deit_small_patch16_224": 22.0,
+    "deit_base_patch16_224": 86.0,
+}
+
+
+@pytest.mark.parametrize("name", PAPER_PARAMS)
+def test_params_within_1pct_of_paper(name):
+    n = count_params(name) / 1e6
+    assert get_entry(name).paper.params_m == PAPER_PARAMS[name]
+    assert abs(n - PAPER_PARAMS[name]) / PAPER_PARAMS[name] < 0.01, n
+
+
+@pytest.mark.parametrize("name", [n for n in BIG if get_entry(n).timm_name])
+def test_params_equal_timm_exactly(name):
+    timm = pytest.importorskip("timm")
+    with torch.device("meta"):
+        ref = timm.create_model(get_entry(name).timm_name, pretrained=False)
+    assert count_params(name) == sum(p.numel() for p in ref.parameters())
+
+
+def test_models_cli_lists_registry(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for name in list_models():
+        assert name in out
+    assert "23.77" in out and "81.5" in out  # TNT-S ours and paper top-1
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["models", "tnt_nano", "--set", "foo=1"], ["unknown knob 'foo'"]),
+        (["models", "tnt_nano", "--set", "inner_heads=5"], ["inner_dim=12", "inner_heads=5"]),
+        (["models", "tnt_nano", "--set", "depth=two"], ["depth='two'", "int"]),
+        (["models", "no_such_model"], ["unknown model 'no_such_model'"]),
+    ],
+)
+def test_models_cli_wrong_knob_is_one_line(argv, words, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    for w in words:
+        assert w in err
