@@ -22,7 +22,6 @@ def test_sdpa_matches_written_out_attention():
 
 
 def _tiny(name):
-    entry = get_entry(name)
     # nano models as registered; 224/384 models at depth 2 (same widths, heads, tokens)
     return create_model(name) if name in NANO else create_model(name, depth=2)
 

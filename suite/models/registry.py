@@ -52,6 +52,7 @@ _TNT = "TNT paper (arXiv 2103.00112) Table 3"
 _DEIT = "DeiT paper (arXiv 2012.12877) Table 1; TNT paper Table 3"
 _DEIT_DIST = "DeiT paper Table 1 (distilled, 300 epochs); params from timm"
 _TIMM = "timm results CSV (no paper ImageNet-1k row at 224)"
+_VIT384 = "TNT paper Table 3, ViT-B/16 row (ImageNet-1k only, 384px) [recalled]"
 _VITB = "ViT-B/16 at 224 is DeiT-B's architecture: 17.6 GFLOPs (DeiT paper Table 1)"
 
 _REGISTRY: dict[str, ModelEntry] = {}
@@ -69,62 +70,32 @@ def _vit(d: int, heads: int, **kw: Any) -> dict[str, Any]:
 # patch into 16 pixels of 2x2, the same 16 pixels per patch as the 224 models.
 _NANO = dict(img_size=32, num_classes=10, patch_size=8, embed_dim=96, depth=6, num_heads=3)
 
-for _e in [
-    # name, arch, kwargs, paper reference, timm name, timm params, timm GMACs
-    ModelEntry("tnt_ti_patch16_224", TNT, _tnt(192, 12, 3, 2), PaperRef(6.1, 1.4, 73.9, 91.9, _TNT)),
-    ModelEntry(
-        "tnt_s_patch16_224",
-        TNT,
-        _tnt(384, 24, 6, 4),
-        PaperRef(23.8, 5.2, 81.5, 95.7, _TNT),
-        "tnt_s_patch16_224",
-        23.77,
-        5.25,
-    ),
-    ModelEntry(
-        "tnt_b_patch16_224",
-        TNT,
-        _tnt(640, 40, 10, 4),
-        PaperRef(65.6, 14.1, 82.9, 96.3, _TNT),
-        "tnt_b_patch16_224",
-        65.43,
-        14.10,
-    ),
-    ModelEntry("vit_tiny_patch16_224", VisionTransformer, _vit(192, 3), PaperRef(source=_TIMM),
-               "vit_tiny_patch16_224", 5.72, 1.26),
-    ModelEntry("vit_small_patch16_224", VisionTransformer, _vit(384, 6), PaperRef(source=_TIMM),
-               "vit_small_patch16_224", 22.05, 4.61),
-    ModelEntry("vit_base_patch16_224", VisionTransformer, _vit(768, 12),
-               PaperRef(None, 17.6, None, None, _VITB), "vit_base_patch16_224", 86.57, 17.58),
-    ModelEntry(
-        "vit_base_patch16_384",
-        VisionTransformer,
-        _vit(768, 12, img_size=384),
-        # ViT-B/16 trained on ImageNet-1k only, fine-tuned at 384, as the TNT paper lists it
-        PaperRef(86.4, 55.5, 77.9, None, "TNT paper Table 3, ViT-B/16 row [recalled]"),
-        "vit_base_patch16_384",
-    ),
-    ModelEntry("deit_tiny_patch16_224", VisionTransformer, _vit(192, 3),
-               PaperRef(5.7, 1.3, 72.2, None, _DEIT), "deit_tiny_patch16_224", 5.72, 1.26),
-    ModelEntry("deit_small_patch16_224", VisionTransformer, _vit(384, 6),
-               PaperRef(22.0, 4.6, 79.8, None, _DEIT), "deit_small_patch16_224", 22.05, 4.61),
-    ModelEntry("deit_base_patch16_224", VisionTransformer, _vit(768, 12),
-               PaperRef(86.0, 17.6, 81.8, None, _DEIT), "deit_base_patch16_224", 86.57, 17.58),
-    ModelEntry("deit_tiny_distilled_patch16_224", VisionTransformer,
-               _vit(192, 3, distilled=True), PaperRef(None, 1.3, 74.5, None, _DEIT_DIST),
-               "deit_tiny_distilled_patch16_224"),
-    ModelEntry("deit_small_distilled_patch16_224", VisionTransformer,
-               _vit(384, 6, distilled=True), PaperRef(None, 4.6, 81.2, None, _DEIT_DIST),
-               "deit_small_distilled_patch16_224", 22.44, 4.63),
-    ModelEntry("deit_base_distilled_patch16_224", VisionTransformer,
-               _vit(768, 12, distilled=True), PaperRef(None, 17.6, 83.4, None, _DEIT_DIST),
-               "deit_base_distilled_patch16_224"),
-    ModelEntry("tnt_nano", TNT, dict(_NANO, pixel_size=2, inner_dim=12, inner_heads=2)),
-    ModelEntry("vit_nano", VisionTransformer, dict(_NANO)),
-    ModelEntry("deit_nano", VisionTransformer, dict(_NANO)),
-    ModelEntry("deit_nano_distilled", VisionTransformer, dict(_NANO, distilled=True)),
-]:  # fmt: skip
-    _REGISTRY[_e.name] = _e
+
+def _add(name, arch, kwargs, paper=PaperRef(), timm=None, timm_params=None, timm_gmacs=None):
+    _REGISTRY[name] = ModelEntry(name, arch, kwargs, paper, timm, timm_params, timm_gmacs)
+
+
+T, V = TNT, VisionTransformer
+# fmt: off
+#    name                                arch  kwargs                  paper ref: params M, GFLOPs, top-1, top-5            timm: name, params M, GMACs
+_add("tnt_ti_patch16_224",               T, _tnt(192, 12, 3, 2),  PaperRef(6.1, 1.4, 73.9, 91.9, _TNT))
+_add("tnt_s_patch16_224",                T, _tnt(384, 24, 6, 4),  PaperRef(23.8, 5.2, 81.5, 95.7, _TNT),   "tnt_s_patch16_224", 23.77, 5.25)
+_add("tnt_b_patch16_224",                T, _tnt(640, 40, 10, 4), PaperRef(65.6, 14.1, 82.9, 96.3, _TNT),  "tnt_b_patch16_224", 65.43, 14.10)
+_add("vit_tiny_patch16_224",             V, _vit(192, 3),         PaperRef(source=_TIMM),                  "vit_tiny_patch16_224", 5.72, 1.26)
+_add("vit_small_patch16_224",            V, _vit(384, 6),         PaperRef(source=_TIMM),                  "vit_small_patch16_224", 22.05, 4.61)
+_add("vit_base_patch16_224",             V, _vit(768, 12),        PaperRef(None, 17.6, None, None, _VITB), "vit_base_patch16_224", 86.57, 17.58)
+_add("vit_base_patch16_384",             V, _vit(768, 12, img_size=384), PaperRef(86.4, 55.5, 77.9, None, _VIT384), "vit_base_patch16_384")
+_add("deit_tiny_patch16_224",            V, _vit(192, 3),         PaperRef(5.7, 1.3, 72.2, None, _DEIT),   "deit_tiny_patch16_224", 5.72, 1.26)
+_add("deit_small_patch16_224",           V, _vit(384, 6),         PaperRef(22.0, 4.6, 79.8, None, _DEIT),  "deit_small_patch16_224", 22.05, 4.61)
+_add("deit_base_patch16_224",            V, _vit(768, 12),        PaperRef(86.0, 17.6, 81.8, None, _DEIT), "deit_base_patch16_224", 86.57, 17.58)
+_add("deit_tiny_distilled_patch16_224",  V, _vit(192, 3, distilled=True),  PaperRef(None, 1.3, 74.5, None, _DEIT_DIST),  "deit_tiny_distilled_patch16_224")
+_add("deit_small_distilled_patch16_224", V, _vit(384, 6, distilled=True),  PaperRef(None, 4.6, 81.2, None, _DEIT_DIST),  "deit_small_distilled_patch16_224", 22.44, 4.63)
+_add("deit_base_distilled_patch16_224",  V, _vit(768, 12, distilled=True), PaperRef(None, 17.6, 83.4, None, _DEIT_DIST), "deit_base_distilled_patch16_224")
+_add("tnt_nano",                         T, dict(_NANO, pixel_size=2, inner_dim=12, inner_heads=2))
+_add("vit_nano",                         V, dict(_NANO))
+_add("deit_nano",                        V, dict(_NANO))
+_add("deit_nano_distilled",              V, dict(_NANO, distilled=True))
+# fmt: on
 
 
 def list_models() -> list[str]:
