@@ -1,0 +1,483 @@
+"""Params, GMACs (fvcore, cross-checked by PyTorch), throughput, latency, peak memory and MFU.
+
+Units: "GMACs" is 1e9 fused multiply-adds, the papers' "FLOPs" column and fvcore's unit.
+PyTorch's FlopCounterMode counts 2 per multiply-add; we halve it. Elementwise ops (norms,
+softmax, GELU, additions) are not multiply-adds and neither counter includes them.
+
+Timing follows timm's benchmark.py: synthetic input on the device, warm-up steps, then timed
+steps each ended by a device synchronize; inference under ``inference_mode``; training is
+forward + backward + SGD step (lr 1e-4, momentum 0.9).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from suite.errors import UserError
+from suite.models import create_model, get_entry
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs
+
+
+def _shape(v: Any) -> list[int] | None:
+    t = v.type()
+    return list(t.sizes()) if hasattr(t, "sizes") and t.sizes() is not None else None
+
+
+def _sdpa_macs_jit(inputs: list[Any], outputs: list[Any]) -> int:
+    """fvcore handle for aten::scaled_dot_product_attention: q k^T and attn v, in MACs.
+
+    q (B, H, N, Dh), k (B, H, S, Dh), v (B, H, S, Dv); softmax ignored like other elementwise ops.
+    """
+    q, k, v = (_shape(x) for x in inputs[:3])
+    *batch, n, dh = q
+    s, dv = k[-2], v[-1]
+    return math.prod(batch) * n * s * (dh + dv)
+
+
+def _sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    """FlopCounterMode formula (2 per MAC) for the CPU flash kernel, which PyTorch leaves out."""
+    *batch, n, dh = query_shape
+    return 2 * math.prod(batch) * n * key_shape[-2] * (dh + value_shape[-1])
+
+
+def _zero(inputs: list[Any], outputs: list[Any]) -> int:
+    return 0
+
+
+# ops that carry multiply-adds: if one of these is ever unsupported, the count is wrong
+MAC_OPS = {
+    "aten::addmm",
+    "aten::mm",
+    "aten::bmm",
+    "aten::baddbmm",
+    "aten::matmul",
+    "aten::linear",
+    "aten::einsum",
+    "aten::_convolution",
+    "aten::conv2d",
+    "aten::scaled_dot_product_attention",
+}
+
+
+@dataclass
+class FlopCount:
+    gmacs_fvcore: float
+    gmacs_torch: float
+    unsupported: dict[str, int] = field(default_factory=dict)
+
+
+def count_flops(model: nn.Module, img_size: int, in_chans: int = 3) -> FlopCount:
+    """GMACs of one image's forward pass, by fvcore (with an SDPA handle) and by PyTorch."""
+    from fvcore.nn import FlopCountAnalysis
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    x = torch.zeros(1, in_chans, img_size, img_size, device=device)
+    try:
+        fca = FlopCountAnalysis(model, x)
+        fca.set_op_handle("aten::scaled_dot_product_attention", _sdpa_macs_jit)
+        # norms are elementwise, not multiply-adds: drop fvcore's rough 5/element estimate so
+        # both counters measure the same thing (it is <0.5% of TNT-S/DeiT-S either way).
+        # A zero handle, since fvcore 0.1.5's set_op_handle(name, None) keeps the default one.
+        fca.set_op_handle("aten::layer_norm", _zero)
+        fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        fca.tracer_warnings("none")
+        fv = fca.total() / 1e9
+        unsupported = dict(fca.unsupported_ops())
+        aten = torch.ops.aten
+        cpu_sdpa = {aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as fc:
+            model(x)
+        tc = fc.get_total_flops() / 2e9
+    finally:
+        model.train(was_training)
+    return FlopCount(fv, tc, unsupported)
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing, memory, peak FLOP/s
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# spec-sheet dense tensor-core peaks (TFLOP/s) for bf16/fp16, by device-name substring
+SPEC_TFLOPS = [("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0)]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available on this machine")
+    return torch.device(name)
+
+
+def check_dtype(dtype: str, device: torch.device) -> None:
+    if dtype not in DTYPES:
+        raise UserError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
+    if dtype == "fp16" and device.type != "cuda":
+        raise UserError("dtype fp16 autocast needs a CUDA device; use bf16 on CPU")
+    if dtype == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("dtype bf16 is not supported by this GPU; use fp16")
+
+
+def autocast(device: torch.device, dtype: str):
+    if dtype == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=DTYPES[dtype])
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):  # Linux: writing 5 resets the peak RSS (VmHWM)
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def matmul_peak_tflops(device: torch.device, dtype: str, seconds: float = 0.5) -> float:
+    """Peak FLOP/s of this device and dtype, measured by a large matmul (best of repeats)."""
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=DTYPES[dtype])
+    b = torch.randn(n, n, device=device, dtype=DTYPES[dtype])
+    best = math.inf
+    a @ b
+    _sync(device)
+    deadline = time.perf_counter() + seconds
+    while True:
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+        if time.perf_counter() > deadline:
+            break
+    return 2 * n**3 / best / 1e12
+
+
+def spec_tflops(device: torch.device, dtype: str) -> float | None:
+    if device.type != "cuda" or dtype == "fp32":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in SPEC_TFLOPS if k in name), None)
+
+
+@dataclass
+class Timing:
+    step_ms: float  # median
+    p90_ms: float
+    img_per_s: float
+    peak_mb: float
+    compile_s: float
+
+
+def _loss(out: torch.Tensor | tuple[torch.Tensor, ...], y: torch.Tensor) -> torch.Tensor:
+    outs = out if isinstance(out, tuple) else (out,)
+    return sum(nn.functional.cross_entropy(o.float(), y) for o in outs)
+
+
+def time_model(
+    model: nn.Module,
+    img_size: int,
+    batch_size: int,
+    mode: str,
+    dtype: str,
+    device: torch.device,
+    warmup: int,
+    steps: int,
+    compile: bool = False,
+    num_classes: int = 1000,
+) -> Timing:
+    """Median and p90 step time of ``steps`` timed steps after ``warmup`` untimed ones."""
+    model = model.to(device)
+    x = torch.randn(batch_size, 3, img_size, img_size, device=device)
+    y = torch.randint(0, max(num_classes, 1), (batch_size,), device=device)
+    fn: Callable[[torch.Tensor], Any] = torch.compile(model) if compile else model
+    if mode == "train":
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")
+
+        def step() -> None:
+            with autocast(device, dtype):
+                loss = _loss(fn(x), y)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+
+    else:
+        model.eval()
+
+        def step() -> None:
+            with torch.inference_mode(), autocast(device, dtype):
+                fn(x)
+
+    # compile time is reported apart and never counted in throughput: the first call compiles
+    t0 = time.perf_counter()
+    step()
+    _sync(device)
+    compile_s = time.perf_counter() - t0 if compile else 0.0
+    for _ in range(max(warmup - 1, 0)):
+        step()
+    _sync(device)
+    reset_peak_memory(device)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    p90 = sorted(times)[min(len(times) - 1, math.ceil(0.9 * len(times)) - 1)]
+    return Timing(med * 1e3, p90 * 1e3, batch_size / med, peak_memory_mb(device), compile_s)
+
+
+# ---------------------------------------------------------------------------------------------
+# One profile row per model
+
+
+@dataclass
+class ProfileRow:
+    model: str
+    params_m: float
+    trainable_params_m: float
+    gmacs_fvcore: float
+    gmacs_torch: float
+    img_per_s: float
+    step_ms: float
+    p90_ms: float
+    peak_mb: float
+    mfu: float
+    img_size: int
+    batch_size: int
+    mode: str
+    dtype: str
+    device: str
+    device_name: str
+    compiled: bool
+    compile_s: float
+    peak_tflops_measured: float
+    mfu_spec: float | None
+    unsupported_ops: dict[str, int]
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def profile_model(
+    name: str,
+    img_size: int | None = None,
+    batch_size: int | None = None,
+    mode: str = "infer",
+    dtype: str = "fp32",
+    device: str | torch.device = "auto",
+    compile: bool = False,
+    warmup: int | None = None,
+    steps: int | None = None,
+    peak_tflops: float | None = None,
+    **overrides: Any,
+) -> ProfileRow:
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    check_dtype(dtype, dev)
+    entry = get_entry(name)
+    if img_size is not None:
+        overrides["img_size"] = img_size
+    try:
+        model = create_model(name, **overrides)
+    except ValueError as e:
+        raise UserError(f"{name}: {e}") from None
+    size = overrides.get("img_size", entry.img_size)
+    total, trainable = count_params(model)
+    flops = count_flops(model, size)
+    cuda = dev.type == "cuda"
+    bs = batch_size or (256 if cuda else 16 if size >= 128 else 64)
+    t = time_model(
+        model,
+        size,
+        bs,
+        mode,
+        dtype,
+        dev,
+        warmup if warmup is not None else (10 if cuda else 3),
+        steps if steps is not None else (40 if cuda else 10),
+        compile,
+        model.num_classes,
+    )
+    peak = peak_tflops or matmul_peak_tflops(dev, dtype)
+    # model FLOPs: forward = 2 x MACs per image, training = 3 x forward
+    achieved = (6 if mode == "train" else 2) * flops.gmacs_fvcore * 1e9 * t.img_per_s / 1e12
+    spec = spec_tflops(dev, dtype)
+    return ProfileRow(
+        model=name,
+        params_m=total / 1e6,
+        trainable_params_m=trainable / 1e6,
+        gmacs_fvcore=flops.gmacs_fvcore,
+        gmacs_torch=flops.gmacs_torch,
+        img_per_s=t.img_per_s,
+        step_ms=t.step_ms,
+        p90_ms=t.p90_ms,
+        peak_mb=t.peak_mb,
+        mfu=achieved / peak,
+        img_size=size,
+        batch_size=bs,
+        mode=mode,
+        dtype=dtype,
+        device=dev.type,
+        device_name=device_name(dev),
+        compiled=compile,
+        compile_s=t.compile_s,
+        peak_tflops_measured=peak,
+        mfu_spec=achieved / spec if spec else None,
+        unsupported_ops=flops.unsupported,
+    )
+
+
+TABLE_COLUMNS = {
+    "model": "model",
+    "params_m": "params M",
+    "gmacs_fvcore": "GMACs fvcore",
+    "gmacs_torch": "GMACs torch",
+    "img_per_s": "img/s",
+    "step_ms": "step ms",
+    "peak_mb": "peak MB",
+    "mfu": "MFU",
+}
+
+
+def format_table(rows: list[ProfileRow]) -> str:
+    import pandas as pd
+
+    df = pd.DataFrame([asdict(r) for r in rows])[list(TABLE_COLUMNS)].rename(columns=TABLE_COLUMNS)
+    r0 = rows[0]
+    head = (
+        f"{r0.mode} | {r0.dtype} | batch {r0.batch_size} | {r0.device_name}"
+        f"{' | compiled' if r0.compiled else ''} | GMACs = 1e9 multiply-adds (fvcore's 'flop')"
+    )
+    body = df.to_string(
+        index=False,
+        formatters={
+            "params M": "{:.2f}".format,
+            "GMACs fvcore": "{:.3f}".format,
+            "GMACs torch": "{:.3f}".format,
+            "img/s": "{:.1f}".format,
+            "step ms": "{:.1f}".format,
+            "peak MB": "{:.0f}".format,
+            "MFU": "{:.1%}".format,
+        },
+    )
+    return head + "\n" + body
+
+
+def run_profile_cli(args: Any) -> int:
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.img_size is not None and args.img_size < 1:
+        raise UserError(f"--img-size must be >= 1, got {args.img_size}")
+    device = resolve_device(args.device)
+    check_dtype(args.dtype, device)
+    for name in args.models:
+        get_entry_or_fail(name)
+    peak = matmul_peak_tflops(device, args.dtype)
+    rows = []
+    for name in args.models:
+        rows.append(
+            profile_model(
+                name,
+                img_size=args.img_size,
+                batch_size=args.batch_size,
+                mode=args.mode,
+                dtype=args.dtype,
+                device=device,
+                compile=args.compile,
+                warmup=args.warmup,
+                steps=args.steps,
+                peak_tflops=peak,
+            )
+        )
+    print(format_table(rows))
+    for r in rows:
+        missing = sorted(op for op in r.unsupported_ops if op in MAC_OPS)
+        if missing:
+            print(f"WARNING {r.model}: ops with multiply-adds left uncounted: {missing}")
+        rest = sorted(op for op in r.unsupported_ops if op not in MAC_OPS)
+        if rest:
+            print(f"{r.model}: not counted (elementwise, no multiply-adds): {', '.join(rest)}")
+    if args.json:
+        Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=2))
+        print(f"wrote {args.json}")
+    if args.log:
+        from suite.tracking import make_tracker
+
+        tracker = make_tracker(args.tracking_uri)
+        for r in rows:
+            log_profile_row(tracker, r)
+        print(f"logged {len(rows)} run(s) to experiment 'profile' at {tracker.uri}")
+    return 0
+
+
+def get_entry_or_fail(name: str) -> None:
+    try:
+        get_entry(name)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def log_profile_row(tracker: Any, row: ProfileRow) -> None:
+    entry = get_entry(row.model)
+    tags = {"model": row.model, "family": entry.family, "kind": "profile"}
+    tags.update(device=row.device, device_name=row.device_name, dtype=row.dtype, mode=row.mode)
+    with tracker.run("profile", run_name=f"{row.model}/{row.mode}/{row.dtype}", tags=tags) as run:
+        d = asdict(row)
+        unsupported = d.pop("unsupported_ops")
+        params = {k: d.pop(k) for k in ("img_size", "batch_size", "compiled")}
+        params["model"] = row.model
+        run.log_params(params)
+        run.log_metrics(
+            {k: v for k, v in d.items() if isinstance(v, int | float) and v is not None}
+        )
+        run.log_dict({"unsupported_ops": unsupported, **asdict(row)}, "profile.json")
