@@ -23,6 +23,63 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     return run_profile_cli(args)
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from suite.config import load_config
+    from suite.tracking import make_tracker
+    from suite.train import dist_env, fit
+
+    cfg = load_config(args.config, args.set)
+    uri = args.tracking_uri or cfg.tracking.uri or None
+    # under torchrun only rank 0 talks to the store (the others would race to create it)
+    tracker = make_tracker(uri, enabled=cfg.tracking.enabled and dist_env()[0] == 0)
+    result = fit(cfg, tracker, resume=args.resume)
+    if dist_env()[0] == 0:
+        m = result.metrics
+        print(f"run {result.run_id or '(untracked)'}  checkpoints {result.checkpoint_dir}")
+        print(
+            f"val_top1 {m.get('val_top1', float('nan')):.2f}  "
+            f"val_top5 {m.get('val_top5', float('nan')):.2f}  "
+            f"val_loss {m.get('val_loss', float('nan')):.4f}  "
+            f"best_val_top1 {result.best_top1:.2f}  "
+            f"params {m['params_m']:.2f}M  GMACs {m['gmacs']:.3f}"
+        )
+        if tracker.uri:
+            print(f"tracking: {tracker.uri}  (mlflow ui --backend-store-uri {tracker.uri})")
+    return 0
+
+
+def _cmd_matrix(args: argparse.Namespace) -> int:
+    from suite.matrix import cells_table, expand, format_summary, run_matrix
+    from suite.tracking import make_tracker
+
+    if args.dry_run:
+        name, _, cells = expand(args.config, args.set)
+        print(f"matrix {name}: {len(cells)} cells")
+        print(cells_table(cells).to_string(index=False))
+        return 0
+    tracker = make_tracker(args.tracking_uri)
+    r = run_matrix(args.config, tracker, args.set, progress=not args.no_progress)
+    print(
+        f"matrix {r.name}: {r.ran} ran, {r.skipped} skipped (already finished), {r.failed} failed"
+    )
+    print(format_summary(r.summary))
+    print(f"parent run {r.parent_run_id}  tracking {tracker.uri}")
+    return min(r.failed, 100)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from suite.demo import run_demo
+
+    return run_demo(args.out)
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.epochs=3 --set model.inner_heads=2",
+    )  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tntbench", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -34,6 +91,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a constructor argument, e.g. --set inner_heads=2",
     )  # fmt: skip
     m.set_defaults(func=_cmd_models)
+
+    tr = sub.add_parser("train", help="train one model from a TOML config, tracked in MLflow")
+    tr.add_argument("config", nargs="?", default=None, help="TOML config (default: built-in)")
+    _add_set(tr)
+    tr.add_argument("--resume", metavar="RUN_ID_OR_PATH", help="continue a run from its checkpoint")
+    tr.add_argument("--tracking-uri", default=None)
+    tr.set_defaults(func=_cmd_train)
+
+    mx = sub.add_parser("matrix", help="run a benchmark matrix (models x datasets x seeds x ...)")
+    mx.add_argument("config", help="TOML with a [matrix] table, e.g. experiments/smoke.toml")
+    _add_set(mx)
+    mx.add_argument("--dry-run", action="store_true", help="print the cells and exit")
+    mx.add_argument("--tracking-uri", default=None)
+    mx.add_argument("--no-progress", action="store_true")
+    mx.set_defaults(func=_cmd_matrix)
+
+    dm = sub.add_parser("demo", help="the built-in end-to-end job: smoke matrix into a fresh store")
+    dm.add_argument("--out", default=None, help="folder for the store (default: ./tntbench-demo)")
+    dm.set_defaults(func=_cmd_demo)
 
     pr = sub.add_parser("profile", help="params, GMACs (fvcore), throughput, latency, memory, MFU")
     pr.add_argument("models", nargs="+", metavar="MODEL")

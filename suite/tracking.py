@@ -51,7 +51,11 @@ class Run:
 
     def log_figure(self, figure: Any, artifact_file: str) -> None: ...
 
-    def log_input(self, dataset: Any, context: str) -> None: ...
+    def log_dataset(self, info: Any, context: str) -> None: ...
+
+    def log_model(self, model: Any, name: str = "model") -> None: ...
+
+    def start_system_metrics(self) -> None: ...
 
     def end(self, status: str = "FINISHED") -> None: ...
 
@@ -68,8 +72,23 @@ class Tracker:
         run_name: str | None = None,
         tags: Mapping[str, Any] | None = None,
         parent_run_id: str | None = None,
+        run_id: str | None = None,
     ) -> Iterator[Run]:
         yield Run()
+
+    def get_run(self, run_id: str) -> Any:
+        raise LookupError("tracking is off: no runs to look up")
+
+    def attach(self, run_id: str) -> Run:
+        """An existing run, to log more onto it (its status is left as it is)."""
+        return Run()
+
+    def runs(self, experiment: str, filter_string: str = "") -> Any:
+        """Runs of ``experiment`` as a pandas DataFrame: run_id, run_name, status, start_time,
+        and one column per param (``params.x``), metric (``metrics.x``) and tag (``tags.x``)."""
+        import pandas as pd
+
+        return pd.DataFrame(columns=["run_id", "run_name", "status", "start_time"])
 
 
 class _MlflowRun(Run):
@@ -110,33 +129,57 @@ class _MlflowRun(Run):
     def log_figure(self, figure: Any, artifact_file: str) -> None:
         self.client.log_figure(self.run_id, figure, artifact_file)
 
-    def log_input(self, dataset: Any, context: str) -> None:
-        from mlflow.entities import InputTag
+    def log_dataset(self, info: Any, context: str) -> None:
+        """A ``suite.data.DataInfo`` as an MLflow dataset input: name, digest, source, size."""
+        from mlflow.data.code_dataset_source import CodeDatasetSource
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
 
-        self.client.log_inputs(
-            self.run_id,
-            datasets=[_dataset_input(dataset, context, InputTag)],
+        source = CodeDatasetSource(
+            tags={"source": info.source, "train_size": info.train_size, "val_size": info.val_size}
         )
+        ds = MetaDataset(source, name=info.name, digest=info.digest)
+        tag = InputTag("mlflow.data.context", context)
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(ds._to_mlflow_entity(), [tag])])
+
+    def log_model(self, model: Any, name: str = "model") -> None:
+        import mlflow
+
+        mlflow.set_tracking_uri(self.client.tracking_uri)
+        with mlflow.start_run(run_id=self.run_id):
+            mlflow.pytorch.log_model(model, name=name)
+
+    def start_system_metrics(self) -> None:
+        """CPU/memory (psutil) and GPU (pynvml) sampled in a background thread by MLflow."""
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(
+                self.run_id, sampling_interval=5, tracking_uri=self.client.tracking_uri
+            )
+            self._monitor.start()
+        except Exception as e:  # a missing psutil/pynvml must not stop training
+            self.set_tags({"system_metrics_error": str(e)[:500]})
 
     def end(self, status: str = "FINISHED") -> None:
         import mlflow
 
+        monitor = getattr(self, "_monitor", None)
+        if monitor is not None:
+            monitor.finish()
         mlflow.flush_async_logging()
         self.client.set_terminated(self.run_id, status=status)
 
 
-def _dataset_input(dataset: Any, context: str, input_tag: type) -> Any:
-    from mlflow.entities import DatasetInput
-
-    return DatasetInput(
-        dataset._to_mlflow_entity(), tags=[input_tag("mlflow.data.context", context)]
-    )
-
-
 class MlflowTracker(Tracker):
     def __init__(self, uri: str | None = None) -> None:
+        import logging
+
         from mlflow.tracking import MlflowClient
 
+        # MLflow's INFO lines (database creation, migrations) are noise on a user's terminal
+        for name in ("mlflow", "alembic"):
+            logging.getLogger(name).setLevel(logging.WARNING)
         self.uri = resolve_uri(uri)
         self.client = MlflowClient(tracking_uri=self.uri)
 
@@ -155,12 +198,20 @@ class MlflowTracker(Tracker):
         run_name: str | None = None,
         tags: Mapping[str, Any] | None = None,
         parent_run_id: str | None = None,
+        run_id: str | None = None,
     ) -> Iterator[Run]:
+        """A new run, or with ``run_id`` the same run reopened (``--resume``)."""
         all_tags = {k: str(v) for k, v in (tags or {}).items()}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
-        r = self.client.create_run(self.experiment_id(experiment), run_name=run_name, tags=all_tags)
-        run = _MlflowRun(self.client, r.info.run_id)
+        if run_id:
+            self.client.update_run(run_id, status="RUNNING")
+            run = _MlflowRun(self.client, run_id)
+            run.set_tags(all_tags)
+        else:
+            exp_id = self.experiment_id(experiment)
+            r = self.client.create_run(exp_id, run_name=run_name, tags=all_tags)
+            run = _MlflowRun(self.client, r.info.run_id)
         try:
             yield run
         except KeyboardInterrupt:
@@ -173,6 +224,79 @@ class MlflowTracker(Tracker):
             raise
         else:
             run.end("FINISHED")
+
+    def get_run(self, run_id: str) -> Any:
+        return self.client.get_run(run_id)
+
+    def attach(self, run_id: str) -> Run:
+        return _MlflowRun(self.client, run_id)
+
+    def runs(self, experiment: str, filter_string: str = "") -> Any:
+        import pandas as pd
+
+        exp = self.client.get_experiment_by_name(experiment)
+        rows = []
+        if exp is not None:
+            token = None
+            while True:
+                page = self.client.search_runs(
+                    [exp.experiment_id], filter_string, max_results=1000, page_token=token
+                )
+                for r in page:
+                    row = {
+                        "run_id": r.info.run_id,
+                        "run_name": r.info.run_name,
+                        "status": r.info.status,
+                        "start_time": r.info.start_time,
+                    }
+                    row.update({f"params.{k}": v for k, v in r.data.params.items()})
+                    row.update({f"metrics.{k}": v for k, v in r.data.metrics.items()})
+                    row.update({f"tags.{k}": v for k, v in r.data.tags.items()})
+                    rows.append(row)
+                token = page.token
+                if not token:
+                    break
+        return pd.DataFrame(rows, columns=None if rows else ["run_id", "run_name", "status",
+                                                              "start_time"])  # fmt: skip
+
+
+def load_model(uri: str, device: str = "cpu") -> Any:
+    """A model logged with ``mlflow.pytorch.log_model`` (``runs:/<id>/model``, ``models:/...``)."""
+    import mlflow
+
+    return mlflow.pytorch.load_model(uri, map_location=device)
+
+
+def environment_tags() -> dict[str, str]:
+    """git commit and dirty flag, suite/torch/CUDA versions, host: tags for every run."""
+    import platform
+    import subprocess
+
+    import torch
+
+    import suite
+
+    tags = {
+        "suite_version": suite.__version__,
+        "torch_version": torch.__version__,
+        "cuda_version": str(torch.version.cuda),
+        "host": platform.node(),
+    }
+    here = Path(suite.__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        )
+        if commit.returncode == 0:
+            tags["git_commit"] = commit.stdout.strip()
+            status = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=here, capture_output=True, text=True, timeout=5,
+            )  # fmt: skip
+            tags["git_dirty"] = str(bool(status.stdout.strip()))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return tags
 
 
 def make_tracker(uri: str | None = None, enabled: bool = True) -> Tracker:

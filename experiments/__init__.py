@@ -1,0 +1,1 @@
+"""Experiment configs (benchmark matrices and search spaces), shipped with the package."""

@@ -1,0 +1,304 @@
+"""Run configuration: frozen dataclasses loaded from TOML, with dotted ``--set`` overrides.
+
+Every key is checked before any work starts: an unknown key, a wrong type or an impossible
+value raises ``UserError`` naming the key and the value (the CLI prints it and exits 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from suite.errors import UserError, parse_assignment
+
+DATASETS = ("synthetic", "cifar10", "cifar100", "imagefolder")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "tnt_nano"
+    # any constructor argument of the model (inner_heads, pixel_size, drop_path_rate, ...)
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "synthetic"
+    root: str = ""  # cifar10/cifar100: torchvision's folder; imagefolder: root/{train,val}/<class>/
+    # synthetic only: sizes, native image size (0 = the model's input size), classes, seed
+    train_size: int = 2000
+    val_size: int = 500
+    img_size: int = 0
+    num_classes: int = 10
+    seed: int = 0
+    workers: int = 0
+    # augmentation (torchvision.transforms.v2); each switchable
+    random_resized_crop: bool = True
+    crop_scale_min: float = 0.08
+    hflip: bool = True
+    randaugment: bool = False
+    randaugment_magnitude: int = 9
+    random_erasing: float = 0.0
+    mixup: float = 0.0  # Beta(alpha, alpha); 0 = off
+    cutmix: float = 0.0
+    eval_crop_pct: float = 0.875
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 3
+    batch_size: int = 64
+    lr: float = 0.0  # 0 = DeiT's scaling: base_lr x batch_size / 512
+    base_lr: float = 5e-4
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.1
+    clip_grad: float = 0.0  # max grad norm; 0 = off
+    amp: str = "auto"  # auto (bf16 where supported), fp32, bf16, fp16 (CUDA, with a grad scaler)
+    ema: bool = False
+    ema_decay: float = 0.9998
+    compile: bool = False
+    seed: int = 0
+    device: str = "auto"
+    out_dir: str = "runs"  # checkpoints go to out_dir/<run id or name>/
+    checkpoint: bool = True
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    kind: str = "none"  # none, hard, soft
+    teacher: str = (
+        ""  # checkpoint path (needs teacher_model) or MLflow model URI (runs:/..., models:/...)
+    )
+    teacher_model: str = ""  # registry name of the teacher checkpoint's architecture
+    alpha: float = 0.5  # weight of the distillation term (DeiT hard: 0.5; soft: 0.1)
+    tau: float = 3.0  # soft distillation temperature
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    enabled: bool = True
+    uri: str = ""  # "" = --tracking-uri, else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    experiment: str = "tntbench"
+    run_name: str = ""  # "" = <model>/<dataset>/s<seed>
+    log_every: int = 20  # steps between per-step metrics
+    system_metrics: bool = True
+    log_model: bool = False  # also mlflow.pytorch.log_model the final model
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        d = dataclasses.asdict(self)
+        model = d["model"]
+        d["model"] = {"name": model["name"], **model["overrides"]}
+        return d
+
+    def replace(self, **sections: Any) -> Config:
+        return dataclasses.replace(self, **sections)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+_CLASSES = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "distill": DistillConfig,
+    "tracking": TrackingConfig,
+}
+# sections a config file may have besides these (read by the matrix and search commands)
+EXTRA_SECTIONS = ("matrix", "search")
+
+
+def _check_type(key: str, value: Any, hint: Any) -> Any:
+    """Value coerced to the field's type (int -> float only), or a UserError naming the key."""
+    origin = typing.get_origin(hint)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    ok = (
+        isinstance(value, dict)
+        if origin is dict
+        else isinstance(value, hint) and not (hint in (int, float) and isinstance(value, bool))
+        if isinstance(hint, type)
+        else True
+    )
+    if not ok:
+        want = getattr(hint, "__name__", str(hint))
+        raise UserError(f"{key} = {value!r} must be {want}, not {type(value).__name__}")
+    return value
+
+
+def _build_section(name: str, values: dict[str, Any], source: str) -> Any:
+    cls = _CLASSES[name]
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    if name == "model":
+        values = dict(values)
+        model_name = values.pop("name", ModelConfig.name)
+        if not isinstance(model_name, str):
+            raise UserError(f"{source}: model.name = {model_name!r} must be a string")
+        return ModelConfig(model_name, values)
+    for key, value in values.items():
+        if key not in hints:
+            valid = ", ".join(hints)
+            raise UserError(f"{source}: unknown key '{name}.{key}' (valid: {valid})")
+        kwargs[key] = _check_type(f"{name}.{key}", value, hints[key])
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], key: str, value: Any, source: str) -> None:
+    section, dot, name = key.partition(".")
+    if not dot or not name:
+        raise UserError(f"{source}: '{key}' must be SECTION.KEY, e.g. train.epochs")
+    if section not in SECTIONS and section not in EXTRA_SECTIONS:
+        raise UserError(f"{source}: unknown section '{section}' in '{key}'")
+    target = base.setdefault(section, {})
+    if section in EXTRA_SECTIONS:  # nested tables such as search.space.<key>
+        *parents, leaf = name.split(".")
+        for p in parents:
+            target = target.setdefault(p, {})
+        target[leaf] = value
+    else:
+        target[name] = value
+
+
+def from_dict(raw: dict[str, Any], source: str = "config", check_paths: bool = True) -> Config:
+    """A validated Config from a nested dict (a parsed TOML file plus overrides)."""
+    sections = {}
+    for name, values in raw.items():
+        if name in EXTRA_SECTIONS:
+            continue
+        if name not in SECTIONS:
+            valid = ", ".join(list(SECTIONS) + list(EXTRA_SECTIONS))
+            raise UserError(f"{source}: unknown section [{name}] (valid: {valid})")
+        if not isinstance(values, dict):
+            raise UserError(f"{source}: [{name}] must be a table")
+        sections[name] = _build_section(name, values, source)
+    cfg = Config(**sections)
+    validate(cfg, check_paths)
+    return cfg
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file not found: {p}")
+    try:
+        return tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{p}: not valid TOML: {e}") from None
+
+
+def apply_sets(raw: dict[str, Any], sets: list[str] | None, source: str = "--set") -> dict:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for s in sets or []:
+        key, value = parse_assignment(s, "--set")
+        _merge(out, key, value, source)
+    return out
+
+
+def load_config(path: str | Path | None = None, sets: list[str] | None = None) -> Config:
+    raw = read_toml(path) if path else {}
+    return from_dict(apply_sets(raw, sets), str(path or "config"))
+
+
+def validate(cfg: Config, check_paths: bool = True) -> None:
+    """Impossible values, named with the key; the model is built on the meta device to check
+    its overrides; with ``check_paths``, data roots and teacher files must exist."""
+    import torch
+
+    from suite.models import create_model
+
+    m, d, t, k, tr = cfg.model, cfg.data, cfg.train, cfg.distill, cfg.tracking
+    try:  # built on the meta device: every shape check runs, no memory, no init
+        with torch.device("meta"):
+            create_model(m.name, **m.overrides)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"model: {e}") from None
+
+    def need(ok: bool, key: str, value: Any, why: str) -> None:
+        if not ok:
+            raise UserError(f"{key} = {value!r}: {why}")
+
+    need(d.name in DATASETS, "data.name", d.name, f"must be one of {', '.join(DATASETS)}")
+    need(d.name == "synthetic" or bool(d.root), "data.root", d.root, f"required for {d.name}")
+    if check_paths and d.name != "synthetic":
+        need(
+            Path(d.root).is_dir(), "data.root", d.root, f"no such directory (data.name = {d.name})"
+        )
+    for key in ("train_size", "val_size", "num_classes"):
+        need(getattr(d, key) >= 1, f"data.{key}", getattr(d, key), "must be >= 1")
+    need(d.num_classes >= 2, "data.num_classes", d.num_classes, "must be >= 2")
+    need(d.img_size >= 0, "data.img_size", d.img_size, "must be >= 0 (0 = model input size)")
+    need(d.workers >= 0, "data.workers", d.workers, "must be >= 0")
+    need(0 < d.crop_scale_min <= 1, "data.crop_scale_min", d.crop_scale_min, "must be in (0, 1]")
+    need(0 <= d.random_erasing < 1, "data.random_erasing", d.random_erasing, "must be in [0, 1)")
+    need(d.mixup >= 0, "data.mixup", d.mixup, "must be >= 0")
+    need(d.cutmix >= 0, "data.cutmix", d.cutmix, "must be >= 0")
+    need(0 < d.eval_crop_pct <= 1, "data.eval_crop_pct", d.eval_crop_pct, "must be in (0, 1]")
+    need(t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1")
+    need(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
+    need(t.lr >= 0, "train.lr", t.lr, "must be >= 0 (0 = scaled base_lr)")
+    need(t.base_lr > 0, "train.base_lr", t.base_lr, "must be > 0")
+    need(t.min_lr >= 0, "train.min_lr", t.min_lr, "must be >= 0")
+    need(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
+    need(0 <= t.warmup_epochs <= t.epochs, "train.warmup_epochs", t.warmup_epochs,
+         f"must be in [0, epochs={t.epochs}]")  # fmt: skip
+    need(
+        0 <= t.label_smoothing < 1, "train.label_smoothing", t.label_smoothing, "must be in [0, 1)"
+    )
+    need(t.clip_grad >= 0, "train.clip_grad", t.clip_grad, "must be >= 0 (0 = off)")
+    amps = ("auto", "fp32", "bf16", "fp16")
+    need(t.amp in amps, "train.amp", t.amp, f"must be one of {', '.join(amps)}")
+    need(0 < t.ema_decay < 1, "train.ema_decay", t.ema_decay, "must be in (0, 1)")
+    devs = ("auto", "cpu", "cuda")
+    need(t.device in devs or t.device.startswith("cuda:"), "train.device", t.device,
+         f"must be one of {', '.join(devs)}")  # fmt: skip
+    kinds = ("none", "hard", "soft")
+    need(k.kind in kinds, "distill.kind", k.kind, f"must be one of {', '.join(kinds)}")
+    if k.kind != "none":
+        need(bool(k.teacher), "distill.teacher", k.teacher, "required when distill.kind is set")
+        need(0 <= k.alpha <= 1, "distill.alpha", k.alpha, "must be in [0, 1]")
+        need(k.tau > 0, "distill.tau", k.tau, "must be > 0")
+        is_uri = k.teacher.startswith(("runs:/", "models:/"))
+        need(is_uri or bool(k.teacher_model), "distill.teacher_model", k.teacher_model,
+             "needed for a checkpoint teacher: the registry name of its model")  # fmt: skip
+        if check_paths and not is_uri:
+            need(Path(k.teacher).is_file(), "distill.teacher", k.teacher, "file not found")
+    need(tr.log_every >= 1, "tracking.log_every", tr.log_every, "must be >= 1")
+
+
+def to_toml(d: dict[str, dict[str, Any]]) -> str:
+    """The resolved config as TOML (flat sections of scalars and lists, as Config holds)."""
+
+    def val(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        if isinstance(v, list | tuple):
+            return "[" + ", ".join(val(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{json_key(a)} = {val(b)}" for a, b in v.items()) + " }"
+        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    def json_key(k: str) -> str:
+        return k if k.replace("_", "").replace("-", "").isalnum() else f'"{k}"'
+
+    lines = []
+    for section, values in d.items():
+        lines.append(f"[{section}]")
+        lines += [f"{json_key(k)} = {val(v)}" for k, v in values.items()]
+        lines.append("")
+    return "\n".join(lines)

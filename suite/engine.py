@@ -1,0 +1,246 @@
+"""The training loop's parts: optimizer, schedule, losses, one epoch, evaluation.
+
+Each function takes explicit objects and returns plain values (``dict[str, float]``), so the
+same pieces serve ``tntbench train``, the matrix and the search.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from suite.config import DistillConfig
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """``auto`` -> bf16 where the hardware has it (CUDA, CPU with native bf16), else fp32."""
+    if amp != "auto":
+        return amp
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if torch.backends.mkldnn.is_available() and _cpu_has_bf16() else "fp32"
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast(device: torch.device, amp: str):
+    if amp in AMP_DTYPES:
+        return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
+    return nullcontext()
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW; no weight decay on biases, norms, tokens and position tables (DeiT, timm)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim <= 1 or name.endswith(("_token", "_pos", "pos_embed"))
+        (no_decay if skip else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, lr: float, min_lr: float
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up from ~0 to lr, then cosine down to min_lr, stepped once per batch."""
+    floor = min_lr / lr if lr > 0 else 0.0
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def build_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+@dataclass
+class Criterion:
+    """Label-smoothed cross entropy (soft targets under MixUp/CutMix), plus DeiT distillation.
+
+    ``outputs`` is the model's output: logits (B, K), or (class logits, dist logits) for a
+    distilled model in training. ``teacher_logits`` (B, K) when distilling.
+    """
+
+    label_smoothing: float = 0.0
+    distill: DistillConfig | None = None
+
+    def __call__(
+        self,
+        outputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+        target: torch.Tensor,
+        teacher_logits: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if not isinstance(outputs, tuple):
+            return self.ce(outputs, target)
+        cls_out, dist_out = outputs
+        if teacher_logits is None:  # distilled architecture without a teacher: both heads on labels
+            return (self.ce(cls_out, target) + self.ce(dist_out, target)) / 2
+        alpha = self.distill.alpha
+        base = self.ce(cls_out, target)
+        if self.distill.kind == "hard":
+            # DeiT hard distillation: the dist head learns the teacher's argmax
+            dist_loss = F.cross_entropy(dist_out.float(), teacher_logits.argmax(dim=-1))
+        else:
+            tau = self.distill.tau
+            dist_loss = F.kl_div(
+                F.log_softmax(dist_out.float() / tau, dim=-1),
+                F.log_softmax(teacher_logits.float() / tau, dim=-1),
+                reduction="batchmean",
+                log_target=True,
+            ) * (tau * tau)
+        return (1 - alpha) * base + alpha * dist_loss
+
+    def ce(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        # target: class indices (B,) or soft targets (B, K) from MixUp/CutMix
+        return F.cross_entropy(logits.float(), target, label_smoothing=self.label_smoothing)
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite: the run diverged."""
+
+
+def _all_reduce(values: list[float], device: torch.device) -> list[float]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    criterion: Criterion,
+    device: torch.device,
+    amp: str = "fp32",
+    scaler: torch.amp.GradScaler | None = None,
+    clip_grad: float = 0.0,
+    ema: nn.Module | None = None,
+    mixup: Callable | None = None,
+    teacher: nn.Module | None = None,
+    log_every: int = 20,
+    on_log: Callable[[int, dict[str, float]], None] | None = None,
+    progress: Callable[[int, float], None] | None = None,
+) -> dict[str, float]:
+    """One pass over ``loader``. Returns train_loss, train_img_per_s, epoch_s, steps.
+
+    Per-step metrics go to ``on_log`` every ``log_every`` steps; the caller buffers them, so
+    logging never runs inside the timed loop. Raises NonFiniteLoss if the loss diverges.
+    """
+    model.train()
+    loss_sum = torch.zeros((), device=device)  # summed on device: no sync per step
+    seen = steps = 0
+    t0 = time.perf_counter()
+    for x, y in loader:
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        if mixup is not None:
+            x, y = mixup(x, y)
+        with autocast(device, amp):
+            out = model(x)
+            t_logits = None
+            if teacher is not None:
+                with torch.no_grad():
+                    t_logits = teacher(x)
+            loss = criterion(out, y, t_logits)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None and scaler.is_enabled():
+            scaler.scale(loss).backward()
+            if clip_grad > 0:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            if clip_grad > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+            optimizer.step()
+        scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
+        loss_sum += loss.detach() * x.shape[0]
+        seen += x.shape[0]
+        steps += 1
+        if steps % log_every == 0:
+            value = loss.item()
+            if not math.isfinite(value):
+                raise NonFiniteLoss(f"loss is {value} at step {steps}")
+            if on_log is not None:
+                on_log(steps, {"train_loss_step": value, "lr": optimizer.param_groups[0]["lr"]})
+        if progress is not None:
+            progress(steps, loss.item() if steps % 10 == 0 else float("nan"))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - t0
+    total_loss, total_seen = _all_reduce([loss_sum.item(), seen], device)
+    mean_loss = total_loss / max(total_seen, 1)
+    if not math.isfinite(mean_loss):
+        raise NonFiniteLoss(f"mean training loss is {mean_loss}")
+    return {
+        "train_loss": mean_loss,
+        "train_img_per_s": total_seen / elapsed if elapsed > 0 else 0.0,
+        "epoch_s": elapsed,
+        "steps": float(steps),
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loader: Iterable, device: torch.device, amp: str = "fp32"
+) -> dict[str, float]:
+    """Loss, top-1 and top-5 (in %) over ``loader``, summed across ranks under DDP."""
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct1 = torch.zeros((), dtype=torch.float64, device=device)
+    correct5 = torch.zeros((), dtype=torch.float64, device=device)
+    n = 0
+    for x, y in loader:
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        with autocast(device, amp):
+            logits = model(x)
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+        k = min(5, logits.shape[-1])
+        top = logits.topk(k, dim=-1).indices  # (B, k)
+        hit = top.eq(y[:, None])
+        correct1 += hit[:, 0].sum()
+        correct5 += hit.any(dim=-1).sum()
+        n += y.shape[0]
+    loss, c1, c5, total = _all_reduce(
+        [loss_sum.item(), correct1.item(), correct5.item(), n], device
+    )
+    total = max(total, 1)
+    return {"val_loss": loss / total, "val_top1": 100 * c1 / total, "val_top5": 100 * c5 / total}

@@ -1,0 +1,366 @@
+"""``tntbench matrix``: models x datasets x seeds x any config key, one tracked run per cell.
+
+A ``[matrix]`` table lists the axes; the config's other sections are the base of every cell.
+
+    [matrix]
+    name = "smoke"
+    models = ["tnt_nano", "vit_nano"]
+    datasets = ["synthetic"]             # or tables: [{ name = "cifar10", root = "/data" }]
+    seeds = [0, 1]
+    "model.inner_heads" = [1, 2, 4]      # any dotted config key: a product axis
+    pixel = [                            # a list of tables: keys tied together, one axis
+      { "model.pixel_size" = 2, "model.inner_dim" = 6 },
+      { "model.pixel_size" = 4, "model.inner_dim" = 24 },
+    ]
+
+Cells whose resolved config (hashed, seed included) already has a FINISHED run in the
+experiment are skipped, so a rerun after a crash runs only what is missing. A failing cell is
+recorded as FAILED with its error and the matrix goes on.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from suite.config import apply_sets, from_dict, read_toml
+from suite.errors import UserError
+from suite.tracking import Tracker, flatten
+
+RESERVED = {"name", "models", "datasets", "seeds"}
+
+
+@dataclass
+class Cell:
+    index: int
+    overrides: dict[str, Any]  # dotted key -> value, the cell's own settings
+    varied: dict[str, Any]  # the subset that varies across the matrix (for params and tables)
+    raw: dict[str, Any] = field(default_factory=dict)  # base config with overrides applied
+    digest: str = ""
+
+    @property
+    def model(self) -> str:
+        return self.overrides["model.name"]
+
+    @property
+    def dataset(self) -> str:
+        return self.overrides["data.name"]
+
+    @property
+    def seed(self) -> int:
+        return self.overrides["train.seed"]
+
+    @property
+    def run_name(self) -> str:
+        extra = [f"{k.split('.')[-1]}={v}" for k, v in self.varied.items()
+                 if k not in ("model.name", "data.name", "train.seed", "data.root")]  # fmt: skip
+        return "/".join([self.model, self.dataset, f"s{self.seed}", *extra])
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    section, _, name = key.partition(".")
+    raw.setdefault(section, {})[name] = value
+
+
+def _axes(matrix: dict[str, Any], source: str) -> list[list[dict[str, Any]]]:
+    """Each axis is a list of {dotted key: value} choices; cells are their product."""
+
+    def need_list(key: str) -> list:
+        v = matrix.get(key)
+        if not isinstance(v, list) or not v:
+            raise UserError(f"{source}: matrix.{key} must be a non-empty list, got {v!r}")
+        return v
+
+    models = []
+    for m in need_list("models"):
+        if isinstance(m, str):
+            models.append({"model.name": m})
+        elif isinstance(m, dict) and "name" in m:  # a model with its own knobs
+            models.append({f"model.{k}": v for k, v in m.items()})
+        else:
+            raise UserError(f"{source}: matrix.models entries are names or {{name=..., knob=...}}")
+    axes = [models]
+    datasets = []
+    for d in matrix.get("datasets", ["synthetic"]):
+        if isinstance(d, str):
+            datasets.append({"data.name": d})
+        elif isinstance(d, dict) and "name" in d:
+            datasets.append({f"data.{k}": v for k, v in d.items()})
+        else:
+            raise UserError(
+                f"{source}: matrix.datasets entries are names or {{name=..., root=...}}"
+            )
+    axes.append(datasets)
+    seeds = matrix.get("seeds", [0])
+    if not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds) or not seeds:
+        raise UserError(f"{source}: matrix.seeds must be a non-empty list of integers")
+    axes.append([{"train.seed": s} for s in seeds])
+    for key, values in matrix.items():
+        if key in RESERVED:
+            continue
+        if not isinstance(values, list) or not values:
+            raise UserError(f"{source}: matrix.{key} must be a non-empty list, got {values!r}")
+        if all(isinstance(v, dict) for v in values):  # tied keys: one choice sets them all
+            for v in values:
+                for k in v:
+                    if "." not in k:
+                        raise UserError(f"{source}: matrix.{key}: '{k}' must be SECTION.KEY")
+            axes.append([dict(v) for v in values])
+        elif "." in key:
+            axes.append([{key: v} for v in values])
+        else:
+            raise UserError(
+                f"{source}: matrix.{key}: keys are dotted config keys, e.g. model.depth"
+            )
+    return axes
+
+
+def config_digest(raw: dict[str, Any]) -> str:
+    """Hash of a cell's resolved config (everything but tracking), seed included."""
+    body = {k: v for k, v in raw.items() if k not in ("tracking", "matrix", "search")}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def expand(path: str | Path, sets: list[str] | None = None) -> tuple[str, dict, list[Cell]]:
+    """(matrix name, base raw config, cells) from a matrix TOML; every cell's config validated
+    lazily (a bad cell fails alone, when it runs)."""
+    raw = apply_sets(read_toml(path), sets)
+    matrix = raw.get("matrix")
+    if not isinstance(matrix, dict):
+        raise UserError(f"{path}: no [matrix] table")
+    name = matrix.get("name", Path(path).stem)
+    base = {k: v for k, v in raw.items() if k != "matrix"}
+    # the base must be valid on its own (first model), so typos fail before any work
+    axes = _axes(matrix, str(path))
+    combos = list(itertools.product(*axes))
+    varied_keys = {k for axis in axes if len(axis) > 1 for choice in axis for k in choice}
+    cells = []
+    for i, combo in enumerate(combos):
+        overrides: dict[str, Any] = {}
+        for choice in combo:
+            overrides.update(choice)
+        cell_raw = copy.deepcopy(base)
+        for k, v in overrides.items():
+            _set_dotted(cell_raw, k, v)
+        varied = {k: v for k, v in overrides.items() if k in varied_keys}
+        cells.append(Cell(i, overrides, varied, cell_raw, config_digest(cell_raw)))
+    _check_base(base, cells, str(path))
+    return name, base, cells
+
+
+def _check_base(base: dict, cells: list[Cell], source: str) -> None:
+    """Unknown sections/keys and bad types in the shared base fail the whole matrix up front;
+    a model that cannot be built fails only its own cells, when they run."""
+    try:
+        from_dict(cells[0].raw, source, check_paths=False)
+    except UserError as e:
+        if not str(e).startswith("model:"):
+            raise
+
+
+def cells_table(cells: list[Cell], done: set[str] | None = None) -> pd.DataFrame:
+    rows = []
+    for c in cells:
+        row = {"cell": c.index, "model": c.model, "dataset": c.dataset, "seed": c.seed}
+        row.update({k: v for k, v in c.varied.items() if k not in ("model.name", "data.name",
+                                                                    "train.seed")})  # fmt: skip
+        row["hash"] = c.digest
+        if done is not None:
+            row["status"] = "done" if c.digest in done else "todo"
+        rows.append(row)
+    return pd.DataFrame(rows, dtype=object).fillna("-")
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+@dataclass
+class MatrixResult:
+    name: str
+    parent_run_id: str
+    ran: int
+    skipped: int
+    failed: int
+    summary: pd.DataFrame
+    runs: pd.DataFrame  # one row per finished cell: its MLflow metrics
+
+
+def finished_digests(tracker: Tracker, experiment: str) -> dict[str, str]:
+    """cell hash -> run ID of the FINISHED cell runs already in the experiment."""
+    df = tracker.runs(experiment, "tags.kind = 'cell' and attributes.status = 'FINISHED'")
+    if df.empty or "tags.cell_hash" not in df:
+        return {}
+    return dict(zip(df["tags.cell_hash"], df["run_id"], strict=True))
+
+
+def _parent_run_id(tracker: Tracker, experiment: str, name: str) -> str | None:
+    df = tracker.runs(experiment, f"tags.kind = 'matrix' and tags.matrix = '{name}'")
+    return None if df.empty else str(df.sort_values("start_time")["run_id"].iloc[0])
+
+
+def run_matrix(
+    path: str | Path,
+    tracker: Tracker,
+    sets: list[str] | None = None,
+    progress: bool = True,
+    profile_steps: int = 3,
+) -> MatrixResult:
+    from suite.train import fit
+
+    name, base, cells = expand(path, sets)
+    for c in cells:  # a missing data root or teacher fails the matrix before any work
+        try:
+            from_dict(c.raw, str(path))
+        except UserError as e:
+            if "data.root" in str(e) or "distill.teacher" in str(e):
+                raise
+    experiment = base.get("tracking", {}).get("experiment") or name
+    done = finished_digests(tracker, experiment)
+    todo = [c for c in cells if c.digest not in done]
+    parent_id = _parent_run_id(tracker, experiment, name)
+    failed = 0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(cells), initial=len(cells) - len(todo), unit="cell",
+                   desc=f"matrix {name}", file=sys.stderr, dynamic_ncols=True)  # fmt: skip
+    tags = {"kind": "matrix", "matrix": name}
+    with tracker.run(experiment, f"matrix/{name}", tags, run_id=parent_id) as parent:
+        if parent_id is None:
+            parent.log_params({"matrix.cells": len(cells), "matrix.config": str(path)})
+        for cell in todo:
+            if bar is not None:
+                bar.set_postfix_str(cell.run_name)
+            failed += not _run_cell(cell, name, experiment, parent.run_id, tracker, fit,
+                                    profile_steps)  # fmt: skip
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        runs = cell_runs(tracker, experiment, name)
+        summary = summarize(runs)
+        if len(summary):
+            parent.log_text(format_summary(summary), "summary.txt")
+            parent.log_text(summary.to_csv(index=False), "summary.csv")
+        parent.log_metrics({"cells_failed": failed, "cells_done": len(runs)})
+    return MatrixResult(name, parent.run_id, len(todo), len(cells) - len(todo), failed, summary,
+                        runs)  # fmt: skip
+
+
+def _run_cell(cell: Cell, matrix: str, experiment: str, parent_id: str, tracker: Tracker, fit,
+              profile_steps: int) -> bool:  # fmt: skip
+    """Train and profile one cell; False (recorded as FAILED with the error) if it fails."""
+    tags = {"kind": "cell", "matrix": matrix, "cell_hash": cell.digest, "cell": cell.index}
+    params = {f"varied.{k}": v for k, v in cell.varied.items()}
+    raw = copy.deepcopy(cell.raw)
+    raw.setdefault("tracking", {}).update(experiment=experiment, run_name=cell.run_name)
+    try:
+        cfg = from_dict(raw, f"cell {cell.index}")
+    except UserError as e:
+        try:  # record the impossible cell as a FAILED run with its error
+            with tracker.run(experiment, cell.run_name, tags, parent_id) as run:
+                run.log_params({**flatten(raw), **params})
+                raise e
+        except UserError:
+            pass
+        print(f"cell {cell.index} ({cell.run_name}) FAILED: {e}", file=sys.stderr)
+        return False
+    try:
+        result = fit(cfg, tracker, parent_run_id=parent_id, extra_tags=tags,
+                     extra_params=params, progress=False)  # fmt: skip
+        _profile_cell(cfg, result.run_id, tracker, profile_steps)
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:
+        print(f"cell {cell.index} ({cell.run_name}) FAILED: {type(e).__name__}: {e}",
+              file=sys.stderr)  # fmt: skip
+        return False
+    return True
+
+
+def _profile_cell(cfg, run_id: str, tracker: Tracker, steps: int) -> None:
+    """Inference throughput and latency of the cell's trained architecture, onto its run."""
+    from suite.models import create_model
+    from suite.profile import resolve_device, time_model
+    from suite.train import model_img_size
+
+    if not run_id:
+        return
+    size = model_img_size(cfg)
+    model = create_model(cfg.model.name, **cfg.model.overrides)
+    device = resolve_device(cfg.train.device)
+    t = time_model(model, size, cfg.train.batch_size, "infer", "fp32", device, 1, steps)
+    tracker.attach(run_id).log_metrics(
+        {"infer_img_per_s": t.img_per_s, "infer_step_ms": t.step_ms, "infer_peak_mb": t.peak_mb}
+    )
+
+
+# the metrics a summary reports, as stored on each cell run
+SUMMARY_METRICS = {
+    "params_m": "params (M)",
+    "gmacs": "GMACs",
+    "train_img_per_s": "train img/s",
+    "infer_img_per_s": "infer img/s",
+}
+
+
+def cell_runs(tracker: Tracker, experiment: str, matrix: str) -> pd.DataFrame:
+    """The matrix's FINISHED cell runs (newest per cell hash), one row each."""
+    df = tracker.runs(
+        experiment,
+        f"tags.kind = 'cell' and tags.matrix = '{matrix}' and attributes.status = 'FINISHED'",
+    )
+    if df.empty:
+        return df
+    df = df.sort_values("start_time").drop_duplicates("tags.cell_hash", keep="last")
+    return df.reset_index(drop=True)
+
+
+def summarize(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per model, dataset (and any other varied key): params, GMACs, img/s, and top-1 as
+    mean +- std over seeds, all read from the MLflow metrics of the cell runs."""
+    if runs.empty:
+        return pd.DataFrame()
+    varied = sorted(c for c in runs.columns if c.startswith("params.varied.")
+                    and c not in ("params.varied.model.name", "params.varied.data.name",
+                                  "params.varied.train.seed"))  # fmt: skip
+    keys = ["params.model.name", "params.data.name", *varied]
+    df = runs.copy()
+    for c in varied:
+        df[c] = df[c].fillna("-")
+    rows = []
+    for key, g in df.groupby(keys, sort=False):
+        row = dict(zip(["model", "dataset", *[c.removeprefix("params.varied.") for c in varied]],
+                       key, strict=True))  # fmt: skip
+        for m, label in SUMMARY_METRICS.items():
+            col = f"metrics.{m}"
+            row[label] = g[col].mean() if col in g else float("nan")
+        top1 = g["metrics.val_top1"]
+        row["top-1 mean"] = top1.mean()
+        row["top-1 std"] = top1.std(ddof=1) if len(top1) > 1 else 0.0
+        row["top-1"] = f"{row['top-1 mean']:.2f} +- {row['top-1 std']:.2f}"
+        row["n"] = len(g)
+        row["run_ids"] = ",".join(g["run_id"])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def format_summary(summary: pd.DataFrame) -> str:
+    if summary.empty:
+        return "(no finished cells)"
+    cols = [c for c in summary.columns if c not in ("top-1 mean", "top-1 std", "run_ids")]
+    return summary[cols].to_string(
+        index=False,
+        formatters={"params (M)": "{:.2f}".format, "GMACs": "{:.3f}".format,
+                    "train img/s": "{:.0f}".format, "infer img/s": "{:.0f}".format},
+    )  # fmt: skip

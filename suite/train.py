@@ -1,0 +1,385 @@
+"""``tntbench train``: one training run from a Config, on CPU, one GPU or many (torchrun).
+
+Builds the data, model, optimizer, schedule, EMA and teacher; runs the epochs of
+``suite.engine``; checkpoints every epoch (and on Ctrl-C); resumes exactly; tracks everything
+through ``suite.tracking`` (only rank 0 logs).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from suite.config import Config, to_toml
+from suite.data import DataInfo, build_datasets, build_mixup
+from suite.engine import (
+    Criterion,
+    build_ema,
+    build_optimizer,
+    build_scheduler,
+    evaluate,
+    resolve_amp,
+    train_one_epoch,
+)
+from suite.errors import UserError
+from suite.models import create_model, get_entry
+from suite.tracking import Run, Tracker, environment_tags, flatten, load_model
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    metrics: dict[str, float]  # the last epoch's metrics, plus params_m and gmacs
+    history: list[dict[str, float]] = field(default_factory=list)
+    checkpoint_dir: str = ""
+    best_top1: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up helpers
+
+
+def dist_env() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun's environment; (0, 0, 1) without it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"train.device = '{name}': no CUDA device is available")
+        return torch.device(name if ":" in name else f"cuda:{local_rank}")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+
+
+def default_run_name(cfg: Config) -> str:
+    return cfg.tracking.run_name or f"{cfg.model.name}/{cfg.data.name}/s{cfg.train.seed}"
+
+
+def build_model(cfg: Config, info: DataInfo) -> nn.Module:
+    overrides = dict(cfg.model.overrides)
+    n = overrides.setdefault("num_classes", info.num_classes)
+    if n != info.num_classes:
+        raise UserError(
+            f"model.num_classes = {n} but data '{info.name}' has {info.num_classes} classes"
+        )
+    try:
+        return create_model(cfg.model.name, **overrides)
+    except ValueError as e:
+        raise UserError(f"model: {e}") from None
+
+
+def model_img_size(cfg: Config) -> int:
+    return cfg.model.overrides.get("img_size", get_entry(cfg.model.name).img_size)
+
+
+def load_teacher(cfg: Config, info: DataInfo, device: torch.device) -> nn.Module | None:
+    k = cfg.distill
+    if k.kind == "none":
+        return None
+    if k.teacher.startswith(("runs:/", "models:/")):
+        teacher = load_model(k.teacher, str(device))
+    else:
+        ckpt = torch.load(k.teacher, map_location="cpu", weights_only=False)
+        teacher = create_model(k.teacher_model, **ckpt.get("model_kwargs", {}))
+        teacher.load_state_dict(ckpt.get("model", ckpt))
+    teacher.to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def find_checkpoint(resume: str, tracker: Tracker) -> Path:
+    """``--resume`` takes a checkpoint file, a run's checkpoint folder, or an MLflow run ID."""
+    p = Path(resume)
+    if p.is_file():
+        return p
+    if p.is_dir() and (p / "last.pt").is_file():
+        return p / "last.pt"
+    if re.fullmatch(r"[0-9a-f]{32}", resume):
+        try:
+            run = tracker.get_run(resume)
+        except Exception as e:
+            raise UserError(f"--resume {resume}: no such MLflow run ({e})") from None
+        d = run.data.tags.get("checkpoint_dir")
+        if d and (Path(d) / "last.pt").is_file():
+            return Path(d) / "last.pt"
+        raise UserError(f"--resume {resume}: the run has no checkpoint (looked in {d})")
+    raise UserError(f"--resume {resume}: not a checkpoint file, folder or MLflow run ID")
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def fit(
+    cfg: Config,
+    tracker: Tracker,
+    resume: str | None = None,
+    parent_run_id: str | None = None,
+    extra_tags: dict[str, str] | None = None,
+    extra_params: dict[str, Any] | None = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    rank, local_rank, world = dist_env()
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        return _fit(cfg, tracker if rank == 0 else Tracker(), resume, parent_run_id,
+                    extra_tags, extra_params, on_epoch, progress and rank == 0)  # fmt: skip
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _fit(cfg, tracker, resume, parent_run_id, extra_tags, extra_params, on_epoch, progress):
+    rank, local_rank, world = dist_env()
+    t = cfg.train
+    device = resolve_device(t.device, local_rank)
+    amp = resolve_amp(t.amp, device)
+    if amp == "fp16" and device.type != "cuda":
+        raise UserError("train.amp = 'fp16' needs a CUDA device (use bf16 on CPU)")
+    seed_everything(t.seed)
+
+    img_size = model_img_size(cfg)
+    train_ds, val_ds, info = build_datasets(cfg.data, img_size)
+    model = build_model(cfg, info).to(device)
+    from suite.profile import count_flops
+
+    flops = count_flops(model, img_size)
+    n_params = sum(p.numel() for p in model.parameters())
+    profile = {"params_m": n_params / 1e6, "gmacs": flops.gmacs_fvcore}
+
+    train_sampler = DistributedSampler(
+        train_ds, num_replicas=world, rank=rank, shuffle=True, seed=t.seed,
+        drop_last=len(train_ds) >= t.batch_size * world,
+    )  # fmt: skip
+    val_sampler = DistributedSampler(val_ds, num_replicas=world, rank=rank, shuffle=False)
+    loader_kw = dict(num_workers=cfg.data.workers, pin_memory=device.type == "cuda",
+                     persistent_workers=cfg.data.workers > 0)  # fmt: skip
+    train_loader = DataLoader(
+        train_ds,
+        t.batch_size,
+        sampler=train_sampler,
+        drop_last=train_sampler.drop_last,
+        **loader_kw,
+    )
+    val_loader = DataLoader(val_ds, t.batch_size, sampler=val_sampler, **loader_kw)
+
+    global_batch = t.batch_size * world
+    lr = t.lr or t.base_lr * global_batch / 512  # DeiT's linear scaling rule
+    steps_per_epoch = max(len(train_loader), 1)
+    optimizer = build_optimizer(model, lr, t.weight_decay)
+    scheduler = build_scheduler(
+        optimizer, t.epochs * steps_per_epoch, int(t.warmup_epochs * steps_per_epoch), lr, t.min_lr
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    ema = build_ema(model, t.ema_decay) if t.ema else None
+    teacher = load_teacher(cfg, info, device)
+    criterion = Criterion(t.label_smoothing, cfg.distill if teacher is not None else None)
+    mixup = build_mixup(cfg.data, info.num_classes)
+
+    start_epoch, history, best, run_id = 0, [], -math.inf, None
+    if resume:
+        ckpt_path = find_checkpoint(resume, tracker)
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        if ema is not None and ckpt.get("ema") is not None:
+            ema.load_state_dict(ckpt["ema"])
+        start_epoch, history = ckpt["epoch"], ckpt["history"]
+        best, run_id = ckpt["best_top1"], ckpt.get("run_id") or None
+
+    net: nn.Module = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if t.compile:
+        net = torch.compile(net)
+
+    tags = {"model": cfg.model.name, "family": get_entry(cfg.model.name).family,
+            "dataset": info.name, "device": device.type, "amp": amp, "world_size": world,
+            **environment_tags(), **(extra_tags or {})}  # fmt: skip
+    tags["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+    with tracker.run(cfg.tracking.experiment, default_run_name(cfg), tags, parent_run_id,
+                     run_id) as run:  # fmt: skip
+        ckpt_dir = Path(t.out_dir) / (run.run_id or re.sub(r"[^\w.-]", "_", default_run_name(cfg)))
+        if rank == 0:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            params = flatten(cfg.to_dict())
+            params.update(lr_effective=lr, global_batch=global_batch, amp_resolved=amp)
+            params.update(extra_params or {})
+            run.log_params(params)
+            run.set_tags({"checkpoint_dir": str(ckpt_dir.resolve())})
+            run.log_text(to_toml(cfg.to_dict()), "config.toml")
+            run.log_dataset(info, "train")
+            run.log_metrics(profile, step=0)
+        if cfg.tracking.system_metrics:
+            run.start_system_metrics()
+
+        def save(name: str, epoch: int) -> None:
+            if rank != 0 or not t.checkpoint:
+                return
+            state = {
+                "model": model.state_dict(),
+                "model_name": cfg.model.name,
+                "model_kwargs": {**cfg.model.overrides, "num_classes": info.num_classes},
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "ema": ema.state_dict() if ema is not None else None,
+                "epoch": epoch,
+                "history": history,
+                "best_top1": best,
+                "run_id": run.run_id,
+                "config": cfg.to_dict(),
+                "rng": _rng_state(),
+            }
+            tmp = ckpt_dir / f".{name}.tmp"
+            torch.save(state, tmp)
+            tmp.replace(ckpt_dir / name)  # atomic: a crash never leaves a half-written file
+
+        completed = start_epoch
+        try:
+            for epoch in range(start_epoch, t.epochs):
+                metrics = _run_epoch(epoch, cfg, net, model, ema, train_loader, val_loader,
+                                     train_sampler, optimizer, scheduler, scaler, criterion,
+                                     device, amp, mixup, teacher, run, progress)  # fmt: skip
+                history.append(metrics)
+                improved = metrics["val_top1"] > best
+                best = max(best, metrics["val_top1"])
+                completed = epoch + 1
+                save("last.pt", completed)
+                if improved:
+                    save("best.pt", completed)
+                if on_epoch is not None:
+                    on_epoch(epoch, metrics)
+        except KeyboardInterrupt:
+            # at an epoch boundary the state is exact; mid-epoch, --resume redoes that epoch
+            save("last.pt", completed)
+            print(f"\ninterrupted: checkpoint saved in {ckpt_dir}", file=sys.stderr)
+            raise
+
+        final = {**history[-1], **profile} if history else dict(profile)
+        final["best_val_top1"] = best
+        run.log_metrics({"best_val_top1": best})
+        if rank == 0:
+            _log_artifacts(run, history, ckpt_dir, cfg, model)
+        return TrainResult(run.run_id, final, history, str(ckpt_dir), best)
+
+
+def _run_epoch(epoch, cfg, net, model, ema, train_loader, val_loader, sampler, optimizer,
+               scheduler, scaler, criterion, device, amp, mixup, teacher, run: Run,
+               progress) -> dict[str, float]:  # fmt: skip
+    t = cfg.train
+    sampler.set_epoch(epoch)
+    # augmentation, dropout and drop-path draws depend on (seed, epoch) only: resume is exact
+    seed_everything(t.seed * 1000 + epoch)
+    steps_per_epoch = len(train_loader)
+    step_logs: list[tuple[int, dict[str, float]]] = []
+    base_step = epoch * steps_per_epoch
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{t.epochs}", unit="step",
+                   leave=False, file=sys.stderr, dynamic_ncols=True)  # fmt: skip
+
+    def on_progress(step: int, loss: float) -> None:
+        bar.update(1)
+        if not math.isnan(loss):
+            rate = bar.format_dict.get("rate") or 0.0
+            bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{rate * t.batch_size:.0f}")
+
+    m = train_one_epoch(
+        net, train_loader, optimizer, scheduler, criterion, device, amp, scaler, t.clip_grad,
+        ema, mixup, teacher, cfg.tracking.log_every,
+        on_log=lambda s, v: step_logs.append((base_step + s, v)),
+        progress=on_progress if bar is not None else None,
+    )  # fmt: skip
+    if bar is not None:
+        bar.close()
+    m.update(evaluate(model, val_loader, device, amp))
+    if ema is not None:
+        m.update({f"ema_{k}": v for k, v in evaluate(ema.module, val_loader, device, amp).items()})
+    m["epoch"] = float(epoch + 1)
+    # logging after the timed loop: one asynchronous batch per epoch
+    for step, values in step_logs:
+        run.log_metrics(values, step=step)
+    run.log_metrics({k: v for k, v in m.items() if k != "steps"}, step=epoch + 1)
+    if progress:
+        print(
+            f"epoch {epoch + 1}/{t.epochs}  train_loss {m['train_loss']:.4f}  "
+            f"val_loss {m['val_loss']:.4f}  val_top1 {m['val_top1']:.2f}  "
+            f"val_top5 {m['val_top5']:.2f}  {m['train_img_per_s']:.0f} img/s  "
+            f"{m['epoch_s']:.1f}s",
+            file=sys.stderr,
+        )
+    return m
+
+
+def _log_artifacts(run: Run, history, ckpt_dir: Path, cfg: Config, model: nn.Module) -> None:
+    if not history:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    a.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    a.plot(epochs, [h["val_loss"] for h in history], "o-", label="val")
+    a.set(xlabel="epoch", ylabel="loss", title="loss")
+    a.legend()
+    b.plot(epochs, [h["val_top1"] for h in history], "o-", label="top-1")
+    b.plot(epochs, [h["val_top5"] for h in history], "o-", label="top-5")
+    b.set(xlabel="epoch", ylabel="accuracy (%)", title=f"{cfg.model.name} on {cfg.data.name}")
+    b.legend()
+    fig.tight_layout()
+    run.log_figure(fig, "learning_curves.png")
+    plt.close(fig)
+    best = ckpt_dir / "best.pt"
+    if best.is_file():
+        run.log_artifact(best, "checkpoints")
+    if cfg.tracking.log_model:
+        run.log_model(model.cpu())

@@ -1,0 +1,77 @@
+"""Config: TOML + dotted overrides, strict keys and types, one-line errors."""
+
+import pytest
+
+from suite.cli import main
+from suite.config import Config, load_config, to_toml
+from suite.errors import UserError
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_and_overrides(tmp_path):
+    p = write(tmp_path, '[model]\nname = "tnt_nano"\ninner_heads = 4\n[train]\nepochs = 5\n')
+    cfg = load_config(p, ["train.epochs=2", "model.pixel_size=4", "train.lr=1e-3"])
+    assert isinstance(cfg, Config)
+    assert cfg.train.epochs == 2 and cfg.train.lr == 1e-3
+    assert cfg.model.overrides == {"inner_heads": 4, "pixel_size": 4}
+    assert cfg.data.name == "synthetic"
+
+
+def test_int_is_accepted_for_float_and_round_trips_through_toml(tmp_path):
+    cfg = load_config(None, ["train.lr=1", "data.mixup=0"])
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    again = load_config(write(tmp_path, to_toml(cfg.to_dict())))
+    assert again == cfg
+
+
+@pytest.mark.parametrize(
+    "text, sets, words",
+    [
+        ("[train]\nepoch = 3\n", [], ["unknown key 'train.epoch'"]),
+        ("[train]\nepochs = -1\n", [], ["train.epochs = -1"]),
+        ("[train]\nepochs = 'three'\n", [], ["train.epochs", "int"]),
+        ("", ["train.epochs=1.5"], ["train.epochs = 1.5", "int"]),
+        ("[bogus]\nx = 1\n", [], ["unknown section [bogus]"]),
+        ("", ["nodot=1"], ["SECTION.KEY"]),
+        ("", ["model.inner_heads=5"], ["inner_dim=12", "inner_heads=5"]),
+        ("", ["model.foo=1"], ["unknown knob 'foo'"]),
+        ("", ["model.name='nope'"], ["unknown model 'nope'"]),
+        ('[data]\nname = "cifar10"\n', [], ["data.root", "required"]),
+        ('[data]\nname = "mnist"\n', [], ["data.name = 'mnist'"]),
+        ('[train]\namp = "fp8"\n', [], ["train.amp = 'fp8'"]),
+        ('[distill]\nkind = "hard"\n', [], ["distill.teacher"]),
+        ("[train\n", [], ["not valid TOML"]),
+    ],
+)
+def test_bad_config_is_one_named_error(tmp_path, text, sets, words):
+    with pytest.raises(UserError) as e:
+        load_config(write(tmp_path, text), sets)
+    for w in words:
+        assert w in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("[train]\nepochs = -1\n", ["train.epochs = -1"]),
+        ("[train]\nfoo = 1\n", ["unknown key 'train.foo'"]),
+        ('[data]\nname = "imagefolder"\nroot = "/no/such/dir"\n', ["data.root", "/no/such/dir"]),
+    ],
+)
+def test_train_cli_bad_config_exits_2_with_one_line(tmp_path, capsys, text, words):
+    p = write(tmp_path, text)
+    assert main(["train", str(p), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for w in words:
+        assert w in err
+
+
+def test_missing_config_file(capsys, tmp_path):
+    assert main(["train", str(tmp_path / "nope.toml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
