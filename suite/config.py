@@ -37,7 +37,7 @@ class DataConfig:
     seed: int = 0
     workers: int = 0
     # augmentation (torchvision.transforms.v2); each switchable
-    random_resized_crop: bool = True
+    random_resized_crop: bool = False  # DeiT recipe: on (the experiments set it for real data)
     crop_scale_min: float = 0.08
     hflip: bool = True
     randaugment: bool = False
