@@ -162,12 +162,10 @@ class _MlflowRun(Run):
             self.set_tags({"system_metrics_error": str(e)[:500]})
 
     def end(self, status: str = "FINISHED") -> None:
-        import mlflow
-
         monitor = getattr(self, "_monitor", None)
         if monitor is not None:
             monitor.finish()
-        mlflow.flush_async_logging()
+        # set_terminated drains the asynchronous queue before it records the status
         self.client.set_terminated(self.run_id, status=status)
 
 

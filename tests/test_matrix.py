@@ -113,5 +113,5 @@ def test_demo_runs_into_a_fresh_store(tmp_path, capsys):
     out = capsys.readouterr().out
     assert (tmp_path / "demo" / "mlflow.db").is_file()
     assert "mlflow ui --backend-store-uri" in out
-    for model in ("tnt_nano", "vit_nano", "deit_nano"):
+    for model in ("tnt_nano", "vit_nano", "deit_nano_distilled"):
         assert model in out
