@@ -5,7 +5,7 @@ throw-away SQLite store (params, tags, dataset, per-step and per-epoch metrics, 
 config, learning-curve PNG, best checkpoint) and once untracked. Prints median wall times and
 the overhead; the target is under 2%.
 
-    python benchmarks/bench_tracking.py [--reps 3] [--epochs 2]
+    python benchmarks/bench_tracking.py [--reps 3] [--epochs 5]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from suite.train import fit
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--model", default="tnt_nano")
     args = ap.parse_args()
 

@@ -41,6 +41,8 @@ class Run:
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
 
+    def log_metric_rows(self, rows: list[tuple[int, Mapping[str, float]]]) -> None: ...
+
     def set_tags(self, tags: Mapping[str, Any]) -> None: ...
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
@@ -101,21 +103,30 @@ class _MlflowRun(Run):
 
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i : i + 100], synchronous=False)
+            self.client.log_batch(self.run_id, params=items[i : i + 100], synchronous=True)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self.log_metric_rows([(step or 0, metrics)])
+
+    def log_metric_rows(self, rows: list[tuple[int, Mapping[str, float]]]) -> None:
+        """Many steps' metrics in as few requests as MLflow allows (1000 metrics each).
+
+        Synchronous on purpose: the trainer calls this once per epoch, after the timed loop,
+        where one batched request costs milliseconds; MLflow's asynchronous queue instead
+        costs up to a second per run in its shutdown (measured, benchmarks/bench_tracking.py).
+        """
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items()]
-        # asynchronous and batched: the training loop never waits on the store
-        self.client.log_batch(self.run_id, metrics=items, synchronous=False)
+        items = [Metric(k, float(v), ts, step) for step, m in rows for k, v in m.items()]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[i : i + 1000], synchronous=True)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
         items = [RunTag(k, str(v)) for k, v in tags.items()]
-        self.client.log_batch(self.run_id, tags=items, synchronous=False)
+        self.client.log_batch(self.run_id, tags=items, synchronous=True)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
@@ -165,7 +176,7 @@ class _MlflowRun(Run):
         monitor = getattr(self, "_monitor", None)
         if monitor is not None:
             monitor.finish()
-        # set_terminated drains the asynchronous queue before it records the status
+        # set_terminated also drains MLflow's asynchronous queue, if anything used it
         self.client.set_terminated(self.run_id, status=status)
 
 

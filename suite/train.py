@@ -342,10 +342,9 @@ def _run_epoch(epoch, cfg, net, model, ema, train_loader, val_loader, sampler, o
     if ema is not None:
         m.update({f"ema_{k}": v for k, v in evaluate(ema.module, val_loader, device, amp).items()})
     m["epoch"] = float(epoch + 1)
-    # logging after the timed loop: one asynchronous batch per epoch
-    for step, values in step_logs:
-        run.log_metrics(values, step=step)
-    run.log_metrics({k: v for k, v in m.items() if k != "steps"}, step=epoch + 1)
+    # logging after the timed loop: one batched request per epoch
+    epoch_row = (epoch + 1, {k: v for k, v in m.items() if k != "steps"})
+    run.log_metric_rows([*step_logs, epoch_row])
     if progress:
         print(
             f"epoch {epoch + 1}/{t.epochs}  train_loss {m['train_loss']:.4f}  "
