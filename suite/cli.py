@@ -67,6 +67,15 @@ def _cmd_matrix(args: argparse.Namespace) -> int:
     return min(r.failed, 100)
 
 
+def _cmd_search(args: argparse.Namespace) -> int:
+    from suite.search import format_result, run_search
+
+    r = run_search(args.config, args.set, args.storage, args.study, args.n_trials, args.timeout,
+                   args.workers, args.tracking_uri)  # fmt: skip
+    print(format_result(r))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from suite.demo import run_demo
 
@@ -106,6 +115,21 @@ def build_parser() -> argparse.ArgumentParser:
     mx.add_argument("--tracking-uri", default=None)
     mx.add_argument("--no-progress", action="store_true")
     mx.set_defaults(func=_cmd_matrix)
+
+    se = sub.add_parser("search", help="Optuna search over inner heads, patch/pixel size, ...")
+    se.add_argument("config", help="TOML with [search] and [search.space] tables")
+    _add_set(se)
+    se.add_argument(
+        "--storage", help="Optuna storage URL or .journal path (default: beside MLflow)"
+    )
+    se.add_argument("--study", help="study name (default: search.study)")
+    se.add_argument(
+        "--n-trials", type=int, help="finished trials wanted (default: search.n_trials)"
+    )
+    se.add_argument("--timeout", type=float, help="seconds per worker")
+    se.add_argument("--workers", type=int, default=1, help="local worker processes on the study")
+    se.add_argument("--tracking-uri", default=None)
+    se.set_defaults(func=_cmd_search)
 
     dm = sub.add_parser("demo", help="the built-in end-to-end job: smoke matrix into a fresh store")
     dm.add_argument("--out", default=None, help="folder for the store (default: ./tntbench-demo)")

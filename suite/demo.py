@@ -7,6 +7,7 @@ from importlib import resources
 from pathlib import Path
 
 from suite.matrix import format_summary, run_matrix
+from suite.search import format_result, run_search
 from suite.tracking import make_tracker
 
 
@@ -15,17 +16,30 @@ def smoke_config() -> Path:
     return Path(str(resources.files("suite.experiments") / "smoke.toml"))
 
 
-def run_demo(out: str | None = None, sets: list[str] | None = None) -> int:
+def search_config() -> Path:
+    return Path(str(resources.files("suite.experiments") / "search_pixel_patch.toml"))
+
+
+def run_demo(
+    out: str | None = None, sets: list[str] | None = None, search_sets: list[str] | None = None
+) -> int:
     root = Path(out or "tntbench-demo").resolve()
     root.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{root / 'mlflow.db'}"
     tracker = make_tracker(uri)
     t0 = time.perf_counter()
-    print(f"TNT Bench demo: smoke matrix (nano TNT, ViT, DeiT on synthetic data) into {root}")
+    print(f"TNT Bench demo: smoke matrix (nano TNT, ViT, DeiT on synthetic data), a small search,"
+          f" into {root}")  # fmt: skip
     r = run_matrix(smoke_config(), tracker, [f"train.out_dir='{root / 'runs'}'", *(sets or [])])
     print(f"\nmatrix {r.name}: {r.ran} ran, {r.skipped} skipped, {r.failed} failed "
           f"in {time.perf_counter() - t0:.0f}s")  # fmt: skip
     print(format_summary(r.summary))
+
+    print("\nsmall search: TPE + median pruner over patch, pixel, inner heads and lr (6 trials)")
+    s_sets = [f"train.out_dir='{root / 'runs'}'", "search.n_trials=6", "train.epochs=2"]
+    s = run_search(search_config(), [*s_sets, *(sets or []), *(search_sets or [])],
+                   tracking_uri=uri)  # fmt: skip
+    print(format_result(s))
     print(f"\nresults:      {root}  (MLflow store {uri}, checkpoints {root / 'runs'})")
     print(f"open the UI:  mlflow ui --backend-store-uri {uri} --port 5000")
     return min(r.failed, 100)

@@ -180,6 +180,30 @@ class _MlflowRun(Run):
         self.client.set_terminated(self.run_id, status=status)
 
 
+class _RetryingClient:
+    """MlflowClient whose calls retry, with backoff, when SQLite says "database is locked"
+    (parallel search workers writing to one local store)."""
+
+    def __init__(self, client: Any, tries: int = 8) -> None:
+        self._client, self._tries = client, tries
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            for i in range(self._tries):
+                try:
+                    return attr(*args, **kwargs)
+                except Exception as e:
+                    if "database is locked" not in str(e) or i == self._tries - 1:
+                        raise
+                    time.sleep(0.05 * 2**i)
+
+        return call
+
+
 class MlflowTracker(Tracker):
     def __init__(self, uri: str | None = None) -> None:
         import logging
@@ -190,7 +214,7 @@ class MlflowTracker(Tracker):
         for name in ("mlflow", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
         self.uri = resolve_uri(uri)
-        self.client = MlflowClient(tracking_uri=self.uri)
+        self.client = _RetryingClient(MlflowClient(tracking_uri=self.uri))
 
     def experiment_id(self, name: str) -> str:
         exp = self.client.get_experiment_by_name(name)
@@ -228,8 +252,9 @@ class MlflowTracker(Tracker):
             run.end("KILLED")
             raise
         except BaseException as e:
+            # an exception may name its own status (a pruned search trial ends KILLED)
             run.set_tags({"error": f"{type(e).__name__}: {e}"[:5000]})
-            run.end("FAILED")
+            run.end(getattr(e, "run_status", "FAILED"))
             raise
         else:
             run.end("FINISHED")

@@ -1,3 +1,7 @@
+import os
+import uuid
+from typing import NoReturn
+
 import pytest
 import torch
 
@@ -5,3 +9,55 @@ import torch
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def _pg_unavailable(reason: str) -> NoReturn:
+    """Fail under CI (the server is part of .ci/run), skip elsewhere."""
+    reason += " (.ci/run starts a server; install the extra with pip install -e '.[postgres]')"
+    if os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}:
+        pytest.fail(f"PostgreSQL needed under CI: {reason}", pytrace=False)
+    pytest.skip(f"PostgreSQL not available: {reason}")
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> str:
+    """SQLAlchemy URL of the PostgreSQL server in TNTBENCH_PG_URL, after a real connection."""
+    url = os.environ.get("TNTBENCH_PG_URL", "").strip()
+    if not url:
+        _pg_unavailable("TNTBENCH_PG_URL is not set")
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+
+    shown = url
+    try:
+        shown = make_url(url).render_as_string(hide_password=True)
+        engine = create_engine(url, connect_args={"connect_timeout": 5})
+        try:
+            with engine.connect():
+                pass
+        finally:
+            engine.dispose()
+    except Exception as exc:  # missing driver, bad URL, server down, auth: all mean "unavailable"
+        _pg_unavailable(f"cannot connect to {shown}: {type(exc).__name__}: {exc}")
+    return url
+
+
+@pytest.fixture
+def pg_storage_url(pg_url: str):
+    """URL of a fresh, empty database (dropped afterwards), so tests never share Optuna studies."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    name = f"tntbench_{uuid.uuid4().hex[:16]}"
+    admin = create_engine(pg_url, isolation_level="AUTOCOMMIT")  # no CREATE DATABASE in a txn
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        try:
+            yield make_url(pg_url).set(database=name).render_as_string(hide_password=False)
+        finally:
+            # FORCE (PostgreSQL >= 13) ends connections still pooled by the test's engines
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()

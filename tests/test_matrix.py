@@ -109,9 +109,10 @@ def test_matrix_cli_exit_code_counts_failures(tmp_path, capsys):
 def test_demo_runs_into_a_fresh_store(tmp_path, capsys):
     from suite.demo import run_demo
 
-    assert run_demo(str(tmp_path / "demo"), TINY + ["matrix.seeds=[0]"]) == 0
+    assert run_demo(str(tmp_path / "demo"), TINY + ["matrix.seeds=[0]"], ["search.n_trials=2"]) == 0
     out = capsys.readouterr().out
     assert (tmp_path / "demo" / "mlflow.db").is_file()
     assert "mlflow ui --backend-store-uri" in out
     for model in ("tnt_nano", "vit_nano", "deit_nano_distilled"):
         assert model in out
+    assert "study pixel_patch" in out and "best trial" in out

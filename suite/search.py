@@ -1,0 +1,520 @@
+"""``tntbench search``: Optuna searches over TNT's knobs (inner heads, patch and pixel size, ...).
+
+The config's ``[search]`` table names the study, objectives, sampler, pruner and trial count;
+``[search.space]`` maps dotted config keys to distributions:
+
+    [search.space]
+    "model.inner_heads" = { choices = [1, 2, 4, 8] }
+    "train.lr" = { low = 1e-4, high = 3e-3, log = true }
+    "model.inner_dim" = { tie = "model.pixel_size", keep = "pixels_x_dim" }   # derived
+    pixel = { choices = [{ "model.pixel_size" = 2, "model.inner_dim" = 6 }, ...] }  # tied pairs
+
+Each trial is one training run (``suite.train.fit``) reporting val top-1 every epoch, so the
+pruner stops bad trials early; a combination that cannot be built is PRUNED with its reason
+before any training; a diverging trial FAILS without stopping the study. Storage: any Optuna
+URL; by default an SQLite file beside the MLflow store (one worker) or a journal file (several
+local workers). RDB storages run heartbeats, and a dead worker's trial is re-queued.
+MLflow: a parent run per study, a child run per trial.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import multiprocessing as mp
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from suite.config import apply_sets, from_dict, read_toml
+from suite.errors import UserError
+from suite.tracking import Tracker, flatten, make_tracker, resolve_uri
+
+DIRECTIONS = {"val_top1": "maximize", "val_top5": "maximize", "val_loss": "minimize",
+              "gmacs": "minimize", "params_m": "minimize"}  # fmt: skip
+SAMPLERS = ("tpe", "random", "grid", "nsga2")
+PRUNERS = ("median", "hyperband", "none")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    study: str
+    objectives: tuple[str, ...] = ("val_top1",)
+    sampler: str = "tpe"
+    pruner: str = "median"
+    n_trials: int = 20
+    seed: int = 0
+    gmacs_budget: float = 0.0  # > 0: constraint GMACs <= budget (trial.set_constraint)
+    heartbeat_interval: int = 10  # s, RDB storages: a silent worker's trial is re-queued
+    grace_period: int = 30
+    max_retry: int = 2
+    space: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def parse_search(raw: dict[str, Any], source: str) -> SearchConfig:
+    s = raw.get("search")
+    if not isinstance(s, dict):
+        raise UserError(f"{source}: no [search] table")
+    s = dict(s)
+    space = s.pop("space", None)
+    if not isinstance(space, dict) or not space:
+        raise UserError(f"{source}: [search.space] must list at least one key")
+    known = SearchConfig.__dataclass_fields__
+    for k in s:
+        if k not in known or k == "space":
+            raise UserError(f"{source}: unknown key 'search.{k}' (valid: {', '.join(known)})")
+    objectives = s.pop("objectives", ["val_top1"])
+    if isinstance(objectives, str):
+        objectives = [objectives]
+    if not objectives or len(objectives) > 2 or any(o not in DIRECTIONS for o in objectives):
+        raise UserError(f"{source}: search.objectives = {objectives!r}: one or two of "
+                        f"{', '.join(DIRECTIONS)}")  # fmt: skip
+    cfg = SearchConfig(study=s.pop("study", Path(source).stem), objectives=tuple(objectives),
+                       space=space, **s)  # fmt: skip
+    for key, kind, allowed in (("sampler", cfg.sampler, SAMPLERS), ("pruner", cfg.pruner, PRUNERS)):
+        if kind not in allowed:
+            raise UserError(f"{source}: search.{key} = {kind!r}: one of {', '.join(allowed)}")
+    if cfg.n_trials < 1:
+        raise UserError(f"{source}: search.n_trials = {cfg.n_trials}: must be >= 1")
+    for name, spec in space.items():
+        _check_spec(name, spec, cfg.sampler, source)
+    return cfg
+
+
+def _check_spec(name: str, spec: Any, sampler: str, source: str) -> None:
+    where = f"{source}: search.space.{name}"
+    if not isinstance(spec, dict):
+        raise UserError(f"{where} must be a table such as {{choices = [...]}}")
+    if "choices" in spec:
+        if not isinstance(spec["choices"], list) or not spec["choices"]:
+            raise UserError(f"{where}.choices must be a non-empty list")
+    elif "tie" in spec:
+        if spec.get("keep") != "pixels_x_dim" or spec["tie"] != "model.pixel_size":
+            raise UserError(f"{where}: supported tie is {{tie = \"model.pixel_size\", "
+                            f"keep = \"pixels_x_dim\"}}")  # fmt: skip
+    elif "low" in spec and "high" in spec:
+        if not spec["low"] < spec["high"]:
+            raise UserError(f"{where}: low must be < high")
+        if sampler == "grid":
+            raise UserError(f"{where}: the grid sampler needs choices, not a range")
+    else:
+        raise UserError(f"{where}: give choices, low/high, or tie")
+    if "choices" not in spec and "tie" not in spec and "." not in name:
+        raise UserError(f"{where}: range keys are dotted config keys, e.g. train.lr")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling a trial's config
+
+
+def _choice_repr(v: Any) -> Any:
+    """Optuna choices must be primitives: tables (tied keys) travel as JSON strings."""
+    return json.dumps(v, sort_keys=True) if isinstance(v, dict | list) else v
+
+
+def grid_space(space: dict[str, dict[str, Any]]) -> dict[str, list[Any]]:
+    return {k: [_choice_repr(c) for c in s["choices"]] for k, s in space.items() if "choices" in s}
+
+
+def sample(trial: Any, space: dict[str, dict[str, Any]], base: dict[str, Any]) -> dict[str, Any]:
+    """The trial's dotted overrides, derived (tied) keys included."""
+    out: dict[str, Any] = {}
+    ties = {}
+    for name, spec in space.items():
+        if "choices" in spec:
+            v = trial.suggest_categorical(name, [_choice_repr(c) for c in spec["choices"]])
+            value = json.loads(v) if isinstance(v, str) and v[:1] in "{[" else v
+            if isinstance(value, dict):  # a tied group
+                out.update(value)
+            else:
+                out[name] = value
+        elif "tie" in spec:
+            ties[name] = spec
+        elif isinstance(spec["low"], int) and isinstance(spec["high"], int):
+            out[name] = trial.suggest_int(
+                name, spec["low"], spec["high"], log=spec.get("log", False)
+            )
+        else:
+            out[name] = trial.suggest_float(name, float(spec["low"]), float(spec["high"]),
+                                            log=spec.get("log", False))  # fmt: skip
+    for name in ties:  # inner_dim x pixels kept at the base model's value
+        out[name] = _tied_inner_dim(base, out)
+    return out
+
+
+def _tied_inner_dim(base: dict[str, Any], chosen: dict[str, Any]) -> int:
+    from suite.models import get_entry
+
+    model = {**base.get("model", {}), **{k[6:]: v for k, v in chosen.items()
+                                          if k.startswith("model.")}}  # fmt: skip
+    entry = get_entry(model.get("name", "tnt_nano"))
+    kw = {**entry.kwargs, **base.get("model", {})}
+    kw.pop("name", None)
+    patch, pixel0, dim0 = kw.get("patch_size", 16), kw.get("pixel_size", 4), kw.get("inner_dim", 24)
+    budget = (patch // pixel0) ** 2 * dim0  # pixels x inner dim of the base model
+    pixels = (model.get("patch_size", patch) // model["pixel_size"]) ** 2
+    if budget % pixels:
+        raise UserError(f"model.inner_dim: pixels x inner dim = {budget} is not divisible "
+                        f"by {pixels} pixels (pixel_size={model['pixel_size']})")  # fmt: skip
+    return budget // pixels
+
+
+def _apply(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    raw = copy.deepcopy(base)
+    for k, v in overrides.items():
+        section, _, name = k.partition(".")
+        raw.setdefault(section, {})[name] = v
+    return raw
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage, sampler, pruner
+
+
+def default_storage(tracking_uri: str, workers: int) -> str:
+    """SQLite beside the MLflow store for one worker; a journal file for several."""
+    uri = resolve_uri(tracking_uri)
+    folder = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else Path()
+    if workers > 1:
+        return str(folder / "optuna.journal")
+    return f"sqlite:///{folder / 'optuna.db'}"
+
+
+def _quiet_optuna() -> None:
+    import warnings
+
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+def make_storage(url: str, scfg: SearchConfig) -> Any:
+    import optuna
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    _quiet_optuna()
+    if url.endswith(".journal") or url.startswith("journal:"):
+        path = url.removeprefix("journal:")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(path))
+    if "://" not in url:
+        raise UserError(f"--storage {url}: not an Optuna storage URL (sqlite:///..., "
+                        f"postgresql+psycopg://..., or a path ending in .journal)")  # fmt: skip
+    try:
+        return RDBStorage(
+            url,
+            heartbeat_interval=scfg.heartbeat_interval,
+            grace_period=scfg.grace_period,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(scfg.max_retry),
+            engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
+        )
+    except (optuna.exceptions.StorageInternalError, ImportError, Exception) as e:
+        raise UserError(f"--storage {url}: cannot open ({type(e).__name__}: {e})") from None
+
+
+def make_sampler(scfg: SearchConfig) -> Any:
+    import optuna
+
+    # Optuna 5: a GMACs budget reaches the samplers through trial.set_constraint
+    if scfg.sampler == "grid":
+        return optuna.samplers.GridSampler(grid_space(scfg.space), seed=scfg.seed)
+    if scfg.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=scfg.seed)
+    if scfg.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=scfg.seed)
+    return optuna.samplers.TPESampler(seed=scfg.seed, n_startup_trials=max(2, scfg.n_trials // 5))
+
+
+def make_pruner(scfg: SearchConfig, epochs: int) -> Any:
+    import optuna
+
+    if scfg.pruner == "none" or len(scfg.objectives) > 1:  # multi-objective studies cannot prune
+        return optuna.pruners.NopPruner()
+    if scfg.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs)
+    return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The objective
+
+
+class _Pruned(Exception):
+    """Raised inside the tracked run so MLflow records it KILLED, then re-raised as TrialPruned."""
+
+    run_status = "KILLED"
+
+
+@dataclass
+class Objective:
+    base: dict[str, Any]
+    scfg: SearchConfig
+    tracking_uri: str
+    parent_run_id: str | None
+    source: str
+    _tracker: Tracker | None = None
+
+    def tracker(self) -> Tracker:
+        if self._tracker is None:
+            self._tracker = make_tracker(self.tracking_uri)
+        return self._tracker
+
+    def __call__(self, trial: Any) -> float | tuple[float, ...]:
+        import optuna
+
+        from suite.engine import NonFiniteLoss
+        from suite.train import fit
+
+        tracker = self.tracker()
+        tags = {"kind": "trial", "study": self.scfg.study, "trial": trial.number}
+        try:
+            overrides = sample(trial, self.scfg.space, self.base)
+            raw = _apply(self.base, overrides)
+            raw.setdefault("tracking", {})["run_name"] = f"{self.scfg.study}/trial-{trial.number}"
+            raw["tracking"]["experiment"] = self.base.get("tracking", {}).get(
+                "experiment", self.scfg.study
+            )
+            cfg = from_dict(raw, f"trial {trial.number}")
+        except UserError as e:  # cannot be built: pruned before any training
+            trial.set_user_attr("pruned_reason", str(e))
+            self._record_unbuildable(tracker, trial, tags, str(e))
+            raise optuna.TrialPruned(str(e)) from None
+        trial.set_user_attr("overrides", json.dumps(overrides, default=str))
+        single = len(self.scfg.objectives) == 1
+
+        def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+            if single:
+                trial.report(metrics[self.scfg.objectives[0]], epoch)
+                if trial.should_prune():
+                    trial.set_user_attr("pruned_epoch", epoch + 1)
+                    raise _Pruned(f"pruned after epoch {epoch + 1}")
+
+        params = {f"search.{k}": v for k, v in overrides.items()}
+        try:
+            result = fit(cfg, tracker, parent_run_id=self.parent_run_id, extra_tags=tags,
+                         extra_params=params, on_epoch=on_epoch, progress=False)  # fmt: skip
+        except _Pruned as e:
+            raise optuna.TrialPruned(str(e)) from None
+        except NonFiniteLoss as e:  # diverged: this trial fails, the study goes on
+            trial.set_user_attr("fail_reason", str(e))
+            return tuple(math.nan for _ in self.scfg.objectives) if not single else math.nan
+        trial.set_user_attr("mlflow_run_id", result.run_id)
+        gmacs = result.metrics["gmacs"]
+        if self.scfg.gmacs_budget > 0:
+            trial.set_constraint("gmacs", gmacs - self.scfg.gmacs_budget)
+        values = tuple(float(result.metrics[o]) for o in self.scfg.objectives)
+        return values[0] if single else values
+
+    def _record_unbuildable(self, tracker: Tracker, trial: Any, tags: dict, reason: str) -> None:
+        try:
+            with tracker.run(self.base.get("tracking", {}).get("experiment", self.scfg.study),
+                             f"{self.scfg.study}/trial-{trial.number}",
+                             {**tags, "optuna_state": "PRUNED", "pruned_reason": reason},
+                             self.parent_run_id) as run:  # fmt: skip
+                run.log_params({f"search.{k}": v for k, v in trial.params.items()})
+                raise _Pruned(reason)
+        except _Pruned:
+            pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a study
+
+
+@dataclass
+class SearchResult:
+    study: Any
+    parent_run_id: str | None
+    storage: str
+
+
+def run_search(
+    path: str | Path,
+    sets: list[str] | None = None,
+    storage: str | None = None,
+    study_name: str | None = None,
+    n_trials: int | None = None,
+    timeout: float | None = None,
+    workers: int = 1,
+    tracking_uri: str | None = None,
+) -> SearchResult:
+    import optuna
+
+    raw = apply_sets(read_toml(path), sets)
+    scfg = parse_search(raw, str(path))
+    if study_name:
+        scfg = SearchConfig(**{**scfg.__dict__, "study": study_name})
+    if n_trials:
+        scfg = SearchConfig(**{**scfg.__dict__, "n_trials": n_trials})
+    if workers < 1:
+        raise UserError(f"--workers must be >= 1, got {workers}")
+    base = {k: v for k, v in raw.items() if k not in ("search", "matrix")}
+    cfg = from_dict(base, str(path))  # the base must be a valid run on its own
+    uri = resolve_uri(tracking_uri or cfg.tracking.uri or None)
+    storage = storage or default_storage(uri, workers)
+    directions = [DIRECTIONS[o] for o in scfg.objectives]
+    _quiet_optuna()
+    study = optuna.create_study(
+        storage=make_storage(storage, scfg), study_name=scfg.study, directions=directions,
+        sampler=make_sampler(scfg), pruner=make_pruner(scfg, cfg.train.epochs),
+        load_if_exists=True,
+    )  # fmt: skip
+    if study.metric_names is None:
+        study.set_metric_names(list(scfg.objectives))
+    if storage.endswith(".journal") or storage.startswith("journal:"):
+        requeue_orphans(study)
+    tracker = make_tracker(uri)
+    experiment = cfg.tracking.experiment
+    parent_id = study.user_attrs.get("mlflow_parent_run_id")
+    with tracker.run(experiment, f"study/{scfg.study}", {"kind": "study", "study": scfg.study},
+                     run_id=parent_id) as parent:  # fmt: skip
+        if parent_id is None:
+            study.set_user_attr("mlflow_parent_run_id", parent.run_id)
+            parent.log_params({**flatten({"search": {k: v for k, v in scfg.__dict__.items()
+                                                      if k != "space"}}),
+                               "search.space": json.dumps(scfg.space),
+                               "search.storage": storage})  # fmt: skip
+        args = (str(path), sets, storage, scfg, uri, parent.run_id, timeout)
+        if workers == 1:
+            _worker(*args)
+        else:
+            ctx = mp.get_context("spawn")
+            procs = [ctx.Process(target=_worker, args=args) for _ in range(workers)]
+            for p in procs:
+                p.start()
+            for p in procs:
+                p.join()
+        study = optuna.load_study(study_name=scfg.study, storage=make_storage(storage, scfg))
+        _finish(study, scfg, tracker, parent)
+    return SearchResult(study, parent.run_id, storage)
+
+
+def _worker(path, sets, storage, scfg: SearchConfig, uri, parent_id, timeout) -> None:
+    """One worker process: optimise the shared study until it holds n_trials finished trials."""
+    import optuna
+    from optuna.trial import TrialState
+
+    _quiet_optuna()
+    raw = apply_sets(read_toml(path), sets)
+    base = {k: v for k, v in raw.items() if k not in ("search", "matrix")}
+    cfg = from_dict(base, str(path))
+    study = optuna.load_study(study_name=scfg.study, storage=make_storage(storage, scfg),
+                              sampler=make_sampler(scfg),
+                              pruner=make_pruner(scfg, cfg.train.epochs))  # fmt: skip
+    objective = Objective(base, scfg, uri, parent_id, str(path))
+    # Trials in flight count towards n_trials, so parallel workers stop at the count instead of
+    # overshooting by a trial each (Optuna's MaxTrialsCallback only counts finished ones); queued
+    # retries (WAITING) always run. A study whose trials keep failing stops at 3 x n_trials.
+    active = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+    t0 = time.monotonic()
+    while True:
+        trials = study.get_trials(deepcopy=False)
+        waiting = any(t.state == TrialState.WAITING for t in trials)
+        if sum(t.state in active for t in trials) >= scfg.n_trials and not waiting:
+            break
+        if len(trials) >= 3 * scfg.n_trials or (timeout and time.monotonic() - t0 > timeout):
+            break
+        study.optimize(objective, n_trials=1, catch=(Exception,))
+
+
+def requeue_orphans(study: Any) -> None:
+    """Journal storages have no heartbeat: trials left RUNNING by a dead worker are failed and
+    their parameters queued again when the search restarts."""
+    from optuna.trial import TrialState
+
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
+
+
+def format_result(r: SearchResult) -> str:
+    """Trial counts by state, then the best trial or the Pareto front as a table."""
+    import pandas as pd
+    from optuna.trial import TrialState
+
+    study = r.study
+    trials = study.get_trials(deepcopy=False)
+    counts = {s.name: sum(t.state == s for t in trials) for s in TrialState}
+    head = f"study {study.study_name}: " + ", ".join(f"{v} {k.lower()}" for k, v in counts.items()
+                                                      if v)  # fmt: skip
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    if not complete:
+        return head + "\n(no complete trial)"
+    multi = len(study.directions) > 1
+    best = pareto_front(study) if multi else [study.best_trial]
+    names = study.metric_names or [f"value{i}" for i in range(len(study.directions))]
+    rows = [{"trial": t.number, **dict(zip(names, t.values, strict=True)), **t.params,
+             "mlflow_run": t.user_attrs.get("mlflow_run_id", "")} for t in best]  # fmt: skip
+    label = "Pareto front (non-dominated)" if multi else "best trial"
+    return (
+        f"{head}\n{label}:\n{pd.DataFrame(rows).to_string(index=False)}\n"
+        f"storage {r.storage}  parent run {r.parent_run_id}"
+    )
+
+
+def pareto_front(study: Any) -> list[Any]:
+    return list(study.best_trials)
+
+
+def _finish(study: Any, scfg: SearchConfig, tracker: Tracker, parent: Any) -> None:
+    """Tag the best trial(s), log the Pareto front and Optuna's plots on the parent run."""
+    from optuna.trial import TrialState
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        return
+    best = pareto_front(study) if len(scfg.objectives) > 1 else [study.best_trial]
+    front = [{"trial": t.number, "values": dict(zip(scfg.objectives, t.values, strict=True)),
+              "params": t.params, "mlflow_run_id": t.user_attrs.get("mlflow_run_id")}
+             for t in best]  # fmt: skip
+    parent.log_dict(front, "pareto_front.json" if len(best) > 1 else "best_trial.json")
+    for t in best:
+        rid = t.user_attrs.get("mlflow_run_id")
+        if rid:
+            tracker.attach(rid).set_tags({"best": "true"})
+    if len(scfg.objectives) == 1:
+        parent.log_metrics({f"best_{scfg.objectives[0]}": study.best_value})
+    _log_plots(study, scfg, parent)
+
+
+def _log_plots(study: Any, scfg: SearchConfig, parent: Any) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
+
+    target = None if len(scfg.objectives) == 1 else (lambda t: t.values[0])
+    name = scfg.objectives[0]
+    plots = {
+        "history.png": lambda: ovm.plot_optimization_history(
+            study, target=target, target_name=name
+        ),
+        "param_importances.png": lambda: ovm.plot_param_importances(
+            study, target=target, target_name=name
+        ),
+        "slice.png": lambda: ovm.plot_slice(study, target=target, target_name=name),
+        "contour.png": lambda: ovm.plot_contour(study, target=target, target_name=name),
+    }
+    if len(scfg.objectives) > 1:
+        plots["pareto_front.png"] = lambda: ovm.plot_pareto_front(
+            study, target_names=list(scfg.objectives)
+        )
+    import warnings
+
+    for fname, make in plots.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ax = make()
+            fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+            fig.set_size_inches(8, 5)
+            parent.log_figure(fig, f"optuna/{fname}")
+            plt.close(fig)
+        except Exception as e:  # too few trials for a plot: say so, never fail the study
+            print(f"plot {fname} skipped: {e}", file=sys.stderr)
