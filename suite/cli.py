@@ -76,6 +76,24 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from suite.report import build_report
+    from suite.tracking import make_tracker
+
+    tracker = make_tracker(args.tracking_uri)
+    rep = build_report(tracker, args.experiment, args.matrix, args.study, args.out)
+    print(f"report: {rep.out.resolve()}  ({len(rep.tables)} tables, {len(rep.plots)} plots; "
+          f"open {rep.out.resolve() / 'report.html'})")  # fmt: skip
+    print(f"logged as run {rep.run_id} in experiment 'reports' at {tracker.uri}")
+    return 0
+
+
+def _cmd_ui(args: argparse.Namespace) -> int:
+    from suite.tracking import serve_ui
+
+    return serve_ui(args.tracking_uri, args.port)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from suite.demo import run_demo
 
@@ -130,6 +148,19 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--workers", type=int, default=1, help="local worker processes on the study")
     se.add_argument("--tracking-uri", default=None)
     se.set_defaults(func=_cmd_search)
+
+    rp = sub.add_parser("report", help="tables and plots from MLflow runs, the paper beside them")
+    rp.add_argument("--experiment", action="append", help="experiment(s) to read (default: all)")
+    rp.add_argument("--matrix", help="only this matrix's cells")
+    rp.add_argument("--study", help="only this search study")
+    rp.add_argument("--out", help="folder (default: reports/<timestamp>/)")
+    rp.add_argument("--tracking-uri", default=None)
+    rp.set_defaults(func=_cmd_report)
+
+    ui = sub.add_parser("ui", help="serve the MLflow UI on the local store (loopback)")
+    ui.add_argument("--tracking-uri", default=None)
+    ui.add_argument("--port", type=int, default=0, help="default: a free port")
+    ui.set_defaults(func=_cmd_ui)
 
     dm = sub.add_parser("demo", help="the built-in end-to-end job: smoke matrix into a fresh store")
     dm.add_argument("--out", default=None, help="folder for the store (default: ./tntbench-demo)")

@@ -40,6 +40,11 @@ def run_demo(
     s = run_search(search_config(), [*s_sets, *(sets or []), *(search_sets or [])],
                    tracking_uri=uri)  # fmt: skip
     print(format_result(s))
+
+    from suite.report import build_report
+
+    rep = build_report(tracker, out=root / "report")
+    print(f"\nreport:       {rep.out / 'report.html'}  (md, csv, tex, png beside it)")
     print(f"\nresults:      {root}  (MLflow store {uri}, checkpoints {root / 'runs'})")
     print(f"open the UI:  mlflow ui --backend-store-uri {uri} --port 5000")
     return min(r.failed, 100)

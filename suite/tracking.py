@@ -81,6 +81,12 @@ class Tracker:
     def get_run(self, run_id: str) -> Any:
         raise LookupError("tracking is off: no runs to look up")
 
+    def experiment_names(self) -> list[str]:
+        return []
+
+    def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        return []
+
     def attach(self, run_id: str) -> Run:
         """An existing run, to log more onto it (its status is left as it is)."""
         return Run()
@@ -262,6 +268,12 @@ class MlflowTracker(Tracker):
     def get_run(self, run_id: str) -> Any:
         return self.client.get_run(run_id)
 
+    def experiment_names(self) -> list[str]:
+        return [e.name for e in self.client.search_experiments()]
+
+    def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        return [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]
+
     def attach(self, run_id: str) -> Run:
         return _MlflowRun(self.client, run_id)
 
@@ -292,6 +304,29 @@ class MlflowTracker(Tracker):
                     break
         return pd.DataFrame(rows, columns=None if rows else ["run_id", "run_name", "status",
                                                               "start_time"])  # fmt: skip
+
+
+def serve_ui(uri: str | None = None, port: int = 0, host: str = "127.0.0.1") -> int:
+    """Run ``mlflow server`` on the store (loopback, a free port by default) until Ctrl-C."""
+    import socket
+    import subprocess
+    import sys
+
+    uri = resolve_uri(uri)
+    if not port:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+           "--host", host, "--port", str(port), "--workers", "1"]  # fmt: skip
+    print(f"MLflow UI for {uri} at http://{host}:{port}  (Ctrl-C stops it)", flush=True)
+    proc = subprocess.Popen(cmd)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait(timeout=30)
+        return 0
 
 
 def load_model(uri: str, device: str = "cpu") -> Any:
