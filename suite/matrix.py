@@ -322,14 +322,18 @@ def cell_runs(tracker: Tracker, experiment: str, matrix: str) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
+def varied_columns(runs: pd.DataFrame) -> list[str]:
+    """The ``params.varied.*`` columns beyond model, dataset and seed (the extra matrix axes)."""
+    own = ("params.varied.model.name", "params.varied.data.name", "params.varied.train.seed")
+    return sorted(c for c in runs.columns if c.startswith("params.varied.") and c not in own)
+
+
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     """Per model, dataset (and any other varied key): params, GMACs, img/s, and top-1 as
     mean +- std over seeds, all read from the MLflow metrics of the cell runs."""
     if runs.empty:
         return pd.DataFrame()
-    varied = sorted(c for c in runs.columns if c.startswith("params.varied.")
-                    and c not in ("params.varied.model.name", "params.varied.data.name",
-                                  "params.varied.train.seed"))  # fmt: skip
+    varied = varied_columns(runs)
     keys = ["params.model.name", "params.data.name", *varied]
     df = runs.copy()
     for c in varied:

@@ -17,6 +17,7 @@ from typing import Any
 
 import pandas as pd
 
+from suite.matrix import varied_columns
 from suite.models import get_entry, list_models
 from suite.tracking import Tracker
 
@@ -75,9 +76,7 @@ def _pos_label(row: pd.Series) -> str | None:
 def main_table(df: pd.DataFrame) -> pd.DataFrame:
     """Per model, dataset and varied key: params, GMACs, throughput, top-1/top-5 over seeds,
     with the paper's reference values beside rows that are paper configs."""
-    varied = sorted(c for c in df.columns if c.startswith("params.varied.")
-                    and c.split("params.varied.")[1] not in ("model.name", "data.name",
-                                                               "train.seed"))  # fmt: skip
+    varied = varied_columns(df)
     keys = ["params.model.name", "params.data.name", *varied]
     df = df.copy()
     for c in keys:
