@@ -88,6 +88,16 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_viz(args: argparse.Namespace) -> int:
+    from suite.tracking import make_tracker
+    from suite.viz import format_result, run_viz
+
+    res = run_viz(make_tracker(args.tracking_uri), args.run_ids, args.images, args.layers,
+                  args.out, args.channels, args.maps, device=args.device)  # fmt: skip
+    print(format_result(res))
+    return 0
+
+
 def _cmd_ui(args: argparse.Namespace) -> int:
     from suite.tracking import serve_ui
 
@@ -156,6 +166,17 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", help="folder (default: reports/<timestamp>/)")
     rp.add_argument("--tracking-uri", default=None)
     rp.set_defaults(func=_cmd_report)
+
+    vz = sub.add_parser("viz", help="feature maps and t-SNE of trained runs (TNT beside ViT)")
+    vz.add_argument("run_ids", nargs="+", metavar="RUN_ID", help="MLflow run IDs of trainings")
+    vz.add_argument("--images", type=int, default=64, help="validation images used (default 64)")
+    vz.add_argument("--layers", help="layers, e.g. 1,6,12 (0: embeddings; default first/mid/last)")
+    vz.add_argument("--channels", type=int, default=4, help="channels shown per map (default 4)")
+    vz.add_argument("--maps", type=int, default=4, help="images given feature-map PNGs (default 4)")
+    vz.add_argument("--out", help="folder for the PNGs (default reports/viz/<run ids>)")
+    vz.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    vz.add_argument("--tracking-uri", default=None)
+    vz.set_defaults(func=_cmd_viz)
 
     ui = sub.add_parser("ui", help="serve the MLflow UI on the local store (loopback)")
     ui.add_argument("--tracking-uri", default=None)

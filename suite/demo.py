@@ -41,6 +41,19 @@ def run_demo(
                    tracking_uri=uri)  # fmt: skip
     print(format_result(s))
 
+    # the paper's feature figures: TNT's pixel-level maps and t-SNE beside ViT's (seed 0)
+    from suite.viz import format_result as format_viz
+    from suite.viz import run_viz
+
+    names = r.runs.get("params.model.name")
+    pick = []
+    for m in ("tnt_nano", "vit_nano"):
+        if names is not None and (names == m).any():
+            pick.append(r.runs.loc[names == m, "run_id"].iloc[0])
+    if len(pick) == 2:
+        print("\nfeature maps and t-SNE: tnt_nano against vit_nano")
+        print(format_viz(run_viz(tracker, pick, n_images=48, out=root / "viz")))
+
     from suite.report import build_report
 
     rep = build_report(tracker, out=root / "report")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import base64
 import html
 import math
+import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,6 +135,44 @@ def ablation_tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
             rows.append(row)
         out[f"ablation_{key}"] = pd.DataFrame(rows)
     return out
+
+
+def spread_table(df: pd.DataFrame) -> pd.DataFrame | None:
+    """Feature spread per run and layer, from the metrics ``tntbench viz`` logged."""
+    pat = re.compile(r"metrics\.viz_layer(\d+)_mean_pdist")
+    layers = sorted(int(m.group(1)) for c in df.columns if (m := pat.fullmatch(c)))
+    rows = []
+    for _, r in df.iterrows():
+        for L in layers:
+            v = r.get(f"metrics.viz_layer{L}_mean_pdist")
+            if v is None or pd.isna(v):
+                continue
+            rows.append({"model": r.get("params.model.name", "-"), "layer": L,
+                         "mean_pdist": v, "dim_std": r.get(f"metrics.viz_layer{L}_dim_std"),
+                         "run_ids": r["run_id"]})  # fmt: skip
+    if not rows:
+        return None
+    t = pd.DataFrame(rows).sort_values(["layer", "model"], kind="stable", ignore_index=True)
+    t.attrs["caption"] = "feature spread (tntbench viz): patch features scaled to unit mean norm"
+    return t
+
+
+def viz_figures(tracker: Tracker, df: pd.DataFrame, out: Path) -> dict[str, Path]:
+    """The PNGs ``tntbench viz`` logged under the runs' ``viz/<run ids>/``, each set once."""
+    plots: dict[str, Path] = {}
+    if "tags.viz_time" not in df:
+        return plots
+    for rid in df.loc[df["tags.viz_time"].notna(), "run_id"]:
+        for art in tracker.list_artifacts(rid, "viz"):
+            parts = art.split("/")
+            if not art.endswith(".png") or len(parts) != 3:
+                continue
+            name = f"viz_{parts[1]}_{Path(parts[2]).stem}"
+            if name not in plots:
+                got = tracker.download_artifacts(rid, art, out / ".viz")
+                plots[name] = got.replace(out / f"{name}.png")
+    shutil.rmtree(out / ".viz", ignore_errors=True)
+    return plots
 
 
 def _as_int(v: Any) -> Any:
@@ -396,6 +436,10 @@ def build_report(
         p = learning_curves(tracker, runs, out / "learning_curves.png")
         if p:
             rep.plots[p.stem] = p
+        sp = spread_table(runs)
+        if sp is not None:
+            rep.tables["feature_spread"] = sp
+        rep.plots.update(viz_figures(tracker, runs, out))
     search = search_tables(tracker, names, study)
     rep.tables.update(search)
     rep.plots.update(search_plots(search, out))

@@ -91,6 +91,13 @@ class Tracker:
         """An existing run, to log more onto it (its status is left as it is)."""
         return Run()
 
+    def list_artifacts(self, run_id: str, path: str = "") -> list[str]:
+        """Paths of the files under ``path`` in the run's artifacts (recursively)."""
+        return []
+
+    def download_artifacts(self, run_id: str, path: str, dst: str | Path) -> Path:
+        raise LookupError("tracking is off: no artifacts to download")
+
     def runs(self, experiment: str, filter_string: str = "") -> Any:
         """Runs of ``experiment`` as a pandas DataFrame: run_id, run_name, status, start_time,
         and one column per param (``params.x``), metric (``metrics.x``) and tag (``tags.x``)."""
@@ -276,6 +283,16 @@ class MlflowTracker(Tracker):
 
     def attach(self, run_id: str) -> Run:
         return _MlflowRun(self.client, run_id)
+
+    def list_artifacts(self, run_id: str, path: str = "") -> list[str]:
+        out = []
+        for f in self.client.list_artifacts(run_id, path or None):
+            out.extend(self.list_artifacts(run_id, f.path) if f.is_dir else [f.path])
+        return out
+
+    def download_artifacts(self, run_id: str, path: str, dst: str | Path) -> Path:
+        Path(dst).mkdir(parents=True, exist_ok=True)
+        return Path(self.client.download_artifacts(run_id, path, str(dst)))
 
     def runs(self, experiment: str, filter_string: str = "") -> Any:
         import pandas as pd

@@ -116,3 +116,6 @@ def test_demo_runs_into_a_fresh_store(tmp_path, capsys):
     for model in ("tnt_nano", "vit_nano", "deit_nano_distilled"):
         assert model in out
     assert "study pixel_patch" in out and "best trial" in out
+    assert "feature maps and t-SNE" in out and "mean_pdist" in out
+    assert list((tmp_path / "demo" / "viz").glob("tsne_layer*.png"))
+    assert list((tmp_path / "demo" / "report").glob("viz_*_tsne_layer*.png"))

@@ -157,7 +157,8 @@ class TNT(nn.Module):
         self, x: torch.Tensor, return_intermediates: list[int] | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
         """(B, C, H, W) -> normed patch tokens (B, 1 + N, D); optionally the (pixel, patch)
-        tokens entering the blocks listed in ``return_intermediates`` (0-based)."""
+        tokens entering the blocks listed in ``return_intermediates`` (0-based; ``depth`` is
+        the last block's output, before the final norm). The forward pass is unchanged."""
         B = x.shape[0]
         pixel = self.pixel_embed(x)  # (B*N, P, c)
         if self.pixel_pos is not None:
@@ -172,6 +173,8 @@ class TNT(nn.Module):
             if return_intermediates is not None and i in return_intermediates:
                 inter[i] = (pixel, patch)
             pixel, patch = blk(pixel, patch)
+        if return_intermediates is not None and len(self.blocks) in return_intermediates:
+            inter[len(self.blocks)] = (pixel, patch)
         patch = self.norm(patch)
         return (patch, inter) if return_intermediates is not None else patch
 

@@ -66,7 +66,8 @@ class VisionTransformer(nn.Module):
         self, x: torch.Tensor, return_intermediates: list[int] | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """(B, C, H, W) -> normed tokens (B, prefix + N, D); optionally the tokens entering
-        the blocks listed in ``return_intermediates`` (0-based block index)."""
+        the blocks listed in ``return_intermediates`` (0-based block index; ``depth`` is the
+        last block's output, before the final norm). The forward pass is unchanged."""
         B = x.shape[0]
         x = self.patch_embed(x)  # (B, N, D)
         prefix = [self.cls_token.expand(B, -1, -1)]
@@ -81,6 +82,8 @@ class VisionTransformer(nn.Module):
             if return_intermediates is not None and i in return_intermediates:
                 inter[i] = x
             x = blk(x)
+        if return_intermediates is not None and len(self.blocks) in return_intermediates:
+            inter[len(self.blocks)] = x
         x = self.norm(x)
         return (x, inter) if return_intermediates is not None else x
 

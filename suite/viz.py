@@ -1,0 +1,342 @@
+"""``tntbench viz``: the paper's feature figures for trained runs, TNT beside ViT/DeiT.
+
+- Feature maps: TNT's pixel tokens laid back onto the image grid (patch x pixel positions,
+  (B*N, P, c) -> (B, c, g*pg, g*pg)); ViT/DeiT's patch tokens on the patch grid ((B, D, g, g)).
+  One PNG per image: rows are layers, columns the image and a few channels per run.
+- t-SNE (scikit-learn) of the patch tokens of each layer, one panel per run, colored by class.
+- Spread of those patch features as numbers (logged as run metrics), so "more diverse" is a
+  figure a reader can compare, not only a picture.
+
+Layer L means the tokens after block L (layer 0: the embeddings entering block 1).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from suite.errors import UserError
+from suite.tracking import Tracker
+
+
+@dataclass
+class VizRun:
+    run_id: str
+    label: str  # "tnt_nano 1a2b3c4d"
+    model: nn.Module
+    val: torch.utils.data.Dataset
+    classes: tuple[str, ...]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    digest: str
+
+    @property
+    def depth(self) -> int:
+        return len(self.model.blocks)
+
+
+@dataclass
+class VizResult:
+    out: Path
+    figures: list[Path] = field(default_factory=list)
+    spread: dict[str, dict[int, dict[str, float]]] = field(default_factory=dict)  # run, layer
+    labels: dict[str, str] = field(default_factory=dict)  # run ID -> "model runid8"
+
+
+# ---------------------------------------------------------------------------------------------
+# Token layouts
+
+
+def pixel_map(pixel: Tensor, batch: int, grid: int) -> Tensor:
+    """TNT pixel tokens (B*N, P, c) -> an image-grid map (B, c, g*pg, g*pg).
+
+    Patches are row-major over the (g, g) patch grid and pixels row-major inside each patch
+    (PixelEmbed's order), so pixel (u, v) of patch (r, s) lands at (r*pg + u, s*pg + v).
+    """
+    _, P, c = pixel.shape
+    pg = math.isqrt(P)
+    x = pixel.reshape(batch, grid, grid, pg, pg, c)  # (B, r, s, u, v, c)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(batch, c, grid * pg, grid * pg)
+
+
+def patch_map(tokens: Tensor, grid: int) -> Tensor:
+    """Patch tokens without prefix (B, N, D) -> (B, D, g, g), row-major like PatchEmbed."""
+    B, N, D = tokens.shape
+    return tokens.transpose(1, 2).reshape(B, D, grid, grid)
+
+
+def _num_prefix(model: nn.Module) -> int:
+    return getattr(model, "num_prefix", 1)  # TNT: the class token only
+
+
+@torch.no_grad()
+def extract(model: nn.Module, x: Tensor, layers: list[int]) -> dict[int, tuple[Tensor, Tensor]]:
+    """For each layer: (feature map (B, C, H', W'), patch features (B, N, D)).
+
+    TNT's map is pixel-level, ViT's patch-level; the patch features drop class/dist tokens.
+    """
+    _, inter = model.forward_features(x, return_intermediates=layers)
+    out = {}
+    for layer, t in inter.items():
+        if getattr(model, "family", "") == "tnt":
+            pixel, patch = t
+            grid = model.pixel_embed.grid
+            fmap = pixel_map(pixel, x.shape[0], grid)
+        else:
+            patch, grid = t, model.patch_embed.grid
+            fmap = None
+        feats = patch[:, _num_prefix(model) :]  # (B, N, D)
+        out[layer] = (fmap if fmap is not None else patch_map(feats, grid), feats)
+    return out
+
+
+def spread(features: Tensor) -> dict[str, float]:
+    """How spread out features (n, D) are, scale-free: each model's features are divided by
+    their mean norm first, so models with different widths and scales compare.
+
+    mean_pdist: mean Euclidean distance between two different points (0 = all the same).
+    dim_std: mean per-dimension std times sqrt(D) (about the spread around the centroid
+    relative to the typical norm; 1 would be zero-mean isotropic features).
+    """
+    f = features.double()
+    f = f / f.norm(dim=1).mean().clamp_min(1e-12)
+    n, D = f.shape
+    d = torch.cdist(f, f)
+    mean_pdist = d.sum() / max(n * (n - 1), 1)
+    return {
+        "mean_pdist": float(mean_pdist),
+        "dim_std": float(f.std(dim=0).mean() * math.sqrt(D)),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading runs
+
+
+def load_run(tracker: Tracker, run_id: str, device: torch.device) -> VizRun:
+    """The model of a run's best (else last) checkpoint, with its dataset's validation split."""
+    from suite.config import from_dict
+    from suite.data import build_datasets
+    from suite.models import create_model
+    from suite.train import model_img_size
+
+    try:
+        run = tracker.get_run(run_id)
+    except Exception as e:
+        raise UserError(f"run {run_id}: not found in {tracker.uri or 'the store'} ({e})") from None
+    ckpt_path = None
+    d = run.data.tags.get("checkpoint_dir")
+    for name in ("best.pt", "last.pt"):
+        if d and (Path(d) / name).is_file():
+            ckpt_path = Path(d) / name
+            break
+    if ckpt_path is None and "checkpoints/best.pt" in tracker.list_artifacts(run_id, "checkpoints"):
+        cache = Path.home() / ".cache" / "tntbench" / run_id
+        ckpt_path = tracker.download_artifacts(run_id, "checkpoints/best.pt", cache)
+    if ckpt_path is None:
+        raise UserError(f"run {run_id}: no checkpoint (not in {d!r} nor in its artifacts)")
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    cfg = from_dict(ckpt["config"], source=str(ckpt_path), check_paths=False)
+    model = create_model(ckpt["model_name"], **ckpt["model_kwargs"])
+    model.load_state_dict(ckpt["model"])
+    model.to(device).eval()
+    _, val, info = build_datasets(cfg.data, model_img_size(cfg))
+    return VizRun(run_id, f"{ckpt['model_name']} {run_id[:8]}", model, val, info.classes,
+                  info.mean, info.std, info.digest)  # fmt: skip
+
+
+def parse_layers(text: str | None, depth: int) -> list[int]:
+    """ "1,6,12" -> [1, 6, 12]; default: the first, middle and last block (the paper's 1, 6, 12)."""
+    if not text:
+        return sorted({1, (depth + 1) // 2, depth})
+    try:
+        layers = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise UserError(f"--layers {text!r}: expected comma-separated integers") from None
+    bad = [v for v in layers if not 0 <= v <= depth]
+    if not layers or bad:
+        raise UserError(f"--layers {text!r}: layers must be in 0..{depth} (the runs' depth)")
+    return layers
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def top_channels(fmap: Tensor, k: int) -> list[int]:
+    """The k channels whose maps vary most over space (B, C, H, W): the informative ones."""
+    var = fmap.flatten(2).var(dim=2).mean(dim=0)  # (C,)
+    return var.topk(min(k, var.numel())).indices.tolist()
+
+
+def _normalise(m: Tensor) -> Tensor:
+    """One channel's maps (B, H, W) to [0, 1] by its 1st-99th percentile over all images:
+    the same scale for every image and the same convention for every model and layer."""
+    lo, hi = torch.quantile(m.flatten().float(), torch.tensor([0.01, 0.99], dtype=torch.float))
+    return ((m - lo) / (hi - lo).clamp_min(1e-8)).clamp(0, 1)
+
+
+def feature_map_figures(
+    runs: list[VizRun], images: list[Tensor], feats: list[dict], layers: list[int],
+    channels: int, n_maps: int, out: Path,
+) -> list[Path]:  # fmt: skip
+    """One PNG per image: rows = layers; columns = the image, then ``channels`` maps per run."""
+    plt = _plt()
+    chosen = {}  # (run, layer) -> channels, and their normalised maps (B, k, H, W)
+    for r, f in enumerate(feats):
+        for layer in layers:
+            fmap = f[layer][0]
+            ch = top_channels(fmap, channels)
+            chosen[r, layer] = (ch, torch.stack([_normalise(fmap[:, c]) for c in ch], dim=1))
+    paths = []
+    ncols = 1 + sum(len(chosen[r, layers[0]][0]) for r in range(len(runs)))
+    for i in range(min(n_maps, images[0].shape[0])):
+        fig, axes = plt.subplots(len(layers), ncols, figsize=(1.6 * ncols, 1.7 * len(layers)),
+                                 squeeze=False)  # fmt: skip
+        mean = torch.tensor(runs[0].mean).view(3, 1, 1)
+        std = torch.tensor(runs[0].std).view(3, 1, 1)
+        img = (images[0][i] * std + mean).clamp(0, 1).permute(1, 2, 0)
+        for row, layer in enumerate(layers):
+            ax = axes[row, 0]
+            ax.imshow(img.numpy())
+            ax.set_ylabel(f"layer {layer}", fontsize=8)
+            col = 1
+            for r, run in enumerate(runs):
+                ch, maps = chosen[r, layer]
+                for j, c in enumerate(ch):
+                    ax = axes[row, col]
+                    ax.imshow(maps[i, j].numpy(), cmap="viridis", vmin=0, vmax=1,
+                              interpolation="nearest")  # fmt: skip
+                    if row == 0:
+                        ax.set_title(f"{run.label}\nch {c}" if j == 0 else f"ch {c}", fontsize=7)
+                    else:
+                        ax.set_title(f"ch {c}", fontsize=7)
+                    col += 1
+        for ax in axes.flat:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        label = runs[0].classes[int(images[1][i])] if len(images) > 1 else ""
+        fig.suptitle(f"feature maps, validation image {i} ({label}); TNT: pixel tokens on the "
+                     "image grid, ViT/DeiT: patch tokens", fontsize=8)  # fmt: skip
+        fig.tight_layout()
+        p = out / f"feature_maps_{i:02d}.png"
+        fig.savefig(p, dpi=100)
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+def tsne_figure(runs: list[VizRun], points: list[dict], labels: list[Tensor], layer: int,
+                spreads: list[dict], out: Path) -> Path:  # fmt: skip
+    """t-SNE of each run's patch features at ``layer`` side by side, colored by image class."""
+    from sklearn.manifold import TSNE
+
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 4.2), squeeze=False)
+    for r, run in enumerate(runs):
+        f = points[r][layer].numpy()
+        emb = TSNE(2, perplexity=min(30.0, (len(f) - 1) / 3), init="pca", random_state=0,
+                   max_iter=500).fit_transform(f)  # fmt: skip
+        ax = axes[0, r]
+        ax.scatter(emb[:, 0], emb[:, 1], c=labels[r].numpy(), cmap="tab20", s=4, alpha=0.8)
+        s = spreads[r][layer]
+        ax.set_title(f"{run.label}, layer {layer}\nmean pdist {s['mean_pdist']:.3f}  "
+                     f"dim std {s['dim_std']:.3f}", fontsize=8)  # fmt: skip
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle("t-SNE of patch features, colored by class", fontsize=9)
+    fig.tight_layout()
+    p = out / f"tsne_layer{layer:02d}.png"
+    fig.savefig(p, dpi=100)
+    plt.close(fig)
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+def run_viz(tracker: Tracker, run_ids: list[str], n_images: int = 64, layers: str | None = None,
+            out: str | Path | None = None, channels: int = 4, n_maps: int = 4,
+            max_points: int = 2000, device: str = "cpu") -> VizResult:  # fmt: skip
+    """Feature maps, t-SNE and spread metrics for the runs, on the same validation images."""
+    if n_images < 2:
+        raise UserError(f"--images {n_images}: need at least 2 images")
+    if channels < 1 or n_maps < 0:
+        raise UserError(f"--channels {channels} / --maps {n_maps}: need >= 1 channel, >= 0 maps")
+    dev = torch.device(device)
+    runs = [load_run(tracker, rid, dev) for rid in dict.fromkeys(run_ids)]
+    digests = {r.digest for r in runs}
+    if len(digests) > 1:
+        raise UserError("runs were trained on different datasets ("
+                        + ", ".join(f"{r.label}: {r.digest}" for r in runs)
+                        + "); viz compares models on the same images")  # fmt: skip
+    depth = min(r.depth for r in runs)
+    wanted = parse_layers(layers, depth)
+    key = "-".join(r.run_id[:8] for r in runs)
+    out = Path(out) if out else Path("reports") / "viz" / key
+    out.mkdir(parents=True, exist_ok=True)
+
+    # the same N validation images for every run (a fixed random sample)
+    n = min(n_images, len(runs[0].val))
+    idx = torch.randperm(len(runs[0].val), generator=torch.Generator().manual_seed(0))[:n]
+    images, feats, labels = [], [], []
+    for run in runs:
+        xs, ys = zip(*(run.val[int(i)] for i in idx), strict=True)
+        x, y = torch.stack(xs), torch.tensor(ys)
+        chunks = [extract(run.model, x[j : j + 64].to(dev), wanted) for j in range(0, n, 64)]
+        f = {L: tuple(torch.cat([c[L][k] for c in chunks]).float().cpu() for k in (0, 1))
+             for L in wanted}  # fmt: skip
+        images.append((x, y))
+        feats.append(f)
+        labels.append(y)
+
+    # patch features: every patch token of the N images, a fixed subsample for t-SNE/spread
+    points, point_labels, spreads = [], [], []
+    gen = torch.Generator().manual_seed(0)
+    for r, f in enumerate(feats):
+        N = f[wanted[0]][1].shape[1]
+        pick = torch.randperm(n * N, generator=gen)[:max_points]
+        points.append({L: f[L][1].reshape(n * N, -1)[pick] for L in wanted})
+        point_labels.append(labels[r].repeat_interleave(N)[pick])
+        spreads.append({L: spread(points[r][L]) for L in wanted})
+
+    result = VizResult(out)
+    result.figures += feature_map_figures(runs, list(images[0]), feats, wanted, channels,
+                                          n_maps, out)  # fmt: skip
+    for L in wanted:
+        result.figures.append(tsne_figure(runs, points, point_labels, L, spreads, out))
+    for r, run in enumerate(runs):
+        result.spread[run.run_id] = spreads[r]
+        result.labels[run.run_id] = run.label
+        tr = tracker.attach(run.run_id)
+        tr.log_metrics({f"viz_layer{L}_{k}": v for L in wanted for k, v in spreads[r][L].items()})
+        tr.set_tags({"viz_compared_with": " ".join(o.run_id for o in runs if o is not run),
+                     "viz_time": time.strftime("%Y-%m-%d %H:%M:%S")})  # fmt: skip
+        for p in result.figures:
+            tr.log_artifact(p, f"viz/{key}")
+    return result
+
+
+def format_result(res: VizResult) -> str:
+    lines = [f"{'run':34s} {'layer':>5s} {'mean_pdist':>10s} {'dim_std':>8s}"]
+    for rid, by_layer in res.spread.items():
+        for L, s in by_layer.items():
+            name = res.labels.get(rid, rid)
+            lines.append(f"{name:34s} {L:5d} {s['mean_pdist']:10.4f} {s['dim_std']:8.4f}")
+    lines.append(f"{len(res.figures)} figures in {res.out.resolve()}")
+    return "\n".join(lines)
