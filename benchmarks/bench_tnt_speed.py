@@ -1,0 +1,162 @@
+"""Fast TNT: our TNT-S and DeiT-S against timm's, train and infer img/s, in one run.
+
+Every timed step alternates between the four models (ours/timm x TNT-S/DeiT-S) in one process,
+so drift in machine load hits all of them; each pair shares weights (timm's converted). Same
+batch, same dtype per comparison; the train step is forward + cross-entropy + backward + SGD.
+Prints img/s and the ratios issue 9 asks for:
+
+- ours / timm TNT-S training, fp32 and bf16 (target >= 1.2 each);
+- ours in its default dtype (``train.amp = auto``: bf16 on CPUs with bf16 and on CUDA) against
+  timm's TNT-S in fp32 eager (target >= 2.0);
+- FLOP-normalised efficiency (ours TNT-S img/s x 5.2) / (ours DeiT-S img/s x 4.6), training
+  (target >= 0.9; the paper's GFLOPs);
+- ours / timm DeiT-S (target >= 1.0).
+
+``--compile`` adds our models under ``torch.compile`` (compile time printed apart, never in the
+img/s). ``--json PATH`` writes every figure.
+
+    python benchmarks/bench_tnt_speed.py [--batch-size 16] [--steps 4] [--dtypes fp32,bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import timm
+import torch
+import torch.nn.functional as F
+
+from suite.engine import resolve_amp
+from suite.models import create_model, load_timm_state_dict
+
+PAPER_GFLOPS = {"tnt": 5.2, "deit": 4.6}  # TNT paper Table 3 (TNT-S, DeiT-S)
+NAMES = {"tnt": "tnt_s_patch16_224", "deit": "deit_small_patch16_224"}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_step(model, opt, x, y, dtype, device, train):
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            if not train:
+                with torch.inference_mode():
+                    return model(x)
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def bench(models: dict, args, device, dtype: str, train: bool) -> dict[str, float]:
+    x = torch.randn(args.batch_size, 3, 224, 224, device=device)
+    y = torch.randint(0, 1000, (args.batch_size,), device=device)
+    steps = {}
+    for k, m in models.items():
+        m.train(train)
+        opt = torch.optim.SGD(m.parameters(), lr=1e-5, momentum=0.9)
+        steps[k] = make_step(m, opt, x, y, dtype, device, train)
+    times = {k: [] for k in steps}
+    for i in range(args.warmup + args.steps):
+        for k, step in steps.items():
+            sync(device)
+            t0 = time.perf_counter()
+            step()
+            sync(device)
+            if i >= args.warmup:
+                times[k].append(time.perf_counter() - t0)
+    return {k: args.batch_size / statistics.median(v) for k, v in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per model and mode")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--modes", default="train,infer")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--compile", action="store_true", help="also time our models compiled")
+    ap.add_argument("--json", help="write all figures here")
+    args = ap.parse_args()
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
+    default_dtype = resolve_amp("auto", device)
+    if default_dtype == "fp16":
+        default_dtype = "bf16"  # this benchmark's step has no grad scaler
+    torch.manual_seed(0)
+    models = {}
+    for fam, name in NAMES.items():
+        ref = timm.create_model(name, pretrained=False)
+        models[f"timm {fam}"] = ref.to(device)
+        models[f"ours {fam}"] = load_timm_state_dict(create_model(name), ref.state_dict()).to(
+            device
+        )
+    compile_s = {}
+    if args.compile:
+        for fam in NAMES:
+            models[f"ours {fam} compiled"] = torch.compile(models[f"ours {fam}"])
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device {dev_name}  threads {torch.get_num_threads()}  batch {args.batch_size}  "
+          f"torch {torch.__version__}  timm {timm.__version__}  ours default dtype "
+          f"{default_dtype}")  # fmt: skip
+    res: dict[str, dict[str, float]] = {}
+    for mode in args.modes.split(","):
+        for dtype in args.dtypes.split(","):
+            key = f"{mode} {dtype}"
+            if args.compile:  # compile (and recompile per mode/dtype) outside the timing
+                for k in [k for k in models if k.endswith("compiled")]:
+                    t0 = time.perf_counter()
+                    one = argparse.Namespace(**{**vars(args), "steps": 1, "warmup": 0})
+                    bench({k: models[k]}, one, device, dtype, mode == "train")
+                    compile_s[f"{k} {key}"] = time.perf_counter() - t0
+            res[key] = bench(models, args, device, dtype, mode == "train")
+            row = "  ".join(f"{k} {v:7.1f}" for k, v in res[key].items())
+            print(f"{key:12s} img/s  {row}", flush=True)
+
+    ratios = {}
+    for mode in args.modes.split(","):
+        for dtype in args.dtypes.split(","):
+            r = res[f"{mode} {dtype}"]
+            ratios[f"{mode} {dtype}: ours/timm TNT-S"] = r["ours tnt"] / r["timm tnt"]
+            ratios[f"{mode} {dtype}: ours/timm DeiT-S"] = r["ours deit"] / r["timm deit"]
+            ratios[f"{mode} {dtype}: FLOP-normalised TNT-S/DeiT-S (ours)"] = (
+                r["ours tnt"] * PAPER_GFLOPS["tnt"] / (r["ours deit"] * PAPER_GFLOPS["deit"])
+            )
+            if args.compile:
+                ratios[f"{mode} {dtype}: ours compiled/eager TNT-S"] = (
+                    r["ours tnt compiled"] / r["ours tnt"]
+                )
+        if f"{mode} fp32" in res and f"{mode} {default_dtype}" in res:
+            ratios[f"{mode}: ours default ({default_dtype}) / timm TNT-S fp32"] = (
+                res[f"{mode} {default_dtype}"]["ours tnt"] / res[f"{mode} fp32"]["timm tnt"]
+            )
+    targets = {"train fp32: ours/timm TNT-S": 1.2, "train bf16: ours/timm TNT-S": 1.2,
+               f"train: ours default ({default_dtype}) / timm TNT-S fp32": 2.0,
+               "train fp32: FLOP-normalised TNT-S/DeiT-S (ours)": 0.9,
+               "train bf16: FLOP-normalised TNT-S/DeiT-S (ours)": 0.9,
+               "train fp32: ours/timm DeiT-S": 1.0,
+               "train bf16: ours/timm DeiT-S": 1.0}  # fmt: skip
+    print("\nratios")
+    for k, v in ratios.items():
+        t = targets.get(k)
+        mark = "" if t is None else f"   target >= {t:.1f}  {'ok' if v >= t else 'MISSED'}"
+        print(f"  {k:58s} {v:6.2f}{mark}")
+    for k, v in compile_s.items():
+        print(f"  compile time {k}: {v:.1f} s (not counted in img/s)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": dev_name, "batch_size": args.batch_size, "img_per_s": res,
+                       "ratios": ratios, "compile_s": compile_s}, f, indent=2)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
