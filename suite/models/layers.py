@@ -35,6 +35,87 @@ class DropPath(nn.Module):
         return f"p={self.p}"
 
 
+# switches kept for A/B benchmarks (benchmarks/bench_models.py); all on by default
+_BF16_SOFTMAX_UPCAST = True
+_DNNL_LINEAR = torch.backends.mkldnn.is_available() and hasattr(
+    torch.ops.mkldnn, "_linear_pointwise"
+)
+
+
+class _DnnlLinearFn(torch.autograd.Function):
+    """fp32 CPU linear through oneDNN for y = x W^T + b and dx = dy W.
+
+    oneDNN measured 10-30% faster than MKL's sgemm for these shapes on an AVX-512 AMD EPYC;
+    dW = dy^T x stays on MKL, which was faster there. Whole TNT-S fp32 train step: ~3.4%.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        x2 = x.reshape(-1, x.shape[-1])
+        out = torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [], "")
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.ops.mkldnn._linear_pointwise(g, weight.t(), None, "none", [], "")
+            gx = gx.view(x.shape)
+        if ctx.needs_input_grad[1]:
+            gw = g.t().mm(x.reshape(-1, x.shape[-1]))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g.sum(0)
+        return gx, gw, gb
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters) that runs fp32 CPU matmuls through oneDNN, see _DnnlLinearFn."""
+
+    dnnl = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            self.dnnl
+            and _DNNL_LINEAR
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and self.weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling()
+        ):
+            return _DnnlLinearFn.apply(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+class _CpuFlashQKV(torch.autograd.Function):
+    """SDPA's CPU flash kernel on one packed (B, N, 3, H, Dh) qkv tensor.
+
+    Same kernels as ``F.scaled_dot_product_attention``; the backward writes dq, dk, dv
+    straight into one (B, N, 3, H, Dh) gradient (autograd's unbind/permute backward would
+    stack them and then copy the permuted stack once more).
+    """
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor) -> torch.Tensor:
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
+        ctx.save_for_backward(qkv, out, lse)
+        return out  # (B, H, N, Dh)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        qkv, out, lse = ctx.saved_tensors
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad, q, k, v, out, lse, 0.0, False
+        )
+        return torch.stack([g.transpose(1, 2) for g in grads], dim=2)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with one fused qkv projection.
 
@@ -43,6 +124,8 @@ class Attention(nn.Module):
     ``fused=None`` (default) picks per call: SDPA, except under CPU bf16 autocast, where
     PyTorch's CPU flash kernel measured about twice as slow as the written-out form for these
     shapes (TNT-S train step 1.66 s vs 1.39 s at batch 8; benchmarks/bench_models.py).
+    On CPU without autocast the fused path runs the same flash kernel on the packed qkv
+    (``_CpuFlashQKV``, ``packed_flash``), saving two copies per backward.
     """
 
     def __init__(
@@ -59,25 +142,42 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
         self.fused: bool | None = None
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.packed_flash = True  # CPU, no autocast: _CpuFlashQKV instead of SDPA on views
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
         # (B, N, 3D) -> (3, B, H, N, Dh): q, k, v each (B, H, N, Dh)
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
         drop = self.attn_drop if self.training else 0.0
         fused = self.fused
         if fused is None:
             fused = x.device.type != "cpu" or not torch.is_autocast_enabled("cpu")
+        if (
+            fused
+            and self.packed_flash
+            and x.device.type == "cpu"
+            and drop == 0
+            and qkv.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling()
+        ):
+            x = _CpuFlashQKV.apply(qkv)
+            return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, D)))
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         if fused:
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
-            attn = attn.softmax(dim=-1)
+            if attn.dtype == torch.bfloat16 and attn.device.type == "cpu" and _BF16_SOFTMAX_UPCAST:
+                # the CPU bf16 softmax kernel (fwd+bwd) measured 3x slower than an fp32 softmax
+                # plus the two casts; the result is the same bf16-rounded fp32 softmax
+                attn = attn.float().softmax(dim=-1).to(attn.dtype)
+            else:
+                attn = attn.softmax(dim=-1)
             if drop > 0:
                 attn = F.dropout(attn, p=drop)
             x = attn @ v  # (B, H, N, Dh)
@@ -90,9 +190,9 @@ class Mlp(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc1 = Linear(dim, hidden_dim)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.fc2 = Linear(hidden_dim, dim)
         self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

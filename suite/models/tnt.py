@@ -8,9 +8,10 @@ sequence for the inner transformer; patch tokens as (B, 1 + N, D) with the class
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .layers import Block, check_divisible, check_input, drop_path_rates, init_weights
+from .layers import Block, Linear, check_divisible, check_input, drop_path_rates, init_weights
 
 LN_EPS = 1e-5  # the official code and timm's TNT use nn.LayerNorm's default
 
@@ -69,7 +70,7 @@ class TNTBlock(nn.Module):
         )
         # LN(P*c) -> Linear(P*c -> D, no bias) -> LN(D), added to the patch tokens without DropPath
         self.proj_norm1 = nn.LayerNorm(num_pixels * inner_dim, eps=LN_EPS)
-        self.proj = nn.Linear(num_pixels * inner_dim, embed_dim, bias=False)
+        self.proj = Linear(num_pixels * inner_dim, embed_dim, bias=False)
         self.proj_norm2 = nn.LayerNorm(embed_dim, eps=LN_EPS)
         self.outer = Block(
             embed_dim, num_heads, mlp_ratio, qkv_bias, drop, attn_drop, drop_path, LN_EPS
@@ -82,7 +83,8 @@ class TNTBlock(nn.Module):
         B, N1, _ = patch.shape
         # (B*N, P, c) -> (B, N, P*c): a view, each patch's pixels flattened pixel-major
         delta = self.proj_norm2(self.proj(self.proj_norm1(pixel.reshape(B, N1 - 1, -1))))
-        patch = torch.cat([patch[:, :1], patch[:, 1:] + delta], dim=1)  # class token untouched
+        # class token untouched: delta padded with one zero row (cheaper backward than a cat)
+        patch = patch + F.pad(delta, (0, 0, 1, 0))
         return pixel, self.outer(patch)
 
 
