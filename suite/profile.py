@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from suite.errors import UserError
-from suite.models import create_model, get_entry
+from suite.models import compile_blocks, create_model, get_entry
 
 # ---------------------------------------------------------------------------------------------
 # FLOPs
@@ -231,7 +231,7 @@ def time_model(
     model = model.to(device)
     x = torch.randn(batch_size, 3, img_size, img_size, device=device)
     y = torch.randint(0, max(num_classes, 1), (batch_size,), device=device)
-    fn: Callable[[torch.Tensor], Any] = torch.compile(model) if compile else model
+    fn: Callable[[torch.Tensor], Any] = compile_blocks(model) if compile else model
     if mode == "train":
         model.train()
         opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)

@@ -421,6 +421,7 @@ def build_report(
 
     names = experiments or [e for e in tracker.experiment_names() if e not in ("reports",)]
     out = Path(out or Path("reports") / time.strftime("%Y%m%d-%H%M%S"))
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     rep = Report(out)
     runs = training_runs(tracker, names, matrix)
@@ -444,6 +445,8 @@ def build_report(
     rep.tables.update(search)
     rep.plots.update(search_plots(search, out))
     if not rep.tables:
+        if created and not any(out.iterdir()):
+            out.rmdir()  # a failed report leaves no empty folder behind
         raise UserError(f"no finished runs to report on in experiments {names}")
     write_outputs(rep, getattr(tracker, "uri", ""))
     with tracker.run("reports", f"report/{out.name}", {"kind": "report"}) as run:

@@ -34,7 +34,7 @@ from suite.engine import (
     train_one_epoch,
 )
 from suite.errors import UserError
-from suite.models import create_model, get_entry
+from suite.models import compile_blocks, create_model, get_entry
 from suite.tracking import Run, Tracker, environment_tags, flatten, load_model
 
 
@@ -226,13 +226,13 @@ def _fit(cfg, tracker, resume, parent_run_id, extra_tags, extra_params, on_epoch
         start_epoch, history = ckpt["epoch"], ckpt["history"]
         best, run_id = ckpt["best_top1"], ckpt.get("run_id") or None
 
+    if t.compile:
+        compile_blocks(model)  # regional: in place, before DDP wraps the model
     net: nn.Module = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    if t.compile:
-        net = torch.compile(net)
 
     tags = {"model": cfg.model.name, "family": get_entry(cfg.model.name).family,
             "dataset": info.name, "device": device.type, "amp": amp, "world_size": world,

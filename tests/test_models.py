@@ -144,3 +144,63 @@ def test_models_cli_wrong_knob_is_one_line(argv, words, capsys):
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     for w in words:
         assert w in err
+
+
+def test_onednn_linear_equals_f_linear_forward_and_backward():
+    """The fp32 CPU Linear (oneDNN forward and input gradient) is nn.Linear's computation."""
+    from suite.models.layers import Linear
+
+    lin = Linear(24, 72)
+    x = torch.randn(5, 16, 24, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    w = lin.weight.detach().clone().requires_grad_(True)
+    b = lin.bias.detach().clone().requires_grad_(True)
+    g = torch.randn(5, 16, 72)
+    lin(x).backward(g)
+    torch.nn.functional.linear(x_ref, w, b).backward(g)
+    torch.testing.assert_close(lin(x), torch.nn.functional.linear(x_ref, w, b))
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(lin.weight.grad, w.grad)
+    torch.testing.assert_close(lin.bias.grad, b.grad)
+    nobias = Linear(24, 8, bias=False)
+    y = nobias(x.detach())
+    torch.testing.assert_close(y, x.detach() @ nobias.weight.T)
+
+
+def test_bf16_cpu_attention_softmax_in_fp32_matches_sdpa():
+    attn = Attention(24, 4).eval()
+    x = torch.randn(6, 16, 24)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        attn.fused = False  # the written-out path, fp32 softmax rounded to bf16
+        written = attn(x).float()
+        attn.fused = True
+        fused = attn(x).float()
+    torch.testing.assert_close(written, fused, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("name", ["tnt_nano", "vit_nano"])
+def test_compile_blocks_is_the_same_model(name):
+    """Regional torch.compile: same logits and gradients as eager, same state-dict names."""
+    from suite.models import compile_blocks
+
+    eager = create_model(name, num_classes=10, depth=2).train()
+    comp = create_model(name, num_classes=10, depth=2).train()
+    comp.load_state_dict(eager.state_dict())
+    compile_blocks(comp)
+    assert list(comp.state_dict()) == list(eager.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    y, y_ref = comp(x), eager(x)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-4)
+    y.square().sum().backward()
+    y_ref.square().sum().backward()
+    for (n, p), q in zip(comp.named_parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-3, msg=n)
+
+
+def test_sdpa_in_batch_chunks_equals_one_call():
+    """CUDA's fused kernels cap the batch at 65,535 (TNT's inner attention: B x 196): chunks."""
+    from suite.models.layers import SDPA_MAX_BATCH, sdpa
+
+    assert SDPA_MAX_BATCH == 65535
+    q, k, v = (torch.randn(7, 4, 16, 6) for _ in range(3))
+    torch.testing.assert_close(sdpa(q, k, v, max_batch=3), sdpa(q, k, v))

@@ -75,8 +75,10 @@ def test_report_cli_and_bad_experiment(store, capsys):
     tmp, uri = store
     assert main(["report", "--tracking-uri", uri, "--out", str(tmp / "r2"), "--matrix", "abl"]) == 0
     assert "report.html" in capsys.readouterr().out
-    assert main(["report", "--tracking-uri", uri, "--experiment", "nope"]) == 2
+    assert main(["report", "--tracking-uri", uri, "--experiment", "nope",
+                 "--out", str(tmp / "r3")]) == 2  # fmt: skip
     assert "no finished runs" in capsys.readouterr().err
+    assert not (tmp / "r3").exists()
 
 
 def _chromium():

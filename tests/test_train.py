@@ -170,3 +170,16 @@ def test_torchrun_two_cpu_processes_log_one_run(tmp_path):
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].data.tags["world_size"] == "2"
     assert runs[0].data.params["global_batch"] == "128"
+
+
+def test_compiled_training_keeps_plain_checkpoint_names(tmp_path):
+    """train.compile = true compiles the blocks in place: it trains, and the checkpoint loads
+    into an uncompiled model (no ``_orig_mod.`` prefixes)."""
+    from suite.models import create_model
+
+    cfg = cfg_for(tmp_path, "train.compile=true", "train.epochs=1", "model.depth=1",
+                  "data.train_size=128", "data.val_size=64")  # fmt: skip
+    r = fit(cfg, Tracker(), progress=False)
+    assert math.isfinite(r.metrics["train_loss"])
+    ckpt = torch.load(os.path.join(r.checkpoint_dir, "last.pt"), weights_only=False)
+    create_model(ckpt["model_name"], **ckpt["model_kwargs"]).load_state_dict(ckpt["model"])

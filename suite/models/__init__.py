@@ -1,6 +1,6 @@
 """TNT, ViT and DeiT from one shared set of transformer layers."""
 
-from .layers import Attention, Block, DropPath, Mlp, PatchEmbed
+from .layers import Attention, Block, DropPath, Mlp, PatchEmbed, compile_blocks
 from .registry import ModelEntry, PaperRef, create_model, get_entry, list_models, model_knobs
 from .timm_import import load_timm_state_dict
 from .tnt import TNT, TNTBlock
@@ -17,6 +17,7 @@ __all__ = [
     "PatchEmbed",
     "TNTBlock",
     "VisionTransformer",
+    "compile_blocks",
     "create_model",
     "get_entry",
     "list_models",

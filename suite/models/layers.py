@@ -5,9 +5,12 @@ Shapes: B batch, N tokens, D channels, H heads, Dh = D // H head dim.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 
 def check_divisible(name_a: str, a: int, name_b: str, b: int) -> None:
@@ -35,8 +38,7 @@ class DropPath(nn.Module):
         return f"p={self.p}"
 
 
-# switches kept for A/B benchmarks (benchmarks/bench_models.py); all on by default
-_BF16_SOFTMAX_UPCAST = True
+# oneDNN's linear, as torch.compile's CPU backend uses it; absent in builds without mkldnn
 _DNNL_LINEAR = torch.backends.mkldnn.is_available() and hasattr(
     torch.ops.mkldnn, "_linear_pointwise"
 )
@@ -45,8 +47,9 @@ _DNNL_LINEAR = torch.backends.mkldnn.is_available() and hasattr(
 class _DnnlLinearFn(torch.autograd.Function):
     """fp32 CPU linear through oneDNN for y = x W^T + b and dx = dy W.
 
-    oneDNN measured 10-30% faster than MKL's sgemm for these shapes on an AVX-512 AMD EPYC;
-    dW = dy^T x stays on MKL, which was faster there. Whole TNT-S fp32 train step: ~3.4%.
+    oneDNN measured 10-30% faster than MKL's sgemm (F.linear's CPU path) for these shapes on
+    an AVX-512 AMD EPYC; dW = dy^T x stays on MKL, which was faster there. Whole fp32 train
+    step: TNT-S 3.4%, DeiT-S 6% (benchmarks/bench_tnt_speed.py). No double backward.
     """
 
     @staticmethod
@@ -73,7 +76,12 @@ class _DnnlLinearFn(torch.autograd.Function):
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters) that runs fp32 CPU matmuls through oneDNN, see _DnnlLinearFn."""
+    """nn.Linear (same parameters) that runs fp32 CPU matmuls through oneDNN, see _DnnlLinearFn.
+
+    Everything else (autocast, CUDA, torch.compile, ``dnnl = False``) is plain F.linear, and
+    so is any call under ``torch.jit.trace`` or a dispatch mode, so FLOP counters (fvcore,
+    torch.utils.flop_counter) see the aten matmuls they know.
+    """
 
     dnnl = True
 
@@ -86,34 +94,34 @@ class Linear(nn.Linear):
             and self.weight.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu")
             and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing()
+            and _get_current_dispatch_mode() is None
         ):
             return _DnnlLinearFn.apply(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
-class _CpuFlashQKV(torch.autograd.Function):
-    """SDPA's CPU flash kernel on one packed (B, N, 3, H, Dh) qkv tensor.
+# CUDA's flash and memory-efficient SDPA kernels put the batch in a grid dimension capped at
+# 65,535 blocks; TNT's inner attention has B x 196 sequences (B >= 335 overflows), so chunk.
+SDPA_MAX_BATCH = 65535
 
-    Same kernels as ``F.scaled_dot_product_attention``; the backward writes dq, dk, dv
-    straight into one (B, N, 3, H, Dh) gradient (autograd's unbind/permute backward would
-    stack them and then copy the permuted stack once more).
-    """
 
-    @staticmethod
-    def forward(ctx, qkv: torch.Tensor) -> torch.Tensor:
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
-        ctx.save_for_backward(qkv, out, lse)
-        return out  # (B, H, N, Dh)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        qkv, out, lse = ctx.saved_tensors
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad, q, k, v, out, lse, 0.0, False
-        )
-        return torch.stack([g.transpose(1, 2) for g in grads], dim=2)
+def sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dropout_p: float = 0.0,
+    max_batch: int | None = None,
+) -> torch.Tensor:
+    """F.scaled_dot_product_attention on (B, H, N, Dh), in batch chunks of at most
+    ``max_batch`` (default: ``SDPA_MAX_BATCH`` on CUDA, no chunks elsewhere)."""
+    if max_batch is None:
+        max_batch = SDPA_MAX_BATCH if q.device.type == "cuda" else q.shape[0]
+    if q.shape[0] <= max_batch:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    parts = zip(q.split(max_batch), k.split(max_batch), v.split(max_batch), strict=True)
+    return torch.cat([F.scaled_dot_product_attention(a, b, c, dropout_p=dropout_p)
+                      for a, b, c in parts])  # fmt: skip
 
 
 class Attention(nn.Module):
@@ -124,8 +132,7 @@ class Attention(nn.Module):
     ``fused=None`` (default) picks per call: SDPA, except under CPU bf16 autocast, where
     PyTorch's CPU flash kernel measured about twice as slow as the written-out form for these
     shapes (TNT-S train step 1.66 s vs 1.39 s at batch 8; benchmarks/bench_models.py).
-    On CPU without autocast the fused path runs the same flash kernel on the packed qkv
-    (``_CpuFlashQKV``, ``packed_flash``), saving two copies per backward.
+    Under CPU bf16 the written-out softmax runs in fp32 (see forward).
     """
 
     def __init__(
@@ -142,7 +149,6 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
         self.fused: bool | None = None
-        self.packed_flash = True  # CPU, no autocast: _CpuFlashQKV instead of SDPA on views
         self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = attn_drop
         self.proj = Linear(dim, dim)
@@ -151,30 +157,20 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
         # (B, N, 3D) -> (3, B, H, N, Dh): q, k, v each (B, H, N, Dh)
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
         drop = self.attn_drop if self.training else 0.0
         fused = self.fused
         if fused is None:
             fused = x.device.type != "cpu" or not torch.is_autocast_enabled("cpu")
-        if (
-            fused
-            and self.packed_flash
-            and x.device.type == "cpu"
-            and drop == 0
-            and qkv.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling()
-        ):
-            x = _CpuFlashQKV.apply(qkv)
-            return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, D)))
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         if fused:
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+            x = sdpa(q, k, v, dropout_p=drop)
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
-            if attn.dtype == torch.bfloat16 and attn.device.type == "cpu" and _BF16_SOFTMAX_UPCAST:
-                # the CPU bf16 softmax kernel (fwd+bwd) measured 3x slower than an fp32 softmax
-                # plus the two casts; the result is the same bf16-rounded fp32 softmax
+            if attn.dtype == torch.bfloat16 and attn.device.type == "cpu":
+                # PyTorch's CPU bf16 softmax (fwd+bwd) measured 3x slower than an fp32 softmax
+                # plus the two casts for rows of 16 (TNT-S train step 4.7% faster in bf16);
+                # the result is the fp32 softmax rounded to bf16
                 attn = attn.float().softmax(dim=-1).to(attn.dtype)
             else:
                 attn = attn.softmax(dim=-1)
@@ -247,6 +243,20 @@ def check_input(x: torch.Tensor, img_size: int) -> None:
         raise ValueError(
             f"input shape {tuple(x.shape)} does not match the model's img_size={img_size}"
         )
+
+
+def compile_blocks(model: nn.Module, **kwargs: Any) -> nn.Module:
+    """Regional ``torch.compile``: each of ``model.blocks`` compiled in place.
+
+    The blocks are identical modules, so dynamo traces one and reuses it for the rest: compile
+    time is about one block's rather than the whole model's, and the state dict keeps its
+    names (no ``_orig_mod.``). ``kwargs`` go to ``torch.compile`` (e.g. ``mode=
+    "reduce-overhead"`` for CUDA graphs). Measured on 2 CPU cores, TNT-S bf16 training: 1.16x
+    over eager, 20-25 s to compile; the embeddings and head stay eager (a few % of the time).
+    """
+    for blk in model.blocks:
+        blk.compile(**kwargs)
+    return model
 
 
 def drop_path_rates(rate: float, depth: int) -> list[float]:
