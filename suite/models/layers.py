@@ -124,15 +124,21 @@ def sdpa(
                       for a, b, c in parts])  # fmt: skip
 
 
+# on CPU in fp32, flash attention pays off from about this sequence length (see Attention)
+CPU_SDPA_MIN_TOKENS = 64
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with one fused qkv projection.
 
     ``fused=True`` runs ``F.scaled_dot_product_attention``; ``fused=False`` writes the same
     computation out (softmax(q k^T / sqrt(Dh)) v), which the tests compare against.
-    ``fused=None`` (default) picks per call: SDPA, except under CPU bf16 autocast, where
-    PyTorch's CPU flash kernel measured about twice as slow as the written-out form for these
-    shapes (TNT-S train step 1.66 s vs 1.39 s at batch 8; benchmarks/bench_models.py).
-    Under CPU bf16 the written-out softmax runs in fp32 (see forward).
+    ``fused=None`` (default) picks per call: SDPA on GPUs; on CPU the written-out form under
+    bf16 autocast (PyTorch's CPU flash kernel measured about twice as slow there: TNT-S train
+    step 1.66 s vs 1.39 s at batch 8) and for short sequences in fp32 (TNT's inner attention,
+    16 tokens: forward+backward 41 ms written-out vs 53 ms flash per TNT-S block at batch 16;
+    the outer attention, 197 tokens, is 8% faster with flash). Under CPU bf16 the written-out
+    softmax runs in fp32 (see forward).
     """
 
     def __init__(
@@ -162,7 +168,9 @@ class Attention(nn.Module):
         drop = self.attn_drop if self.training else 0.0
         fused = self.fused
         if fused is None:
-            fused = x.device.type != "cpu" or not torch.is_autocast_enabled("cpu")
+            fused = x.device.type != "cpu" or (
+                not torch.is_autocast_enabled("cpu") and N >= CPU_SDPA_MIN_TOKENS
+            )
         if fused:
             x = sdpa(q, k, v, dropout_p=drop)
         else:
