@@ -16,6 +16,7 @@ import json
 import math
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -82,7 +83,9 @@ class FlopCount:
 
 def count_flops(model: nn.Module, img_size: int, in_chans: int = 3) -> FlopCount:
     """GMACs of one image's forward pass, by fvcore (with an SDPA handle) and by PyTorch."""
-    from fvcore.nn import FlopCountAnalysis
+    with warnings.catch_warnings():  # fvcore's focal loss is torch.jit.script-ed at import
+        warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
+        from fvcore.nn import FlopCountAnalysis
     from torch.utils.flop_counter import FlopCounterMode
 
     was_training = model.training

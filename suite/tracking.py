@@ -291,6 +291,8 @@ class MlflowTracker(Tracker):
         return out
 
     def download_artifacts(self, run_id: str, path: str, dst: str | Path) -> Path:
+        # one progress bar per file is noise in a report's output (set it to true to see them)
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         Path(dst).mkdir(parents=True, exist_ok=True)
         return Path(self.client.download_artifacts(run_id, path, str(dst)))
 
