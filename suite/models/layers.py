@@ -175,10 +175,10 @@ class Attention(nn.Module):
             x = sdpa(q, k, v, dropout_p=drop)
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
-            if attn.dtype == torch.bfloat16 and attn.device.type == "cpu":
+            if attn.dtype == torch.bfloat16 and x.device.type == "cpu" and N < CPU_SDPA_MIN_TOKENS:
                 # PyTorch's CPU bf16 softmax (fwd+bwd) measured 3x slower than an fp32 softmax
-                # plus the two casts for rows of 16 (TNT-S train step 4.7% faster in bf16);
-                # the result is the fp32 softmax rounded to bf16
+                # plus the two casts for rows of 16 (TNT-S train step 4.7% faster in bf16), 2x
+                # faster for rows of 197; the result is the fp32 softmax rounded to bf16
                 attn = attn.float().softmax(dim=-1).to(attn.dtype)
             else:
                 attn = attn.softmax(dim=-1)
