@@ -278,7 +278,12 @@ def run_viz(tracker: Tracker, run_ids: list[str], n_images: int = 64, layers: st
         raise UserError(f"--images {n_images}: need at least 2 images")
     if channels < 1 or n_maps < 0:
         raise UserError(f"--channels {channels} / --maps {n_maps}: need >= 1 channel, >= 0 maps")
-    dev = torch.device(device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA device is available")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device!r}: expected cpu or cuda[:N]") from None
     runs = [load_run(tracker, rid, dev) for rid in dict.fromkeys(run_ids)]
     digests = {r.digest for r in runs}
     if len(digests) > 1:

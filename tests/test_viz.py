@@ -140,3 +140,7 @@ def test_viz_errors_are_one_line(trained, capsys):
     assert err.startswith("tntbench viz: error: run 0000") and err.count("\n") == 1
     assert main(["viz", ids[0], "--layers", "9", "--tracking-uri", uri]) == 2
     assert "--layers '9'" in capsys.readouterr().err
+    assert main(["viz", ids[0], "--device", "tpu", "--tracking-uri", uri]) == 2
+    assert "--device 'tpu'" in capsys.readouterr().err
+    assert main(["viz", ids[0], "--images", "1", "--tracking-uri", uri]) == 2
+    assert "--images 1" in capsys.readouterr().err
