@@ -25,6 +25,7 @@ import hashlib
 import itertools
 import json
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -328,20 +329,26 @@ def varied_columns(runs: pd.DataFrame) -> list[str]:
     return sorted(c for c in runs.columns if c.startswith("params.varied.") and c not in own)
 
 
+def group_runs(runs: pd.DataFrame) -> Iterator[tuple[dict[str, Any], pd.DataFrame]]:
+    """Runs grouped by model, dataset and every other varied key (seeds pooled), in order of
+    appearance: ({"model", "dataset", <varied key>...}, the group's runs); missing -> "-"."""
+    varied = varied_columns(runs)
+    keys = ["params.model.name", "params.data.name", *varied]
+    df = runs.copy()
+    for c in keys:
+        df[c] = df[c].fillna("-")
+    names = ["model", "dataset", *[c.removeprefix("params.varied.") for c in varied]]
+    for key, g in df.groupby(keys, sort=False):
+        yield dict(zip(names, key, strict=True)), g
+
+
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     """Per model, dataset (and any other varied key): params, GMACs, img/s, and top-1 as
     mean +- std over seeds, all read from the MLflow metrics of the cell runs."""
     if runs.empty:
         return pd.DataFrame()
-    varied = varied_columns(runs)
-    keys = ["params.model.name", "params.data.name", *varied]
-    df = runs.copy()
-    for c in varied:
-        df[c] = df[c].fillna("-")
     rows = []
-    for key, g in df.groupby(keys, sort=False):
-        row = dict(zip(["model", "dataset", *[c.removeprefix("params.varied.") for c in varied]],
-                       key, strict=True))  # fmt: skip
+    for row, g in group_runs(runs):
         for m, label in SUMMARY_METRICS.items():
             col = f"metrics.{m}"
             row[label] = g[col].mean() if col in g else float("nan")

@@ -19,7 +19,7 @@ from typing import Any
 
 import pandas as pd
 
-from suite.matrix import varied_columns
+from suite.matrix import group_runs, varied_columns
 from suite.models import get_entry, list_models
 from suite.tracking import Tracker
 
@@ -79,15 +79,9 @@ def main_table(df: pd.DataFrame) -> pd.DataFrame:
     """Per model, dataset and varied key: params, GMACs, throughput, top-1/top-5 over seeds,
     with the paper's reference values beside rows that are paper configs."""
     varied = varied_columns(df)
-    keys = ["params.model.name", "params.data.name", *varied]
-    df = df.copy()
-    for c in keys:
-        df[c] = df[c].fillna("-")
     rows = []
-    for key, g in df.groupby(keys, sort=False):
-        model = key[0]
-        row: dict[str, Any] = {"model": model, "dataset": key[1]}
-        row.update({c.split("params.varied.")[1]: v for c, v in zip(varied, key[2:], strict=True)})
+    for row, g in group_runs(df):
+        model = row["model"]
         row["params (M)"] = _num(g, "metrics.params_m").mean()
         row["GMACs"] = _num(g, "metrics.gmacs").mean()
         row["train img/s"] = _num(g, "metrics.train_img_per_s").mean()
