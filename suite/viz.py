@@ -70,10 +70,6 @@ def patch_map(tokens: Tensor, grid: int) -> Tensor:
     return tokens.transpose(1, 2).reshape(B, D, grid, grid)
 
 
-def _num_prefix(model: nn.Module) -> int:
-    return getattr(model, "num_prefix", 1)  # TNT: the class token only
-
-
 @torch.no_grad()
 def extract(model: nn.Module, x: Tensor, layers: list[int]) -> dict[int, tuple[Tensor, Tensor]]:
     """For each layer: (feature map (B, C, H', W'), patch features (B, N, D)).
@@ -85,13 +81,11 @@ def extract(model: nn.Module, x: Tensor, layers: list[int]) -> dict[int, tuple[T
     for layer, t in inter.items():
         if getattr(model, "family", "") == "tnt":
             pixel, patch = t
-            grid = model.pixel_embed.grid
-            fmap = pixel_map(pixel, x.shape[0], grid)
+            feats = patch[:, 1:]  # (B, N, D) without the class token
+            out[layer] = (pixel_map(pixel, x.shape[0], model.pixel_embed.grid), feats)
         else:
-            patch, grid = t, model.patch_embed.grid
-            fmap = None
-        feats = patch[:, _num_prefix(model) :]  # (B, N, D)
-        out[layer] = (fmap if fmap is not None else patch_map(feats, grid), feats)
+            feats = t[:, model.num_prefix :]  # without class (and distillation) tokens
+            out[layer] = (patch_map(feats, model.patch_embed.grid), feats)
     return out
 
 
@@ -191,10 +185,11 @@ def _normalise(m: Tensor) -> Tensor:
 
 
 def feature_map_figures(
-    runs: list[VizRun], images: list[Tensor], feats: list[dict], layers: list[int],
+    runs: list[VizRun], x: Tensor, y: Tensor, feats: list[dict], layers: list[int],
     channels: int, n_maps: int, out: Path,
 ) -> list[Path]:  # fmt: skip
-    """One PNG per image: rows = layers; columns = the image, then ``channels`` maps per run."""
+    """One PNG per image: rows = layers; columns = the image (``x`` (B, 3, H, W) as the first
+    run's transform gives it, class ``y``), then ``channels`` maps per run."""
     plt = _plt()
     chosen = {}  # (run, layer) -> channels, and their normalised maps (B, k, H, W)
     for r, f in enumerate(feats):
@@ -204,12 +199,12 @@ def feature_map_figures(
             chosen[r, layer] = (ch, torch.stack([_normalise(fmap[:, c]) for c in ch], dim=1))
     paths = []
     ncols = 1 + sum(len(chosen[r, layers[0]][0]) for r in range(len(runs)))
-    for i in range(min(n_maps, images[0].shape[0])):
+    for i in range(min(n_maps, x.shape[0])):
         fig, axes = plt.subplots(len(layers), ncols, figsize=(1.6 * ncols, 1.7 * len(layers)),
                                  squeeze=False)  # fmt: skip
         mean = torch.tensor(runs[0].mean).view(3, 1, 1)
         std = torch.tensor(runs[0].std).view(3, 1, 1)
-        img = (images[0][i] * std + mean).clamp(0, 1).permute(1, 2, 0)
+        img = (x[i] * std + mean).clamp(0, 1).permute(1, 2, 0)
         for row, layer in enumerate(layers):
             ax = axes[row, 0]
             ax.imshow(img.numpy())
@@ -229,7 +224,7 @@ def feature_map_figures(
         for ax in axes.flat:
             ax.set_xticks([])
             ax.set_yticks([])
-        label = runs[0].classes[int(images[1][i])] if len(images) > 1 else ""
+        label = runs[0].classes[int(y[i])]
         fig.suptitle(f"feature maps, validation image {i} ({label}); TNT: pixel tokens on the "
                      "image grid, ViT/DeiT: patch tokens", fontsize=8)  # fmt: skip
         fig.tight_layout()
@@ -299,7 +294,7 @@ def run_viz(tracker: Tracker, run_ids: list[str], n_images: int = 64, layers: st
     # the same N validation images for every run (a fixed random sample)
     n = min(n_images, len(runs[0].val))
     idx = torch.randperm(len(runs[0].val), generator=torch.Generator().manual_seed(0))[:n]
-    images, feats, labels = [], [], []
+    images, feats = [], []  # per run: (x, y), {layer: (map (n, C, H', W'), feats (n, N, D))}
     for run in runs:
         xs, ys = zip(*(run.val[int(i)] for i in idx), strict=True)
         x, y = torch.stack(xs), torch.tensor(ys)
@@ -308,7 +303,6 @@ def run_viz(tracker: Tracker, run_ids: list[str], n_images: int = 64, layers: st
              for L in wanted}  # fmt: skip
         images.append((x, y))
         feats.append(f)
-        labels.append(y)
 
     # patch features: every patch token of the N images, a fixed subsample for t-SNE/spread
     points, point_labels, spreads = [], [], []
@@ -317,12 +311,12 @@ def run_viz(tracker: Tracker, run_ids: list[str], n_images: int = 64, layers: st
         N = f[wanted[0]][1].shape[1]
         pick = torch.randperm(n * N, generator=gen)[:max_points]
         points.append({L: f[L][1].reshape(n * N, -1)[pick] for L in wanted})
-        point_labels.append(labels[r].repeat_interleave(N)[pick])
+        point_labels.append(images[r][1].repeat_interleave(N)[pick])
         spreads.append({L: spread(points[r][L]) for L in wanted})
 
     result = VizResult(out)
-    result.figures += feature_map_figures(runs, list(images[0]), feats, wanted, channels,
-                                          n_maps, out)  # fmt: skip
+    result.figures += feature_map_figures(runs, *images[0], feats, wanted, channels, n_maps,
+                                          out)  # fmt: skip
     for L in wanted:
         result.figures.append(tsne_figure(runs, points, point_labels, L, spreads, out))
     for r, run in enumerate(runs):
