@@ -193,7 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", type=int, default=None)
     pr.add_argument("--mode", choices=["infer", "train"], default="infer")
     pr.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
-    pr.add_argument("--compile", action="store_true", help="torch.compile the model first")
+    pr.add_argument(
+        "--compile", nargs="?", const="true", default="false", metavar="MODE",
+        choices=["auto", "true", "false", "regional"],
+        help="torch.compile as train.compile does: bare --compile = whole model; auto = whole "
+        "model on CUDA, eager on CPU; regional = each block (default: false, eager)",
+    )  # fmt: skip
     pr.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     pr.add_argument(
         "--warmup", type=int, default=None, help="warm-up steps (default: 10 GPU, 3 CPU)"

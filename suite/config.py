@@ -16,6 +16,8 @@ from typing import Any
 from suite.errors import UserError, parse_assignment
 
 DATASETS = ("synthetic", "cifar10", "cifar100", "imagefolder")
+# train.compile: a bool or one of these words (suite.runtime.resolve_compile reads them)
+COMPILE_SETTINGS = ("auto", "true", "false", "regional")
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,9 @@ class TrainConfig:
     amp: str = "auto"  # auto (bf16 where supported), fp32, bf16, fp16 (CUDA, with a grad scaler)
     ema: bool = False
     ema_decay: float = 0.9998
-    compile: bool = False
+    # auto: whole-model torch.compile on CUDA, eager on CPU; true/false force it; "regional"
+    # compiles each block in place (suite.runtime)
+    compile: bool | str = "auto"
     seed: int = 0
     device: str = "auto"
     out_dir: str = "runs"  # checkpoints go to out_dir/<run id or name>/
@@ -262,6 +266,7 @@ def validate(cfg: Config, check_paths: bool = True, check_model: bool = True) ->
         0 <= t.label_smoothing < 1, "train.label_smoothing", t.label_smoothing, "must be in [0, 1)"
     )
     need(t.clip_grad >= 0, "train.clip_grad", t.clip_grad, "must be >= 0 (0 = off)")
+    check_compile_setting(t.compile)
     amps = ("auto", "fp32", "bf16", "fp16")
     need(t.amp in amps, "train.amp", t.amp, f"must be one of {', '.join(amps)}")
     need(0 < t.ema_decay < 1, "train.ema_decay", t.ema_decay, "must be in (0, 1)")
@@ -280,6 +285,12 @@ def validate(cfg: Config, check_paths: bool = True, check_model: bool = True) ->
         if check_paths and not is_uri:
             need(Path(k.teacher).is_file(), "distill.teacher", k.teacher, "file not found")
     need(tr.log_every >= 1, "tracking.log_every", tr.log_every, "must be >= 1")
+
+
+def check_compile_setting(value: Any, key: str = "train.compile") -> None:
+    """A UserError naming ``key`` unless ``value`` is a bool or one of COMPILE_SETTINGS."""
+    if not (isinstance(value, bool) or (isinstance(value, str) and value in COMPILE_SETTINGS)):
+        raise UserError(f'{key} = {value!r}: must be true, false, "auto" or "regional"')
 
 
 def to_toml(d: dict[str, dict[str, Any]]) -> str:

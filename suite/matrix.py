@@ -296,10 +296,25 @@ def _profile_cell(cfg, run_id: str, tracker: Tracker, steps: int) -> None:
     size = model_img_size(cfg)
     model = create_model(cfg.model.name, **cfg.model.overrides)
     device = resolve_device(cfg.train.device)
-    t = time_model(model, size, cfg.train.batch_size, "infer", "fp32", device, 1, steps)
-    tracker.attach(run_id).log_metrics(
-        {"infer_img_per_s": t.img_per_s, "infer_step_ms": t.step_ms, "infer_peak_mb": t.peak_mb}
+    # compiled as the cell's training was (train.compile: auto = whole model on CUDA)
+    t = time_model(
+        model,
+        size,
+        cfg.train.batch_size,
+        "infer",
+        "fp32",
+        device,
+        1,
+        steps,
+        compile=cfg.train.compile,
     )
+    run = tracker.attach(run_id)
+    run.log_metrics(
+        {"infer_img_per_s": t.img_per_s, "infer_step_ms": t.step_ms, "infer_peak_mb": t.peak_mb,
+         "infer_compile_s": t.compile_s}
+    )  # fmt: skip
+    if t.compile_fallback:
+        run.set_tags({"infer_compile_fallback": t.compile_fallback})
 
 
 # the metrics a summary reports, as stored on each cell run

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from suite.errors import UserError
-from suite.models import compile_blocks, create_model, get_entry
+from suite.models import create_model, get_entry
+from suite.runtime import compile_model, oom_message, resolve_compile
 
 # ---------------------------------------------------------------------------------------------
 # FLOPs
@@ -211,6 +212,8 @@ class Timing:
     img_per_s: float
     peak_mb: float
     compile_s: float
+    compile: str = "eager"  # the compile mode that ran: whole, regional or eager
+    compile_fallback: str = ""  # why compiling failed ("" = it did not)
 
 
 def _loss(out: torch.Tensor | tuple[torch.Tensor, ...], y: torch.Tensor) -> torch.Tensor:
@@ -227,20 +230,24 @@ def time_model(
     device: torch.device,
     warmup: int,
     steps: int,
-    compile: bool = False,
+    compile: bool | str = False,
     num_classes: int = 1000,
 ) -> Timing:
-    """Median and p90 step time of ``steps`` timed steps after ``warmup`` untimed ones."""
+    """Median and p90 step time of ``steps`` timed steps after ``warmup`` untimed ones.
+
+    ``compile`` is a ``train.compile`` setting (``suite.runtime.resolve_compile``): the first
+    step compiles and is timed apart as ``compile_s``; a failed compile falls back to eager
+    and says why in ``compile_fallback``.
+    """
     model = model.to(device)
     x = torch.randn(batch_size, 3, img_size, img_size, device=device)
     y = torch.randint(0, max(num_classes, 1), (batch_size,), device=device)
-    fn: Callable[[torch.Tensor], Any] = compile_blocks(model) if compile else model
     if mode == "train":
         model.train()
         opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")
 
-        def step() -> None:
+        def step(fn: Callable[[torch.Tensor], Any]) -> None:
             with autocast(device, dtype):
                 loss = _loss(fn(x), y)
             scaler.scale(loss).backward()
@@ -251,28 +258,36 @@ def time_model(
     else:
         model.eval()
 
-        def step() -> None:
+        def step(fn: Callable[[torch.Tensor], Any]) -> None:
             with torch.inference_mode(), autocast(device, dtype):
                 fn(x)
 
-    # compile time is reported apart and never counted in throughput: the first call compiles
-    t0 = time.perf_counter()
-    step()
-    _sync(device)
-    compile_s = time.perf_counter() - t0 if compile else 0.0
-    for _ in range(max(warmup - 1, 0)):
-        step()
-    _sync(device)
-    reset_peak_memory(device)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
+    # the first call compiles; compile time is reported apart and never counted in throughput
+    try:
+        c = compile_model(model, resolve_compile(compile, device), step, device)
+        for _ in range(max(warmup - 1, 0)):
+            step(c.fn)
         _sync(device)
-        times.append(time.perf_counter() - t0)
+        reset_peak_memory(device)
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            step(c.fn)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(oom_message("--batch-size", batch_size, device)) from None
     med = statistics.median(times)
     p90 = sorted(times)[min(len(times) - 1, math.ceil(0.9 * len(times)) - 1)]
-    return Timing(med * 1e3, p90 * 1e3, batch_size / med, peak_memory_mb(device), compile_s)
+    return Timing(
+        med * 1e3,
+        p90 * 1e3,
+        batch_size / med,
+        peak_memory_mb(device),
+        c.compile_s,
+        c.mode,
+        c.fallback,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,8 +312,9 @@ class ProfileRow:
     dtype: str
     device: str
     device_name: str
-    compiled: bool
+    compile: str  # whole, regional or eager (as run: a failed compile falls back to eager)
     compile_s: float
+    compile_fallback: str
     peak_tflops_measured: float
     mfu_spec: float | None
     unsupported_ops: dict[str, int]
@@ -319,7 +335,7 @@ def profile_model(
     mode: str = "infer",
     dtype: str = "fp32",
     device: str | torch.device = "auto",
-    compile: bool = False,
+    compile: bool | str = False,
     warmup: int | None = None,
     steps: int | None = None,
     peak_tflops: float | None = None,
@@ -372,8 +388,9 @@ def profile_model(
         dtype=dtype,
         device=dev.type,
         device_name=device_name(dev),
-        compiled=compile,
+        compile=t.compile,
         compile_s=t.compile_s,
+        compile_fallback=t.compile_fallback,
         peak_tflops_measured=peak,
         mfu_spec=achieved / spec if spec else None,
         unsupported_ops=flops.unsupported,
@@ -399,7 +416,8 @@ def format_table(rows: list[ProfileRow]) -> str:
     r0 = rows[0]
     head = (
         f"{r0.mode} | {r0.dtype} | batch {r0.batch_size} | {r0.device_name}"
-        f"{' | compiled' if r0.compiled else ''} | GMACs = 1e9 multiply-adds (fvcore's 'flop')"
+        f"{'' if r0.compile == 'eager' else ' | compiled: ' + r0.compile}"
+        " | GMACs = 1e9 multiply-adds (fvcore's 'flop')"
     )
     body = df.to_string(
         index=False,
@@ -474,10 +492,12 @@ def log_profile_row(tracker: Any, row: ProfileRow) -> None:
     entry = get_entry(row.model)
     tags = {"model": row.model, "family": entry.family, "kind": "profile"}
     tags.update(device=row.device, device_name=row.device_name, dtype=row.dtype, mode=row.mode)
+    if row.compile_fallback:
+        tags["compile_fallback"] = row.compile_fallback
     with tracker.run("profile", run_name=f"{row.model}/{row.mode}/{row.dtype}", tags=tags) as run:
         d = asdict(row)
         unsupported = d.pop("unsupported_ops")
-        params = {k: d.pop(k) for k in ("img_size", "batch_size", "compiled")}
+        params = {k: d.pop(k) for k in ("img_size", "batch_size", "compile")}
         params["model"] = row.model
         run.log_params(params)
         run.log_metrics(

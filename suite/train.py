@@ -26,6 +26,7 @@ from suite.config import Config, to_toml
 from suite.data import DataInfo, build_datasets, build_mixup
 from suite.engine import (
     Criterion,
+    autocast,
     build_ema,
     build_optimizer,
     build_scheduler,
@@ -34,7 +35,8 @@ from suite.engine import (
     train_one_epoch,
 )
 from suite.errors import UserError
-from suite.models import compile_blocks, create_model, get_entry
+from suite.models import create_model, get_entry
+from suite.runtime import compile_model, oom_message, resolve_compile
 from suite.tracking import Run, Tracker, environment_tags, flatten, load_model
 
 
@@ -156,11 +158,16 @@ def fit(
     progress: bool = True,
 ) -> TrainResult:
     rank, local_rank, world = dist_env()
+    device = resolve_device(cfg.train.device, local_rank)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # NCCL for GPUs; gloo for CPU processes, also on a machine that has GPUs
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         return _fit(cfg, tracker if rank == 0 else Tracker(), resume, parent_run_id,
                     extra_tags, extra_params, on_epoch, progress and rank == 0)  # fmt: skip
+    except torch.cuda.OutOfMemoryError:
+        # the run is already FAILED (with the error as a tag); the user gets one line
+        raise UserError(oom_message("train.batch_size", cfg.train.batch_size, device)) from None
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -226,8 +233,6 @@ def _fit(cfg, tracker, resume, parent_run_id, extra_tags, extra_params, on_epoch
         start_epoch, history = ckpt["epoch"], ckpt["history"]
         best, run_id = ckpt["best_top1"], ckpt.get("run_id") or None
 
-    if t.compile:
-        compile_blocks(model)  # regional: in place, before DDP wraps the model
     net: nn.Module = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(
@@ -255,6 +260,7 @@ def _fit(cfg, tracker, resume, parent_run_id, extra_tags, extra_params, on_epoch
             run.log_metrics(profile, step=0)
         if cfg.tracking.system_metrics:
             run.start_system_metrics()
+        net = _compile(net, cfg, device, amp, len(train_sampler), optimizer, run, start_epoch)
 
         def save(name: str, epoch: int) -> None:
             if rank != 0 or not t.checkpoint:
@@ -305,6 +311,39 @@ def _fit(cfg, tracker, resume, parent_run_id, extra_tags, extra_params, on_epoch
         if rank == 0:
             _log_artifacts(run, history, ckpt_dir, cfg, model)
         return TrainResult(run.run_id, final, history, str(ckpt_dir), best)
+
+
+def _compile(
+    net, cfg: Config, device, amp: str, samples: int, optimizer, run: Run, epoch: int
+) -> nn.Module:
+    """``net`` compiled as ``train.compile`` says, its first forward + backward run here on a
+    zero batch of the training shape (gradients cleared), so that compile time is logged apart
+    as ``compile_s`` and never counted in an epoch's img/s."""
+    mode = resolve_compile(cfg.train.compile, device)
+    if mode == "eager":
+        run.set_tags({"compile": "eager"})
+        return net
+    size = model_img_size(cfg)
+    # every training batch has this many images (drop_last), else the one short batch
+    batch = min(cfg.train.batch_size, samples)
+    x = torch.zeros(batch, cfg.model.overrides.get("in_chans", 3), size, size, device=device)
+
+    def first_step(fn: nn.Module) -> None:
+        with autocast(device, amp):
+            out = fn(x)
+        outs = out if isinstance(out, tuple) else (out,)
+        sum(o.float().mean() for o in outs).backward()
+        optimizer.zero_grad(set_to_none=True)
+
+    net.train()
+    c = compile_model(net, mode, first_step, device)
+    tags = {"compile": c.mode}
+    if c.fallback:
+        tags["compile_fallback"] = c.fallback
+    run.set_tags(tags)
+    if c.compile_s:
+        run.log_metrics({"compile_s": c.compile_s}, step=epoch)
+    return c.fn
 
 
 def _run_epoch(epoch, cfg, net, model, ema, train_loader, val_loader, sampler, optimizer,

@@ -148,7 +148,7 @@ def test_models_cli_wrong_knob_is_one_line(argv, words, capsys):
 
 def test_onednn_linear_equals_f_linear_forward_and_backward():
     """The fp32 CPU Linear (oneDNN forward and input gradient) is nn.Linear's computation."""
-    from suite.models.layers import Linear
+    from suite.models.fastpath import Linear
 
     lin = Linear(24, 72)
     x = torch.randn(5, 16, 24, requires_grad=True)
@@ -199,8 +199,69 @@ def test_compile_blocks_is_the_same_model(name):
 
 def test_sdpa_in_batch_chunks_equals_one_call():
     """CUDA's fused kernels cap the batch at 65,535 (TNT's inner attention: B x 196): chunks."""
-    from suite.models.layers import SDPA_MAX_BATCH, sdpa
+    from suite.models.fastpath import SDPA_MAX_BATCH, sdpa
 
     assert SDPA_MAX_BATCH == 65535
     q, k, v = (torch.randn(7, 4, 16, 6) for _ in range(3))
     torch.testing.assert_close(sdpa(q, k, v, max_batch=3), sdpa(q, k, v))
+
+
+def _attention_shapes(name):
+    """(role, tokens, head dim) of every attention in the registered model, read by hooks
+    during a depth-1 forward pass on the meta device (no memory, no compute)."""
+    shapes = set()
+    with torch.device("meta"):
+        model = create_model(name, depth=1)
+        for mod_name, mod in model.named_modules():
+            if isinstance(mod, Attention):
+                role = "inner" if ".inner." in mod_name else "outer"
+
+                def hook(m, args, role=role):
+                    shapes.add((role, args[0].shape[1], m.head_dim))
+
+                mod.register_forward_pre_hook(hook)
+        size = get_entry(name).img_size
+        model(torch.empty(1, 3, size, size))
+    return shapes
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_attention_dispatch_for_every_model_on_cpu_and_cuda(name):
+    """The measured dispatch rule (fastpath.use_sdpa) for each of the model's attentions:
+    TNT's inner attention (16 pixel tokens, head dim 3-10) is written out everywhere; the
+    224/384 models' outer attention (197+ tokens, head dim 64) goes to SDPA on CUDA and on CPU
+    in fp32, written out under CPU bf16 autocast; the nano models' 17-18 tokens are short."""
+    from suite.models.fastpath import use_sdpa
+
+    shapes = _attention_shapes(name)
+    family = get_entry(name).family
+    assert {role for role, _, _ in shapes} == ({"inner", "outer"} if family == "tnt" else {"outer"})
+    for role, tokens, head_dim in shapes:
+        long_outer = role == "outer" and name not in NANO
+        if role == "inner":
+            assert tokens == 16 and head_dim % 8 != 0
+        elif long_outer:
+            assert tokens >= 197 and head_dim == 64
+        else:
+            assert tokens in (17, 18)
+        got = {
+            "cuda": use_sdpa("cuda", tokens, head_dim),
+            "cuda+bf16": use_sdpa("cuda", tokens, head_dim),  # autocast does not change CUDA's
+            "cpu": use_sdpa("cpu", tokens, head_dim),
+            "cpu+bf16": use_sdpa("cpu", tokens, head_dim, cpu_autocast=True),
+        }
+        want = {"cuda": long_outer, "cuda+bf16": long_outer, "cpu": long_outer, "cpu+bf16": False}
+        assert got == want, (role, tokens, head_dim)
+
+
+def test_attention_dispatch_cuda_rule_edges():
+    """CUDA: SDPA needs a head dim that is a multiple of 8 and a sequence of 64+ tokens."""
+    from suite.models.fastpath import SDPA_MIN_TOKENS, use_sdpa
+
+    assert SDPA_MIN_TOKENS == 64
+    assert use_sdpa("cuda", 64, 8) and use_sdpa("cuda", 577, 64)
+    assert not use_sdpa("cuda", 63, 64)  # short: written out
+    assert not use_sdpa("cuda", 4096, 6)  # head dim 6: only the slow flash kernel takes it
+    assert not use_sdpa("cuda", 197, 12)
+    assert use_sdpa("cpu", 64, 6) and not use_sdpa("cpu", 63, 64)
+    assert use_sdpa("mps", 16, 6)  # other devices: PyTorch's own dispatch

@@ -22,6 +22,8 @@ SMALL = [
     "train.lr=1e-3",
     "train.amp='fp32'",
     "tracking.system_metrics=false",
+    # these tests check CPU behaviour (bit-exact resume, gloo DDP); tests/test_cuda.py has CUDA's
+    "train.device='cpu'",
 ]
 
 
@@ -173,13 +175,100 @@ def test_torchrun_two_cpu_processes_log_one_run(tmp_path):
 
 
 def test_compiled_training_keeps_plain_checkpoint_names(tmp_path):
-    """train.compile = true compiles the blocks in place: it trains, and the checkpoint loads
-    into an uncompiled model (no ``_orig_mod.`` prefixes)."""
+    """train.compile = true compiles the whole model: it trains, compile time is logged apart
+    (compile_s) and the checkpoint loads into an uncompiled model (no ``_orig_mod.``)."""
+    mlflow = pytest.importorskip("mlflow")
     from suite.models import create_model
 
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
     cfg = cfg_for(tmp_path, "train.compile=true", "train.epochs=1", "model.depth=1",
                   "data.train_size=128", "data.val_size=64")  # fmt: skip
-    r = fit(cfg, Tracker(), progress=False)
+    r = fit(cfg, make_tracker(uri), progress=False)
     assert math.isfinite(r.metrics["train_loss"])
     ckpt = torch.load(os.path.join(r.checkpoint_dir, "last.pt"), weights_only=False)
     create_model(ckpt["model_name"], **ckpt["model_kwargs"]).load_state_dict(ckpt["model"])
+    run = mlflow.MlflowClient(uri).get_run(r.run_id)
+    assert run.data.tags["compile"] == "whole" and "compile_fallback" not in run.data.tags
+    # the first (compiling) step ran before the epoch: far slower than a whole timed epoch
+    assert run.data.metrics["compile_s"] > run.data.metrics["epoch_s"]
+
+
+def test_compile_auto_is_eager_on_cpu(tmp_path):
+    mlflow = pytest.importorskip("mlflow")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = cfg_for(
+        tmp_path,
+        "train.epochs=1",
+        "model.depth=1",
+        "data.train_size=64",
+        "data.val_size=32",
+        "train.device='cpu'",
+    )
+    assert cfg.train.compile == "auto"  # the default
+    r = fit(cfg, make_tracker(uri), progress=False)
+    run = mlflow.MlflowClient(uri).get_run(r.run_id)
+    assert run.data.tags["compile"] == "eager" and "compile_s" not in run.data.metrics
+
+
+def test_failed_compile_falls_back_to_eager_with_one_warning(tmp_path, monkeypatch, capsys):
+    """A compiler that fails: one warning line, the same run trains eagerly to the same
+    result as an eager run, and is tagged compile_fallback."""
+    mlflow = pytest.importorskip("mlflow")
+
+    def broken_compile(model, **kwargs):
+        def call(*args, **kw):
+            raise RuntimeError("inductor: no C++ compiler found\nlong details")
+
+        return call
+
+    sets = ["train.epochs=1", "model.depth=1", "data.train_size=64", "data.val_size=32"]
+    eager = fit(cfg_for(tmp_path / "a", *sets, "train.compile=false"), Tracker(), progress=False)
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    r = fit(cfg_for(tmp_path / "b", *sets, "train.compile=true"), make_tracker(uri), progress=False)
+    err = capsys.readouterr().err.strip().splitlines()
+    warnings = [line for line in err if "torch.compile" in line]
+    assert len(warnings) == 1 and "no C++ compiler found" in warnings[0]
+    assert "long details" not in warnings[0]
+    run = mlflow.MlflowClient(uri).get_run(r.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["compile"] == "eager"
+    assert "no C++ compiler found" in run.data.tags["compile_fallback"]
+    for key in ("train_loss", "val_loss", "val_top1"):
+        assert r.metrics[key] == pytest.approx(eager.metrics[key], abs=1e-6), key
+
+
+def test_cuda_out_of_memory_is_one_line_and_run_failed(tmp_path, monkeypatch, capsys):
+    """An OOM (simulated: CPU has none) ends with one line naming train.batch_size, and the
+    run is FAILED with the error as a tag."""
+    mlflow = pytest.importorskip("mlflow")
+    from suite import train
+    from suite.cli import main
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train, "train_one_epoch", oom)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    argv = [
+        "train",
+        "--tracking-uri",
+        uri,
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "data.train_size=64",
+        "--set",
+        "train.batch_size=32",
+        "--set",
+        f"train.out_dir='{tmp_path / 'runs'}'",
+        "--set",
+        "tracking.system_metrics=false",
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "train.batch_size = 32" in err and "out of memory" in err and "MB" in err
+    (run,) = mlflow.MlflowClient(uri).search_runs(
+        [mlflow.MlflowClient(uri).get_experiment_by_name("tntbench").experiment_id]
+    )
+    assert run.info.status == "FAILED" and "OutOfMemoryError" in run.data.tags["error"]

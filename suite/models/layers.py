@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fastpath import SDPA_MIN_TOKENS, Linear, sdpa, use_sdpa
+
 
 def check_divisible(name_a: str, a: int, name_b: str, b: int) -> None:
     """Raise a ValueError naming both values when ``b`` does not divide ``a``."""
@@ -37,114 +39,14 @@ class DropPath(nn.Module):
         return f"p={self.p}"
 
 
-# oneDNN's linear, as torch.compile's CPU backend uses it; absent in builds without mkldnn.
-# Both are private PyTorch APIs: where either is missing, Linear is plain nn.Linear.
-try:
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-except ImportError:  # pragma: no cover
-    _get_current_dispatch_mode = None
-_DNNL_LINEAR = (
-    _get_current_dispatch_mode is not None
-    and torch.backends.mkldnn.is_available()
-    and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-)
-
-
-class _DnnlLinearFn(torch.autograd.Function):
-    """fp32 CPU linear through oneDNN for y = x W^T + b and dx = dy W.
-
-    oneDNN measured 10-30% faster than MKL's sgemm (F.linear's CPU path) for these shapes on
-    an AVX-512 AMD EPYC; dW = dy^T x stays on MKL, which was faster there. Whole fp32 train
-    step: TNT-S 3.4%, DeiT-S 6% (benchmarks/bench_tnt_speed.py). No double backward.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        x2 = x.reshape(-1, x.shape[-1])
-        out = torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [], "")
-        return out.view(*x.shape[:-1], weight.shape[0])
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1])
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = torch.ops.mkldnn._linear_pointwise(g, weight.t(), None, "none", [], "")
-            gx = gx.view(x.shape)
-        if ctx.needs_input_grad[1]:
-            gw = g.t().mm(x.reshape(-1, x.shape[-1]))
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = g.sum(0)
-        return gx, gw, gb
-
-
-class Linear(nn.Linear):
-    """nn.Linear (same parameters) that runs fp32 CPU matmuls through oneDNN, see _DnnlLinearFn.
-
-    Everything else (autocast, CUDA, torch.compile, ``dnnl = False``) is plain F.linear, and
-    so is any call under ``torch.jit.trace`` or a dispatch mode, so FLOP counters (fvcore,
-    torch.utils.flop_counter) see the aten matmuls they know.
-    """
-
-    dnnl = True
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            self.dnnl
-            and _DNNL_LINEAR
-            and x.device.type == "cpu"
-            and x.dtype == torch.float32
-            and self.weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling()
-            and not torch.jit.is_tracing()
-            and _get_current_dispatch_mode() is None
-        ):
-            return _DnnlLinearFn.apply(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
-
-
-# CUDA's flash and memory-efficient SDPA kernels put the batch in a grid dimension capped at
-# 65,535 blocks; TNT's inner attention has B x 196 sequences (B >= 335 overflows), so chunk.
-SDPA_MAX_BATCH = 65535
-
-
-def sdpa(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    dropout_p: float = 0.0,
-    max_batch: int | None = None,
-) -> torch.Tensor:
-    """F.scaled_dot_product_attention on (B, H, N, Dh), in batch chunks of at most
-    ``max_batch`` (default: ``SDPA_MAX_BATCH`` on CUDA, no chunks elsewhere)."""
-    if max_batch is None:
-        max_batch = SDPA_MAX_BATCH if q.device.type == "cuda" else q.shape[0]
-    if q.shape[0] <= max_batch:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-    parts = zip(q.split(max_batch), k.split(max_batch), v.split(max_batch), strict=True)
-    return torch.cat([F.scaled_dot_product_attention(a, b, c, dropout_p=dropout_p)
-                      for a, b, c in parts])  # fmt: skip
-
-
-# on CPU in fp32, flash attention pays off from about this sequence length (see Attention)
-CPU_SDPA_MIN_TOKENS = 64
-
-
 class Attention(nn.Module):
     """Multi-head self-attention with one fused qkv projection.
 
     ``fused=True`` runs ``F.scaled_dot_product_attention``; ``fused=False`` writes the same
     computation out (softmax(q k^T / sqrt(Dh)) v), which the tests compare against.
-    ``fused=None`` (default) picks per call: SDPA on GPUs; on CPU the written-out form under
-    bf16 autocast (PyTorch's CPU flash kernel measured about twice as slow there: TNT-S train
-    step 1.66 s vs 1.39 s at batch 8) and for short sequences in fp32 (TNT's inner attention,
-    16 tokens: forward+backward 41 ms written-out vs 53 ms flash per TNT-S block at batch 16;
-    the outer attention, 197 tokens, is 8% faster with flash). Under CPU bf16 the written-out
-    softmax runs in fp32 (see forward).
+    ``fused=None`` (default) picks per call by the measured rule in ``fastpath.use_sdpa``
+    (device, sequence length, head dim). Under CPU bf16 the written-out softmax runs in fp32
+    for short rows (see forward).
     """
 
     def __init__(
@@ -174,14 +76,13 @@ class Attention(nn.Module):
         drop = self.attn_drop if self.training else 0.0
         fused = self.fused
         if fused is None:
-            fused = x.device.type != "cpu" or (
-                not torch.is_autocast_enabled("cpu") and N >= CPU_SDPA_MIN_TOKENS
-            )
+            cpu_autocast = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            fused = use_sdpa(x.device.type, N, self.head_dim, cpu_autocast)
         if fused:
             x = sdpa(q, k, v, dropout_p=drop)
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
-            if attn.dtype == torch.bfloat16 and x.device.type == "cpu" and N < CPU_SDPA_MIN_TOKENS:
+            if attn.dtype == torch.bfloat16 and x.device.type == "cpu" and N < SDPA_MIN_TOKENS:
                 # PyTorch's CPU bf16 softmax (fwd+bwd) measured 3x slower than an fp32 softmax
                 # plus the two casts for rows of 16 (TNT-S train step 4.7% faster in bf16), 2x
                 # faster for rows of 197; the result is the fp32 softmax rounded to bf16

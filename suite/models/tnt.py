@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Block, Linear, check_divisible, check_input, drop_path_rates, init_weights
+from .fastpath import Linear
+from .layers import Block, check_divisible, check_input, drop_path_rates, init_weights
 
 LN_EPS = 1e-5  # the official code and timm's TNT use nn.LayerNorm's default
 
