@@ -194,14 +194,14 @@ class MatrixResult:
 
 def finished_digests(tracker: Tracker, experiment: str) -> dict[str, str]:
     """cell hash -> run ID of the FINISHED cell runs already in the experiment."""
-    df = tracker.runs(experiment, "tags.kind = 'cell' and attributes.status = 'FINISHED'")
+    df = tracker.runs(experiment, status="FINISHED", kind="cell")
     if df.empty or "tags.cell_hash" not in df:
         return {}
     return dict(zip(df["tags.cell_hash"], df["run_id"], strict=True))
 
 
 def _parent_run_id(tracker: Tracker, experiment: str, name: str) -> str | None:
-    df = tracker.runs(experiment, f"tags.kind = 'matrix' and tags.matrix = '{name}'")
+    df = tracker.runs(experiment, kind="matrix", matrix=name)
     return None if df.empty else str(df.sort_values("start_time")["run_id"].iloc[0])
 
 
@@ -328,10 +328,7 @@ SUMMARY_METRICS = {
 
 def cell_runs(tracker: Tracker, experiment: str, matrix: str) -> pd.DataFrame:
     """The matrix's FINISHED cell runs (newest per cell hash), one row each."""
-    df = tracker.runs(
-        experiment,
-        f"tags.kind = 'cell' and tags.matrix = '{matrix}' and attributes.status = 'FINISHED'",
-    )
+    df = tracker.runs(experiment, status="FINISHED", kind="cell", matrix=matrix)
     if df.empty:
         return df
     df = df.sort_values("start_time").drop_duplicates("tags.cell_hash", keep="last")

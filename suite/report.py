@@ -53,7 +53,7 @@ def _mean_std(s: pd.Series) -> str:
 
 def training_runs(tracker: Tracker, experiments: list[str], matrix: str | None) -> pd.DataFrame:
     """FINISHED training runs (matrix cells and plain ``tntbench train`` runs), not trials."""
-    frames = [tracker.runs(e, "attributes.status = 'FINISHED'") for e in experiments]
+    frames = [tracker.runs(e, status="FINISHED") for e in experiments]
     frames = [f for f in frames if not f.empty]
     if not frames:
         return pd.DataFrame()
@@ -178,7 +178,7 @@ def _as_int(v: Any) -> Any:
 
 def search_tables(tracker: Tracker, experiments: list[str], study: str | None) -> dict:
     """Per study: best trials, the Pareto front (two objectives), parameter importances."""
-    frames = [tracker.runs(e, "tags.kind = 'trial'") for e in experiments]
+    frames = [tracker.runs(e, kind="trial") for e in experiments]
     frames = [f for f in frames if not f.empty]
     if not frames:
         return {}

@@ -5,14 +5,22 @@ This is the only module that imports mlflow.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from suite.errors import UserError
+
 DEFAULT_URI = "sqlite:///mlflow.db"
+# MLflow's limits: a param value's length and an experiment name's
+PARAM_MAX_CHARS = 6000
+EXPERIMENT_MAX_CHARS = 500
 
 
 def resolve_uri(uri: str | None = None) -> str:
@@ -98,12 +106,34 @@ class Tracker:
     def download_artifacts(self, run_id: str, path: str, dst: str | Path) -> Path:
         raise LookupError("tracking is off: no artifacts to download")
 
-    def runs(self, experiment: str, filter_string: str = "") -> Any:
+    def runs(self, experiment: str, status: str | None = None, **tags: str) -> Any:
         """Runs of ``experiment`` as a pandas DataFrame: run_id, run_name, status, start_time,
-        and one column per param (``params.x``), metric (``metrics.x``) and tag (``tags.x``)."""
+        and one column per param (``params.x``), metric (``metrics.x``) and tag (``tags.x``);
+        only those with ``status`` (FINISHED, RUNNING, ...) and the given tag values."""
         import pandas as pd
 
         return pd.DataFrame(columns=["run_id", "run_name", "status", "start_time"])
+
+    def checkpoint_from_uri(self, uri: str) -> Path:
+        raise UserError(f"{uri}: tracking is off, so MLflow URIs cannot be read")
+
+
+def filter_string(status: str | None = None, **tags: str) -> str:
+    """An MLflow search filter: ``attributes.status`` and ``tags.<key>`` equal to the values,
+    each quoted so that any value (quotes included) is matched literally."""
+    parts = [f"tags.{k} = {_quote(str(v))}" for k, v in tags.items()]
+    if status is not None:
+        parts.append(f"attributes.status = {_quote(status)}")
+    return " and ".join(parts)
+
+
+def _quote(value: str) -> str:
+    # MLflow's filter parser takes '...' or "..." and has no escape inside either
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise UserError(f"{value!r}: a name with both ' and \" cannot be searched for in MLflow")
 
 
 class _MlflowRun(Run):
@@ -114,7 +144,19 @@ class _MlflowRun(Run):
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        items = []
+        for k, v in params.items():
+            text = str(v)
+            if len(text) > PARAM_MAX_CHARS:  # MLflow refuses longer: a hash, and say so
+                digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+                print(
+                    f"warning: param {k} is {len(text):,} characters, over MLflow's "
+                    f"{PARAM_MAX_CHARS:,}: logged as its sha256 {digest}; the full value is in "
+                    "the config.toml artifact",
+                    file=sys.stderr,
+                )
+                text = f"sha256:{digest} ({len(text)} chars; see config.toml)"
+            items.append(Param(k, text))
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i : i + 100], synchronous=True)
 
@@ -164,7 +206,17 @@ class _MlflowRun(Run):
         )
         ds = MetaDataset(source, name=info.name, digest=info.digest)
         tag = InputTag("mlflow.data.context", context)
-        self.client.log_inputs(self.run_id, datasets=[DatasetInput(ds._to_mlflow_entity(), [tag])])
+        entry = DatasetInput(ds._to_mlflow_entity(), [tag])
+        # Parallel workers may insert the same dataset record at once: one wins, the other's
+        # unique-constraint error means it exists now, and logging again links to it.
+        for attempt in range(4):
+            try:
+                self.client.log_inputs(self.run_id, datasets=[entry])
+                return
+            except Exception as e:
+                if not _is_unique_violation(e) or attempt == 3:
+                    raise
+                time.sleep(0.05 * 2**attempt)
 
     def log_model(self, model: Any, name: str = "model") -> None:
         import mlflow
@@ -191,6 +243,17 @@ class _MlflowRun(Run):
             monitor.finish()
         # set_terminated also drains MLflow's asynchronous queue, if anything used it
         self.client.set_terminated(self.run_id, status=status)
+
+
+def _is_unique_violation(e: BaseException) -> bool:
+    """SQLAlchemy's IntegrityError (SQLite, PostgreSQL), as MLflow passes it on."""
+    from sqlalchemy.exc import IntegrityError
+
+    while e is not None:
+        if isinstance(e, IntegrityError):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 class _RetryingClient:
@@ -228,8 +291,14 @@ class MlflowTracker(Tracker):
             logging.getLogger(name).setLevel(logging.WARNING)
         self.uri = resolve_uri(uri)
         self.client = _RetryingClient(MlflowClient(tracking_uri=self.uri))
+        open_store(self.uri, self.client)
 
     def experiment_id(self, name: str) -> str:
+        if len(name) > EXPERIMENT_MAX_CHARS:
+            raise UserError(
+                f"experiment name of {len(name)} characters: MLflow takes at most "
+                f"{EXPERIMENT_MAX_CHARS} (tracking.experiment)"
+            )
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
             if exp.lifecycle_stage == "deleted":
@@ -254,6 +323,8 @@ class MlflowTracker(Tracker):
             self.client.update_run(run_id, status="RUNNING")
             run = _MlflowRun(self.client, run_id)
             run.set_tags(all_tags)
+            if "error" in self.client.get_run(run_id).data.tags:  # a failure that is over now
+                self.client.delete_tag(run_id, "error")
         else:
             exp_id = self.experiment_id(experiment)
             r = self.client.create_run(exp_id, run_name=run_name, tags=all_tags)
@@ -296,8 +367,33 @@ class MlflowTracker(Tracker):
         Path(dst).mkdir(parents=True, exist_ok=True)
         return Path(self.client.download_artifacts(run_id, path, str(dst)))
 
-    def runs(self, experiment: str, filter_string: str = "") -> Any:
+    def checkpoint_from_uri(self, uri: str) -> Path:
+        """The checkpoint file behind ``runs:/<run id>[/<artifact path>.pt]`` or
+        ``models:/<name>/<version or @alias>`` (the registered model's source run), downloaded:
+        the run's ``checkpoints/best.pt`` artifact unless the URI names a ``.pt`` file."""
+        try:
+            if uri.startswith("models:/"):
+                name, _, ref = uri.removeprefix("models:/").partition("/")
+                if ref.startswith("@"):
+                    mv = self.client.get_model_version_by_alias(name, ref[1:])
+                else:
+                    mv = self.client.get_model_version(name, ref)
+                run_id, path = mv.run_id, ""
+            else:
+                run_id, _, path = uri.removeprefix("runs:/").partition("/")
+            path = path if path.endswith(".pt") else "checkpoints/best.pt"
+            dst = Path(tempfile.mkdtemp(prefix="tntbench-teacher-"))
+            return self.download_artifacts(run_id, path, dst)
+        except UserError:
+            raise
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UserError(f"{uri}: no checkpoint to read there ({first[:200]})") from None
+
+    def runs(self, experiment: str, status: str | None = None, **tags: str) -> Any:
         import pandas as pd
+
+        where = filter_string(status, **tags)
 
         exp = self.client.get_experiment_by_name(experiment)
         rows = []
@@ -305,7 +401,7 @@ class MlflowTracker(Tracker):
             token = None
             while True:
                 page = self.client.search_runs(
-                    [exp.experiment_id], filter_string, max_results=1000, page_token=token
+                    [exp.experiment_id], where, max_results=1000, page_token=token
                 )
                 for r in page:
                     row = {
@@ -348,11 +444,80 @@ def serve_ui(uri: str | None = None, port: int = 0, host: str = "127.0.0.1") -> 
         return 0
 
 
-def load_model(uri: str, device: str = "cpu") -> Any:
-    """A model logged with ``mlflow.pytorch.log_model`` (``runs:/<id>/model``, ``models:/...``)."""
-    import mlflow
+def open_store(uri: str, client: Any) -> None:
+    """Check the store before any work, creating it if new: one UserError naming the URI when
+    it is unreachable (within about 10 s), of an unknown kind, read-only or half-built.
 
-    return mlflow.pytorch.load_model(uri, map_location=device)
+    A new SQLite store is created under a file lock (``filelock``): MLflow builds its schema by
+    migrations that two processes must not run at once (that left half-built stores)."""
+    from filelock import FileLock
+
+    db = _sqlite_path(uri)
+    if db is None:
+        _probe(uri, client)
+        return
+    if db.exists() and not os.access(db, os.W_OK):
+        raise UserError(f"tracking store {uri}: the file is read-only")
+    if not os.access(db.parent if str(db.parent) else ".", os.W_OK):
+        raise UserError(f"tracking store {uri}: its folder {db.parent} is read-only")
+    with FileLock(f"{db}.lock", timeout=120):
+        _check_half_built(uri, db)
+        _probe(uri, client)
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The file of an ``sqlite:///relative`` or ``sqlite:////absolute`` store."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def _check_half_built(uri: str, db: Path) -> None:
+    """A migration that died leaves ``_alembic_tmp_*`` tables behind. Without runs in it the
+    store is empty and is started again; with runs, it is refused (never touched)."""
+    import sqlite3
+
+    if not db.is_file() or db.stat().st_size == 0:
+        return
+    con = sqlite3.connect(db)
+    try:
+        names = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if not any(n.startswith("_alembic_tmp_") for n in names):
+            return
+        n_runs = con.execute("SELECT count(*) FROM runs").fetchone()[0] if "runs" in names else 0
+    finally:
+        con.close()
+    if n_runs:
+        raise UserError(
+            f"tracking store {uri} is half-built (an interrupted schema migration "
+            f"left {sorted(n for n in names if n.startswith('_alembic_tmp_'))}) and "
+            f"holds {n_runs} run(s): restore it from a backup or move it aside"
+        )
+    db.unlink()  # empty: build it anew
+
+
+def _probe(uri: str, client: Any) -> None:
+    """One cheap request; HTTP servers get a 10 s timeout and no retries for it."""
+    http = uri.startswith(("http://", "https://"))
+    saved = {k: os.environ.get(k) for k in _HTTP_PROBE_ENV}
+    if http:
+        os.environ.update(_HTTP_PROBE_ENV)
+    try:
+        client.search_experiments(max_results=1)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        what = "unreachable" if http else "cannot be opened"
+        raise UserError(f"tracking store {uri} {what}: {first[:200]}") from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+_HTTP_PROBE_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
 
 
 def environment_tags() -> dict[str, str]:

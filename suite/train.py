@@ -7,6 +7,7 @@ through ``suite.tracking`` (only rank 0 logs).
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import random
@@ -22,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from suite.checkpoint import load_checkpoint, load_weights, model_state, rng_state, save_checkpoint
 from suite.config import Config, to_toml
 from suite.data import DataInfo, build_datasets, build_mixup
 from suite.engine import (
@@ -37,7 +39,7 @@ from suite.engine import (
 from suite.errors import UserError
 from suite.models import create_model, get_entry
 from suite.runtime import compile_model, oom_message, resolve_compile
-from suite.tracking import Run, Tracker, environment_tags, flatten, load_model
+from suite.tracking import Run, Tracker, environment_tags, flatten, make_tracker
 
 
 @dataclass
@@ -101,16 +103,29 @@ def model_img_size(cfg: Config) -> int:
     return cfg.model.overrides.get("img_size", get_entry(cfg.model.name).img_size)
 
 
-def load_teacher(cfg: Config, info: DataInfo, device: torch.device) -> nn.Module | None:
+def load_teacher(cfg: Config, device: torch.device, tracker: Tracker) -> nn.Module | None:
+    """The frozen teacher: a checkpoint file, or an MLflow URI whose run holds a checkpoint
+    artifact (``runs:/<id>``, ``models:/<name>/<version>``); read as tensors only, never
+    unpickled. Its architecture is ``distill.teacher_model``, else the checkpoint's own."""
     k = cfg.distill
     if k.kind == "none":
         return None
     if k.teacher.startswith(("runs:/", "models:/")):
-        teacher = load_model(k.teacher, str(device))
+        if not tracker.uri:  # torchrun's other ranks: the store the config names
+            tracker = make_tracker(cfg.tracking.uri or None)
+        path = tracker.checkpoint_from_uri(k.teacher)
     else:
-        ckpt = torch.load(k.teacher, map_location="cpu", weights_only=False)
-        teacher = create_model(k.teacher_model, **ckpt.get("model_kwargs", {}))
-        teacher.load_state_dict(ckpt.get("model", ckpt))
+        path = Path(k.teacher)
+    ckpt = load_checkpoint(path)
+    name = k.teacher_model or ckpt.get("model_name")
+    if not isinstance(name, str) or not name:
+        raise UserError(f"distill.teacher_model: required, {path} does not name its model")
+    kwargs = ckpt.get("model_kwargs", {}) if ckpt.get("model_name", name) == name else {}
+    try:
+        teacher = create_model(name, **(kwargs if isinstance(kwargs, dict) else {}))
+    except (ValueError, TypeError) as e:
+        raise UserError(f"distill.teacher {path}: {e}") from None
+    load_weights(teacher, model_state(ckpt, path), path)
     teacher.to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -136,11 +151,49 @@ def find_checkpoint(resume: str, tracker: Tracker) -> Path:
     raise UserError(f"--resume {resume}: not a checkpoint file, folder or MLflow run ID")
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def new_checkpoint_dir(out_dir: str | Path, name: str) -> Path:
+    """A fresh folder for a run's checkpoints inside ``out_dir``: ``name`` made safe (path
+    separators and dots become ``_``, so ``..`` cannot escape), with -2, -3, ... appended when
+    taken, so two runs of the same name never share one. Created atomically (mkdir)."""
+    safe = re.sub(r"[^\w-]+", "_", name).strip("_") or "run"
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for i in itertools.count(1):
+            folder = out / (safe if i == 1 else f"{safe}-{i}")
+            try:
+                folder.mkdir()
+                return folder
+            except FileExistsError:
+                continue
+    except OSError as e:
+        raise UserError(
+            f"train.out_dir = {str(out_dir)!r}: cannot create a folder there ({e.strerror or e})"
+        ) from None
+    raise AssertionError("unreachable")
+
+
+def resume_state(path: Path, cfg: Config, device: torch.device, state: dict[str, Any]) -> dict:
+    """Load a checkpoint into the run's objects (``state``: model, optimizer, scheduler,
+    scaler, ema); a checkpoint of another model or a damaged one is one UserError."""
+    ckpt = load_checkpoint(path, map_location=device)
+    name = ckpt.get("model_name")
+    if name != cfg.model.name:
+        raise UserError(
+            f"--resume {path}: a checkpoint of {name!r}, but the config trains {cfg.model.name!r}"
+        )
+    load_weights(state["model"], model_state(ckpt, path), path)
+    try:
+        for key in ("optimizer", "scheduler", "scaler"):
+            state[key].load_state_dict(ckpt[key])
+        if state["ema"] is not None and ckpt.get("ema") is not None:
+            state["ema"].load_state_dict(ckpt["ema"])
+        int(ckpt["epoch"]), float(ckpt["best_top1"]), list(ckpt["history"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise UserError(
+            f"--resume {path}: not a complete tntbench checkpoint ({type(e).__name__}: {e})"
+        ) from None
+    return ckpt
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,21 +269,18 @@ def _fit(cfg, tracker, resume, parent_run_id, extra_tags, extra_params, on_epoch
     )
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     ema = build_ema(model, t.ema_decay) if t.ema else None
-    teacher = load_teacher(cfg, info, device)
+    teacher = load_teacher(cfg, device, tracker)
     criterion = Criterion(t.label_smoothing, cfg.distill if teacher is not None else None)
     mixup = build_mixup(cfg.data, info.num_classes)
 
     start_epoch, history, best, run_id = 0, [], -math.inf, None
     if resume:
         ckpt_path = find_checkpoint(resume, tracker)
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        if ema is not None and ckpt.get("ema") is not None:
-            ema.load_state_dict(ckpt["ema"])
-        start_epoch, history = ckpt["epoch"], ckpt["history"]
+        objects = dict(
+            model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, ema=ema
+        )
+        ckpt = resume_state(ckpt_path, cfg, device, objects)
+        start_epoch, history = int(ckpt["epoch"]), list(ckpt["history"])
         best, run_id = ckpt["best_top1"], ckpt.get("run_id") or None
 
     net: nn.Module = model
@@ -246,9 +296,12 @@ def _fit(cfg, tracker, resume, parent_run_id, extra_tags, extra_params, on_epoch
 
     with tracker.run(cfg.tracking.experiment, default_run_name(cfg), tags, parent_run_id,
                      run_id) as run:  # fmt: skip
-        ckpt_dir = Path(t.out_dir) / (run.run_id or re.sub(r"[^\w.-]", "_", default_run_name(cfg)))
-        if rank == 0:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if resume:  # the checkpoint's own folder, tracked or not
+            ckpt_dir = ckpt_path.parent
+        elif rank == 0:
+            ckpt_dir = new_checkpoint_dir(t.out_dir, run.run_id or default_run_name(cfg))
+        else:  # other ranks never write checkpoints
+            ckpt_dir = Path(t.out_dir)
         if not resume:
             params = flatten(cfg.to_dict())
             params.update(lr_effective=lr, global_batch=global_batch, amp_resolved=amp)
@@ -258,6 +311,13 @@ def _fit(cfg, tracker, resume, parent_run_id, extra_tags, extra_params, on_epoch
             run.log_text(to_toml(cfg.to_dict()), "config.toml")
             run.log_dataset(info, "train")
             run.log_metrics(profile, step=0)
+        elif history and run.run_id:
+            # killed after an epoch's checkpoint but before its metrics reached the store:
+            # log what is missing, so that each epoch is recorded exactly once
+            logged = {int(step) for step, _ in tracker.metric_history(run.run_id, "epoch")}
+            run.log_metric_rows(
+                [(int(h["epoch"]), _epoch_row(h)) for h in history if int(h["epoch"]) not in logged]
+            )
         if cfg.tracking.system_metrics:
             run.start_system_metrics()
         net = _compile(net, cfg, device, amp, len(train_sampler), optimizer, run, start_epoch)
@@ -277,19 +337,33 @@ def _fit(cfg, tracker, resume, parent_run_id, extra_tags, extra_params, on_epoch
                 "history": history,
                 "best_top1": best,
                 "run_id": run.run_id,
-                "config": cfg.to_dict(),
-                "rng": _rng_state(),
+                "config_toml": to_toml(cfg.to_dict()),
+                "rng": rng_state(),
             }
-            tmp = ckpt_dir / f".{name}.tmp"
-            torch.save(state, tmp)
-            tmp.replace(ckpt_dir / name)  # atomic: a crash never leaves a half-written file
+            save_checkpoint(ckpt_dir / name, state)  # atomic; tensors and plain data only
 
         completed = start_epoch
         try:
             for epoch in range(start_epoch, t.epochs):
-                metrics = _run_epoch(epoch, cfg, net, model, ema, train_loader, val_loader,
-                                     train_sampler, optimizer, scheduler, scaler, criterion,
-                                     device, amp, mixup, teacher, run, progress)  # fmt: skip
+                metrics, step_rows = _run_epoch(
+                    epoch,
+                    cfg,
+                    net,
+                    model,
+                    ema,
+                    train_loader,
+                    val_loader,
+                    train_sampler,
+                    optimizer,
+                    scheduler,
+                    scaler,
+                    criterion,
+                    device,
+                    amp,
+                    mixup,
+                    teacher,
+                    progress,
+                )
                 history.append(metrics)
                 improved = metrics["val_top1"] > best
                 best = max(best, metrics["val_top1"])
@@ -297,6 +371,8 @@ def _fit(cfg, tracker, resume, parent_run_id, extra_tags, extra_params, on_epoch
                 save("last.pt", completed)
                 if improved:
                     save("best.pt", completed)
+                # after the checkpoint: a resume re-logs an epoch only if it never got here
+                run.log_metric_rows([*step_rows, (epoch + 1, _epoch_row(metrics))])
                 if on_epoch is not None:
                     on_epoch(epoch, metrics)
         except KeyboardInterrupt:
@@ -346,9 +422,25 @@ def _compile(
     return c.fn
 
 
-def _run_epoch(epoch, cfg, net, model, ema, train_loader, val_loader, sampler, optimizer,
-               scheduler, scaler, criterion, device, amp, mixup, teacher, run: Run,
-               progress) -> dict[str, float]:  # fmt: skip
+def _run_epoch(
+    epoch,
+    cfg,
+    net,
+    model,
+    ema,
+    train_loader,
+    val_loader,
+    sampler,
+    optimizer,
+    scheduler,
+    scaler,
+    criterion,
+    device,
+    amp,
+    mixup,
+    teacher,
+    progress,
+) -> tuple[dict[str, float], list[tuple[int, dict[str, float]]]]:
     t = cfg.train
     sampler.set_epoch(epoch)
     # augmentation, dropout and drop-path draws depend on (seed, epoch) only: resume is exact
@@ -381,9 +473,6 @@ def _run_epoch(epoch, cfg, net, model, ema, train_loader, val_loader, sampler, o
     if ema is not None:
         m.update({f"ema_{k}": v for k, v in evaluate(ema.module, val_loader, device, amp).items()})
     m["epoch"] = float(epoch + 1)
-    # logging after the timed loop: one batched request per epoch
-    epoch_row = (epoch + 1, {k: v for k, v in m.items() if k != "steps"})
-    run.log_metric_rows([*step_logs, epoch_row])
     if progress:
         print(
             f"epoch {epoch + 1}/{t.epochs}  train_loss {m['train_loss']:.4f}  "
@@ -392,7 +481,12 @@ def _run_epoch(epoch, cfg, net, model, ema, train_loader, val_loader, sampler, o
             f"{m['epoch_s']:.1f}s",
             file=sys.stderr,
         )
-    return m
+    # logged by the caller after the checkpoint: one batched request per epoch
+    return m, step_logs
+
+
+def _epoch_row(m: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in m.items() if k != "steps"}
 
 
 def _log_artifacts(run: Run, history, ckpt_dir: Path, cfg: Config, model: nn.Module) -> None:

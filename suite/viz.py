@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,6 +115,7 @@ def spread(features: Tensor) -> dict[str, float]:
 
 def load_run(tracker: Tracker, run_id: str, device: torch.device) -> VizRun:
     """The model of a run's best (else last) checkpoint, with its dataset's validation split."""
+    from suite.checkpoint import load_checkpoint, load_weights, model_state
     from suite.config import from_dict
     from suite.data import build_datasets
     from suite.models import create_model
@@ -134,10 +136,20 @@ def load_run(tracker: Tracker, run_id: str, device: torch.device) -> VizRun:
         ckpt_path = tracker.download_artifacts(run_id, "checkpoints/best.pt", cache)
     if ckpt_path is None:
         raise UserError(f"run {run_id}: no checkpoint (not in {d!r} nor in its artifacts)")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    cfg = from_dict(ckpt["config"], source=str(ckpt_path), check_paths=False)
-    model = create_model(ckpt["model_name"], **ckpt["model_kwargs"])
-    model.load_state_dict(ckpt["model"])
+    ckpt = load_checkpoint(ckpt_path)  # tensors and plain data only: never unpickled
+    try:
+        raw = tomllib.loads(ckpt["config_toml"])
+        name, kwargs = str(ckpt["model_name"]), dict(ckpt["model_kwargs"])
+    except (KeyError, TypeError, ValueError, tomllib.TOMLDecodeError) as e:
+        raise UserError(
+            f"checkpoint {ckpt_path}: not a tntbench training checkpoint ({e})"
+        ) from None
+    cfg = from_dict(raw, source=str(ckpt_path), check_paths=False)
+    try:
+        model = create_model(name, **kwargs)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"checkpoint {ckpt_path}: {e}") from None
+    load_weights(model, model_state(ckpt, ckpt_path), ckpt_path)
     model.to(device).eval()
     _, val, info = build_datasets(cfg.data, model_img_size(cfg))
     return VizRun(run_id, f"{ckpt['model_name']} {run_id[:8]}", model, val, info.classes,

@@ -126,7 +126,7 @@ def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         fit(cfg, Tracker(), on_epoch=stop_after_first, progress=False)
     ckpt = tmp_path / "b" / "runs" / "tnt_nano_synthetic_s0"
-    assert torch.load(ckpt / "last.pt", weights_only=False)["epoch"] == 1
+    assert torch.load(ckpt / "last.pt", weights_only=True)["epoch"] == 1
     resumed = fit(cfg, Tracker(), resume=str(ckpt), progress=False)
     assert len(resumed.history) == 3
     for key in ("train_loss", "val_loss", "val_top1", "val_top5"):
@@ -185,7 +185,7 @@ def test_compiled_training_keeps_plain_checkpoint_names(tmp_path):
                   "data.train_size=128", "data.val_size=64")  # fmt: skip
     r = fit(cfg, make_tracker(uri), progress=False)
     assert math.isfinite(r.metrics["train_loss"])
-    ckpt = torch.load(os.path.join(r.checkpoint_dir, "last.pt"), weights_only=False)
+    ckpt = torch.load(os.path.join(r.checkpoint_dir, "last.pt"), weights_only=True)
     create_model(ckpt["model_name"], **ckpt["model_kwargs"]).load_state_dict(ckpt["model"])
     run = mlflow.MlflowClient(uri).get_run(r.run_id)
     assert run.data.tags["compile"] == "whole" and "compile_fallback" not in run.data.tags

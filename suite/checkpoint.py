@@ -1,0 +1,110 @@
+"""Checkpoints: written atomically, read back only as tensors and plain data.
+
+A checkpoint may come from anyone (a colleague, a shared MLflow server's artifacts or tags), so
+it is never unpickled: ``torch.load(weights_only=True)`` accepts tensors, numbers, strings,
+lists, tuples and dicts and refuses anything else. What we write fits that: state dicts,
+history as dicts of floats, RNG states as tensors, the resolved config as TOML text.
+
+A write goes to ``.<name>.tmp`` and is renamed over ``<name>`` once complete and synced, so a
+crash or a full disk never leaves a half-written checkpoint where the last good one was.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import random
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from suite.errors import UserError
+
+
+def rng_state() -> dict[str, Any]:
+    """Python's and torch's (CPU and CUDA) generator states, as tensors."""
+    _, mt, _ = random.getstate()  # (version, 625 ints, gauss) -> the 625 ints
+    state: dict[str, Any] = {
+        "python": torch.tensor(mt, dtype=torch.int64),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
+    """Write ``state`` to ``path`` atomically. A failed write (disk full, read-only folder) is
+    one ``UserError`` naming the file and the reason; the temporary file is removed and the
+    previous checkpoint at ``path`` is left as it was."""
+    path = Path(path)
+    buf = io.BytesIO()
+    torch.save(state, buf)  # serialised in memory: the file write below is plain OS I/O
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        _write(tmp, buf.getbuffer())
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
+    except BaseException:  # Ctrl-C mid-write: no stray temporary file either
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The dict saved at ``path``, read with ``weights_only=True``; anything else (a pickle
+    with code in it, a truncated or foreign file) is one ``UserError`` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (
+        pickle.UnpicklingError,
+        RuntimeError,
+        EOFError,
+        ValueError,
+        zipfile.BadZipFile,
+        OSError,
+        AttributeError,
+        ImportError,
+        TypeError,
+    ) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(
+            f"checkpoint {path}: cannot be read safely (not a checkpoint, truncated, or holds "
+            f"objects other than tensors and plain data): {first[:200]}"
+        ) from None
+    if not isinstance(ckpt, dict):
+        raise UserError(f"checkpoint {path}: holds a {type(ckpt).__name__}, not a state dict")
+    return ckpt
+
+
+def model_state(ckpt: dict[str, Any], path: str | Path) -> dict[str, torch.Tensor]:
+    """The model's state dict: a tntbench checkpoint's ``model`` entry, or a bare state dict."""
+    state = ckpt.get("model", ckpt)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"checkpoint {path}: no model state dict in it")
+    return state
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """``model.load_state_dict(state)``, a mismatch (another architecture or size) one line."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        lines = str(e).strip().splitlines()
+        detail = " ".join(line.strip() for line in lines[:3])
+        raise UserError(f"checkpoint {path} does not fit the model: {detail[:300]}") from None
