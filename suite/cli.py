@@ -25,6 +25,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from suite.config import load_config
+    from suite.engine import NonFiniteLoss
     from suite.tracking import make_tracker
     from suite.train import dist_env, fit
 
@@ -32,7 +33,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     uri = args.tracking_uri or cfg.tracking.uri or None
     # under torchrun only rank 0 talks to the store (the others would race to create it)
     tracker = make_tracker(uri, enabled=cfg.tracking.enabled and dist_env()[0] == 0)
-    result = fit(cfg, tracker, resume=args.resume)
+    try:
+        result = fit(cfg, tracker, resume=args.resume)
+    except NonFiniteLoss as e:  # the run is recorded FAILED with the error as a tag
+        raise UserError(f"the run diverged ({e}): lower train.lr or set train.clip_grad") from None
     if dist_env()[0] == 0:
         m = result.metrics
         print(f"run {result.run_id or '(untracked)'}  checkpoints {result.checkpoint_dir}")
@@ -101,6 +105,8 @@ def _cmd_viz(args: argparse.Namespace) -> int:
 def _cmd_ui(args: argparse.Namespace) -> int:
     from suite.tracking import serve_ui
 
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port {args.port}: must be in 0..65535 (0: a free port)")
     return serve_ui(args.tracking_uri, args.port)
 
 
@@ -216,11 +222,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as e:
-        print(f"tntbench {args.command}: error: {e}", file=sys.stderr)
+        print(f"tntbench {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("tntbench: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(e: UserError) -> str:
+    """The error's message; a DataLoader worker's error arrives as torch's multi-line report
+    ("Caught UserError in DataLoader worker process 0. ... suite.errors.UserError: <msg>")."""
+    lines = str(e).strip().splitlines() or [type(e).__name__]
+    if len(lines) > 1 and lines[0].startswith(f"Caught {type(e).__name__} in DataLoader"):
+        return lines[-1].partition(f"{type(e).__name__}: ")[2] or lines[-1]
+    return lines[0]
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ value raises ``UserError`` naming the key and the value (the CLI prints it and e
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -45,6 +47,8 @@ class DataConfig:
     randaugment: bool = False
     randaugment_magnitude: int = 9
     random_erasing: float = 0.0
+    # imagefolder: an unreadable image stops the run naming the file, or is skipped (counted)
+    skip_bad_images: bool = False
     mixup: float = 0.0  # Beta(alpha, alpha); 0 = off
     cutmix: float = 0.0
     eval_crop_pct: float = 0.875
@@ -130,6 +134,8 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
     origin = typing.get_origin(hint)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{key} = {value!r}: must be a finite number")
     ok = (
         isinstance(value, dict)
         if origin is dict
@@ -168,6 +174,10 @@ def _merge(base: dict[str, Any], key: str, value: Any, source: str) -> None:
     if section not in SECTIONS and section not in EXTRA_SECTIONS:
         raise UserError(f"{source}: unknown section '{section}' in '{key}'")
     target = base.setdefault(section, {})
+    if section in _CLASSES and section != "model":  # typos are named here, as --set's
+        fields = [f.name for f in dataclasses.fields(_CLASSES[section])]
+        if name not in fields:
+            raise UserError(f"{source} {key}: unknown key '{key}' (valid: {', '.join(fields)})")
     if section in EXTRA_SECTIONS:  # nested tables such as search.space.<key>
         *parents, leaf = name.split(".")
         for p in parents:
@@ -201,9 +211,13 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise UserError(f"config file not found: {p}")
     try:
-        return tomllib.loads(p.read_text())
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{p}: not UTF-8 text (byte {e.start}); TOML files are UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{p}: not valid TOML: {e}") from None
+    except OSError as e:
+        raise UserError(f"{p}: cannot read ({e.strerror or e})") from None
 
 
 def apply_sets(raw: dict[str, Any], sets: list[str] | None, source: str = "--set") -> dict:
@@ -285,6 +299,16 @@ def validate(cfg: Config, check_paths: bool = True, check_model: bool = True) ->
         if check_paths and not is_uri:
             need(Path(k.teacher).is_file(), "distill.teacher", k.teacher, "file not found")
     need(tr.log_every >= 1, "tracking.log_every", tr.log_every, "must be >= 1")
+    if not 0 < len(tr.experiment) <= 500:  # MLflow's limit on experiment names
+        raise UserError(
+            f"tracking.experiment: {len(tr.experiment)} characters; MLflow takes 1 to 500"
+        )
+
+
+def safe_name(text: str) -> str:
+    """``text`` as one file or folder name: anything but letters, digits, ``_`` and ``-``
+    becomes ``_`` (so no ``/``, no ``..``), never empty."""
+    return re.sub(r"[^\w-]+", "_", text).strip("_") or "_"
 
 
 def check_compile_setting(value: Any, key: str = "train.compile") -> None:

@@ -22,6 +22,7 @@ import hashlib
 import math
 import os
 import pickle
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -403,6 +404,38 @@ def rgb_loader(path: str) -> Image.Image:
         return Image.open(f).convert("RGB")
 
 
+class CheckedImageFolder(datasets.ImageFolder):
+    """ImageFolder whose unreadable images (corrupt, truncated, not images) either stop the run
+    with one line naming the file, or, with ``skip_bad``, are replaced by the next readable
+    image of the folder and counted, with a warning line for each."""
+
+    def __init__(self, root: str, transform: Callable, skip_bad: bool) -> None:
+        super().__init__(root, transform, loader=rgb_loader)
+        self.skip_bad = skip_bad
+        self.skipped: set[str] = set()
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        for j in range(len(self)):
+            path = self.samples[(i + j) % len(self)][0]
+            try:
+                return super().__getitem__((i + j) % len(self))
+            except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bad files
+                reason = (str(e).splitlines() or [type(e).__name__])[0]
+                if not self.skip_bad:
+                    raise UserError(
+                        f"data.root: cannot read image {path} ({reason}); remove it "
+                        "or set data.skip_bad_images = true"
+                    ) from None
+                if path not in self.skipped:
+                    self.skipped.add(path)
+                    print(
+                        f"warning: data: skipped unreadable image {path} ({reason}); "
+                        f"{len(self.skipped)} skipped so far",
+                        file=sys.stderr,
+                    )
+        raise UserError(f"data.root: no readable image in {self.root}")
+
+
 def _build_imagefolder(cfg: DataConfig, img_size: int) -> tuple[Dataset, Dataset, DataInfo]:
     root = Path(cfg.root).expanduser()
     expected = f"expected {root}/train/<class>/* and {root}/val/<class>/*"
@@ -416,8 +449,8 @@ def _build_imagefolder(cfg: DataConfig, img_size: int) -> tuple[Dataset, Dataset
     t_train = v2.Compose([v2.ToImage(), train_transform(cfg, img_size, None, mean, std)])
     t_val = v2.Compose([v2.ToImage(), eval_transform(img_size, None, mean, std, cfg.eval_crop_pct)])
     try:
-        train = datasets.ImageFolder(str(root / "train"), t_train, loader=rgb_loader)
-        val = datasets.ImageFolder(str(root / "val"), t_val, loader=rgb_loader)
+        train = CheckedImageFolder(str(root / "train"), t_train, cfg.skip_bad_images)
+        val = CheckedImageFolder(str(root / "val"), t_val, cfg.skip_bad_images)
     except (FileNotFoundError, OSError) as e:  # a class folder without images, unreadable dirs
         why = (str(e).splitlines() or [type(e).__name__])[0]
         raise UserError(f"data.root: {cfg.root}: {why} ({expected})") from None

@@ -6,6 +6,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
+from suite.errors import UserError
 from suite.matrix import format_summary, run_matrix
 from suite.search import format_result, run_search
 from suite.tracking import make_tracker
@@ -24,7 +25,12 @@ def run_demo(
     out: str | None = None, sets: list[str] | None = None, search_sets: list[str] | None = None
 ) -> int:
     root = Path(out or "tntbench-demo").resolve()
-    root.mkdir(parents=True, exist_ok=True)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--out {root}: is a file, not a folder")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {root}: cannot create it ({e.strerror or e})") from None
     uri = f"sqlite:///{root / 'mlflow.db'}"
     tracker = make_tracker(uri)
     t0 = time.perf_counter()

@@ -34,7 +34,7 @@ import pandas as pd
 
 from suite.config import apply_sets, from_dict, read_toml
 from suite.errors import UserError
-from suite.tracking import Tracker, flatten
+from suite.tracking import Tracker, flatten, process_is_gone
 
 RESERVED = {"name", "models", "datasets", "seeds"}
 
@@ -223,6 +223,7 @@ def run_matrix(
             if "data.root" in str(e) or "distill.teacher" in str(e):
                 raise
     parent_id = _parent_run_id(tracker, experiment, name)
+    running = unfinished_cells(tracker, experiment, name)
     failed = 0
     bar = None
     if progress:
@@ -237,7 +238,23 @@ def run_matrix(
         for cell in todo:
             if bar is not None:
                 bar.set_postfix_str(cell.run_name)
-            failed += not _run_cell(cell, name, experiment, parent.run_id, tracker, profile_steps)
+            run_id, alive = running.get(cell.digest, (None, False))
+            if alive:  # another process is training it right now: it will record it
+                print(
+                    f"cell {cell.index} ({cell.run_name}) is running in another process "
+                    f"(run {run_id}): skipped",
+                    file=sys.stderr,
+                )
+            else:  # a cell cut short by a killed process goes on in its run
+                failed += not _run_cell(
+                    cell,
+                    name,
+                    experiment,
+                    parent.run_id,
+                    tracker,
+                    profile_steps,
+                    continue_run=run_id,
+                )
             if bar is not None:
                 bar.update(1)
         if bar is not None:
@@ -252,8 +269,26 @@ def run_matrix(
                         runs)  # fmt: skip
 
 
-def _run_cell(cell: Cell, matrix: str, experiment: str, parent_id: str, tracker: Tracker,
-              profile_steps: int) -> bool:  # fmt: skip
+def unfinished_cells(tracker: Tracker, experiment: str, matrix: str) -> dict:
+    """cell hash -> (run ID, alive) of the matrix's cell runs still RUNNING: alive unless its
+    process is known to be gone (killed on this host); the newest run per cell."""
+    df = tracker.runs(experiment, status="RUNNING", kind="cell", matrix=matrix)
+    out: dict[str, tuple[str, bool]] = {}
+    for _, r in df.sort_values("start_time").iterrows() if len(df) else []:
+        host, pid = r.get("tags.host", ""), int(r.get("tags.pid", 0) or 0)
+        out[r["tags.cell_hash"]] = (r["run_id"], not process_is_gone(host, pid, r["start_time"]))
+    return out
+
+
+def _run_cell(
+    cell: Cell,
+    matrix: str,
+    experiment: str,
+    parent_id: str,
+    tracker: Tracker,
+    profile_steps: int,
+    continue_run: str | None = None,
+) -> bool:
     """Train and profile one cell; False (recorded as FAILED with the error) if it fails."""
     tags = {"kind": "cell", "matrix": matrix, "cell_hash": cell.digest, "cell": cell.index}
     params = {f"varied.{k}": v for k, v in cell.varied.items()}
@@ -273,8 +308,15 @@ def _run_cell(cell: Cell, matrix: str, experiment: str, parent_id: str, tracker:
     from suite.train import fit  # imported on first use: a rerun that skips every cell is fast
 
     try:
-        result = fit(cfg, tracker, parent_run_id=parent_id, extra_tags=tags,
-                     extra_params=params, progress=False)  # fmt: skip
+        result = fit(
+            cfg,
+            tracker,
+            parent_run_id=parent_id,
+            extra_tags=tags,
+            extra_params=params,
+            progress=False,
+            continue_run=continue_run,
+        )
         _profile_cell(cfg, result.run_id, tracker, profile_steps)
     except KeyboardInterrupt:
         raise

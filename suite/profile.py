@@ -439,6 +439,12 @@ def run_profile_cli(args: Any) -> int:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.img_size is not None and args.img_size < 1:
         raise UserError(f"--img-size must be >= 1, got {args.img_size}")
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps must be >= 1, got {args.steps}")
+    if args.warmup is not None and args.warmup < 0:
+        raise UserError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise UserError(f"--json {args.json}: the folder {Path(args.json).parent} does not exist")
     device = resolve_device(args.device)
     check_dtype(args.dtype, device)
     for name in args.models:

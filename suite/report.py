@@ -19,6 +19,7 @@ from typing import Any
 
 import pandas as pd
 
+from suite.config import safe_name
 from suite.matrix import group_runs, varied_columns
 from suite.models import get_entry, list_models
 from suite.tracking import Tracker
@@ -195,6 +196,7 @@ def search_tables(tracker: Tracker, experiments: list[str], study: str | None) -
         done["gmacs"] = _num(done, "metrics.gmacs")
         cols = ["tags.trial", "val_top1", "gmacs", *pcols, "run_id"]
         best = done.sort_values("val_top1", ascending=False)[cols].head(10)
+        name = safe_name(name)  # table and plot file names come from it
         out[f"search_{name}_best"] = best.rename(columns=_short)
         front = pareto(done, "val_top1", "gmacs")
         out[f"search_{name}_pareto"] = front[cols].rename(columns=_short)
@@ -414,9 +416,17 @@ def build_report(
     from suite.errors import UserError
 
     names = experiments or [e for e in tracker.experiment_names() if e not in ("reports",)]
+    for flag, kind, value in (("--matrix", "matrix", matrix), ("--study", "study", study)):
+        if value and all(tracker.runs(e, kind=kind, **{kind: value}).empty for e in names):
+            raise UserError(f"{flag} {value}: no such {kind} in the store {tracker.uri}")
     out = Path(out or Path("reports") / time.strftime("%Y%m%d-%H%M%S"))
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file, not a folder")
     created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot create it ({e.strerror or e})") from None
     rep = Report(out)
     runs = training_runs(tracker, names, matrix)
     if not runs.empty:

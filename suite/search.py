@@ -25,13 +25,21 @@ import math
 import multiprocessing as mp
 import sys
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from suite.config import apply_sets, from_dict, read_toml
 from suite.errors import UserError
-from suite.tracking import Tracker, flatten, make_tracker, resolve_uri
+from suite.tracking import (
+    Tracker,
+    flatten,
+    make_tracker,
+    process_is_gone,
+    resolve_uri,
+    worker_id,
+)
 
 DIRECTIONS = {"val_top1": "maximize", "val_top5": "maximize", "val_loss": "minimize",
               "gmacs": "minimize", "params_m": "minimize"}  # fmt: skip
@@ -72,6 +80,13 @@ def parse_search(raw: dict[str, Any], source: str) -> SearchConfig:
     if not objectives or len(objectives) > 2 or any(o not in DIRECTIONS for o in objectives):
         raise UserError(f"{source}: search.objectives = {objectives!r}: one or two of "
                         f"{', '.join(DIRECTIONS)}")  # fmt: skip
+    for k, v in s.items():  # each value of the type its field has (ints are floats too)
+        want = typing.get_type_hints(SearchConfig)[k]
+        ok = isinstance(v, want) and not (want in (int, float) and isinstance(v, bool))
+        if not ok and not (want is float and isinstance(v, int) and not isinstance(v, bool)):
+            raise UserError(
+                f"{source}: search.{k} = {v!r} must be {want.__name__}, not {type(v).__name__}"
+            )
     cfg = SearchConfig(study=s.pop("study", Path(source).stem), objectives=tuple(objectives),
                        space=space, **s)  # fmt: skip
     for key, kind, allowed in (("sampler", cfg.sampler, SAMPLERS), ("pruner", cfg.pruner, PRUNERS)):
@@ -264,6 +279,9 @@ class Objective:
             self._tracker = make_tracker(self.tracking_uri)
         return self._tracker
 
+    def experiment(self) -> str:
+        return self.base.get("tracking", {}).get("experiment", self.scfg.study)
+
     def __call__(self, trial: Any) -> float | tuple[float, ...]:
         import optuna
 
@@ -272,13 +290,12 @@ class Objective:
 
         tracker = self.tracker()
         tags = {"kind": "trial", "study": self.scfg.study, "trial": trial.number}
+        trial.set_user_attr("worker", worker_id())  # who runs it: a dead worker's trial is reaped
         try:
             overrides = sample(trial, self.scfg.space, self.base)
             raw = _apply(self.base, overrides)
             raw.setdefault("tracking", {})["run_name"] = f"{self.scfg.study}/trial-{trial.number}"
-            raw["tracking"]["experiment"] = self.base.get("tracking", {}).get(
-                "experiment", self.scfg.study
-            )
+            raw["tracking"]["experiment"] = self.experiment()
             cfg = from_dict(raw, f"trial {trial.number}")
         except UserError as e:  # cannot be built: pruned before any training
             trial.set_user_attr("pruned_reason", str(e))
@@ -349,7 +366,9 @@ def run_search(
     scfg = parse_search(raw, str(path))
     if study_name:
         scfg = SearchConfig(**{**scfg.__dict__, "study": study_name})
-    if n_trials:
+    if n_trials is not None:
+        if n_trials < 1:
+            raise UserError(f"--n-trials must be >= 1, got {n_trials}")
         scfg = SearchConfig(**{**scfg.__dict__, "n_trials": n_trials})
     if workers < 1:
         raise UserError(f"--workers must be >= 1, got {workers}")
@@ -366,8 +385,6 @@ def run_search(
     )  # fmt: skip
     if study.metric_names is None:
         study.set_metric_names(list(scfg.objectives))
-    if storage.endswith(".journal") or storage.startswith("journal:"):
-        requeue_orphans(study)
     tracker = make_tracker(uri)
     experiment = cfg.tracking.experiment
     parent_id = study.user_attrs.get("mlflow_parent_run_id")
@@ -391,6 +408,7 @@ def run_search(
                 p.join()
         study = optuna.load_study(study_name=scfg.study, storage=make_storage(storage, scfg))
         _finish(study, scfg, tracker, parent)
+        _check_something_was_built(study)
     return SearchResult(study, parent.run_id, storage)
 
 
@@ -407,29 +425,58 @@ def _worker(path, sets, storage, scfg: SearchConfig, uri, parent_id, timeout) ->
                               sampler=make_sampler(scfg),
                               pruner=make_pruner(scfg, cfg.train.epochs))  # fmt: skip
     objective = Objective(base, scfg, uri, parent_id, str(path))
-    # Trials in flight count towards n_trials, so parallel workers stop at the count instead of
-    # overshooting by a trial each (Optuna's MaxTrialsCallback only counts finished ones); queued
-    # retries (WAITING) always run. A study whose trials keep failing stops at 3 x n_trials.
-    active = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+    tracker = objective.tracker()
+    experiment = objective.experiment()
     t0 = time.monotonic()
     while True:
+        reap_dead_trials(study, tracker, experiment, scfg.study)
         trials = study.get_trials(deepcopy=False)
-        waiting = any(t.state == TrialState.WAITING for t in trials)
-        if sum(t.state in active for t in trials) >= scfg.n_trials and not waiting:
+        count = {s: sum(t.state == s for t in trials) for s in TrialState}
+        finished = count[TrialState.COMPLETE] + count[TrialState.PRUNED]
+        if timeout and time.monotonic() - t0 > timeout:
             break
-        if len(trials) >= 3 * scfg.n_trials or (timeout and time.monotonic() - t0 > timeout):
-            break
+        if count[TrialState.WAITING] == 0:  # queued retries always run
+            if finished >= scfg.n_trials:
+                break
+            if finished + count[TrialState.RUNNING] >= scfg.n_trials:
+                # the rest are in flight: wait until they finish, or their worker is found
+                # dead (its trial failed and queued again), instead of overshooting n_trials
+                time.sleep(min(scfg.heartbeat_interval, 2))
+                continue
+            if len(trials) >= 3 * scfg.n_trials:  # trials that keep failing: give up
+                break
         study.optimize(objective, n_trials=1, catch=(Exception,))
 
 
-def requeue_orphans(study: Any) -> None:
-    """Journal storages have no heartbeat: trials left RUNNING by a dead worker are failed and
-    their parameters queued again when the search restarts."""
+def reap_dead_trials(study: Any, tracker: Tracker, experiment: str, study_name: str) -> None:
+    """Fail the trials of workers that died, queue their parameters again, and end their
+    MLflow runs KILLED. A worker is dead when its heartbeat is stale (RDB storages) or, on
+    this host, when its process is gone (any storage, the journal file included)."""
+    import optuna
     from optuna.trial import TrialState
 
+    # storages with heartbeats (RDB): stale trials failed, retried by the storage's callback
+    optuna.storages.fail_stale_trials(study)
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
+        host, _, pid = str(t.user_attrs.get("worker", "")).rpartition(":")
+        if host and process_is_gone(host, int(pid), t.datetime_start):
+            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+    running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    runs = tracker.runs(experiment, status="RUNNING", kind="trial", study=study_name)
+    for _, r in runs.iterrows():
+        if int(r["tags.trial"]) not in running:  # its trial ended without it: the worker died
+            tracker.attach(r["run_id"]).end("KILLED")
+
+
+def _check_something_was_built(study: Any) -> None:
+    """A study whose every trial was pruned as unbuildable answered nothing: a user error."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    reasons = [t.user_attrs.get("pruned_reason") for t in trials if t.state == TrialState.PRUNED]
+    if trials and len(reasons) == len(trials) and all(reasons):
+        raise UserError(f"search: no trial could be built from search.space ({reasons[0]})")
 
 
 def format_result(r: SearchResult) -> str:

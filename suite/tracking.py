@@ -290,7 +290,14 @@ class MlflowTracker(Tracker):
         for name in ("mlflow", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
         self.uri = resolve_uri(uri)
-        self.client = _RetryingClient(MlflowClient(tracking_uri=self.uri))
+        try:
+            client = MlflowClient(tracking_uri=self.uri)
+        except Exception as e:  # an unknown scheme fails here (foo://...)
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UserError(
+                f"tracking store {self.uri}: not a store MLflow can use ({first[:160]})"
+            ) from None
+        self.client = _RetryingClient(client)
         open_store(self.uri, self.client)
 
     def experiment_id(self, name: str) -> str:
@@ -456,7 +463,8 @@ def open_store(uri: str, client: Any) -> None:
     if db is None:
         _probe(uri, client)
         return
-    if db.exists() and not os.access(db, os.W_OK):
+    # mode bits, not os.access: root may write anything, but a file marked read-only is meant so
+    if db.exists() and not db.stat().st_mode & 0o222:
         raise UserError(f"tracking store {uri}: the file is read-only")
     if not os.access(db.parent if str(db.parent) else ".", os.W_OK):
         raise UserError(f"tracking store {uri}: its folder {db.parent} is read-only")
@@ -550,6 +558,33 @@ def environment_tags() -> dict[str, str]:
     except (OSError, subprocess.SubprocessError):
         pass
     return tags
+
+
+def worker_id() -> str:
+    """``host:pid`` of this process, tagged on what it runs (trials, cells)."""
+    import platform
+
+    return f"{platform.node()}:{os.getpid()}"
+
+
+def process_is_gone(host: str, pid: int, started: Any) -> bool:
+    """Whether the process ``pid`` on ``host`` that started work at ``started`` (a datetime, or
+    epoch milliseconds) has died: only knowable on this host; a pid now held by a process that
+    began later was reused, so the original is gone."""
+    import platform
+
+    import psutil
+
+    if host != platform.node() or pid == os.getpid():
+        return False
+    if pid <= 0:  # recorded without a pid (older runs): nothing can still be running it here
+        return True
+    try:
+        created = psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
+        return True
+    start_s = started.timestamp() if hasattr(started, "timestamp") else float(started) / 1000
+    return created > start_s + 1.0
 
 
 def make_tracker(uri: str | None = None, enabled: bool = True) -> Tracker:

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from suite.checkpoint import load_checkpoint, load_weights, model_state, rng_state, save_checkpoint
-from suite.config import Config, to_toml
+from suite.config import Config, safe_name, to_toml
 from suite.data import DataInfo, build_datasets, build_mixup
 from suite.engine import (
     Criterion,
@@ -155,7 +155,7 @@ def new_checkpoint_dir(out_dir: str | Path, name: str) -> Path:
     """A fresh folder for a run's checkpoints inside ``out_dir``: ``name`` made safe (path
     separators and dots become ``_``, so ``..`` cannot escape), with -2, -3, ... appended when
     taken, so two runs of the same name never share one. Created atomically (mkdir)."""
-    safe = re.sub(r"[^\w-]+", "_", name).strip("_") or "run"
+    safe = safe_name(name)
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -209,15 +209,31 @@ def fit(
     extra_params: dict[str, Any] | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     progress: bool = True,
+    continue_run: str | None = None,
 ) -> TrainResult:
+    """Train ``cfg`` as one tracked run; returns its final metrics and history.
+
+    ``resume``: a checkpoint file or folder, or a run ID, to continue exactly from.
+    ``continue_run``: the ID of a tracked run that was cut short (a killed process): it goes on
+    in that same run, from its last checkpoint if it saved one, else from the start.
+    """
     rank, local_rank, world = dist_env()
     device = resolve_device(cfg.train.device, local_rank)
     if world > 1 and not dist.is_initialized():
         # NCCL for GPUs; gloo for CPU processes, also on a machine that has GPUs
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        return _fit(cfg, tracker if rank == 0 else Tracker(), resume, parent_run_id,
-                    extra_tags, extra_params, on_epoch, progress and rank == 0)  # fmt: skip
+        return _fit(
+            cfg,
+            tracker if rank == 0 else Tracker(),
+            resume,
+            parent_run_id,
+            extra_tags,
+            extra_params,
+            on_epoch,
+            progress and rank == 0,
+            continue_run,
+        )
     except torch.cuda.OutOfMemoryError:
         # the run is already FAILED (with the error as a tag); the user gets one line
         raise UserError(oom_message("train.batch_size", cfg.train.batch_size, device)) from None
@@ -226,7 +242,9 @@ def fit(
             dist.destroy_process_group()
 
 
-def _fit(cfg, tracker, resume, parent_run_id, extra_tags, extra_params, on_epoch, progress):
+def _fit(
+    cfg, tracker, resume, parent_run_id, extra_tags, extra_params, on_epoch, progress, continue_run
+):
     rank, local_rank, world = dist_env()
     t = cfg.train
     device = resolve_device(t.device, local_rank)
@@ -273,15 +291,21 @@ def _fit(cfg, tracker, resume, parent_run_id, extra_tags, extra_params, on_epoch
     criterion = Criterion(t.label_smoothing, cfg.distill if teacher is not None else None)
     mixup = build_mixup(cfg.data, info.num_classes)
 
-    start_epoch, history, best, run_id = 0, [], -math.inf, None
+    start_epoch, history, best, run_id = 0, [], -math.inf, continue_run
+    ckpt_path, old_dir = None, None
     if resume:
         ckpt_path = find_checkpoint(resume, tracker)
+    elif continue_run:  # a run cut short (killed): its checkpoint if it got to one
+        old_dir = tracker.get_run(continue_run).data.tags.get("checkpoint_dir")
+        last = Path(old_dir) / "last.pt" if old_dir else None
+        ckpt_path = last if last is not None and last.is_file() else None
+    if ckpt_path is not None:
         objects = dict(
             model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, ema=ema
         )
         ckpt = resume_state(ckpt_path, cfg, device, objects)
         start_epoch, history = int(ckpt["epoch"]), list(ckpt["history"])
-        best, run_id = ckpt["best_top1"], ckpt.get("run_id") or None
+        best, run_id = ckpt["best_top1"], ckpt.get("run_id") or run_id
 
     net: nn.Module = model
     if world > 1:
@@ -293,16 +317,19 @@ def _fit(cfg, tracker, resume, parent_run_id, extra_tags, extra_params, on_epoch
             "dataset": info.name, "device": device.type, "amp": amp, "world_size": world,
             **environment_tags(), **(extra_tags or {})}  # fmt: skip
     tags["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    tags["pid"] = os.getpid()  # with the host tag: whether a RUNNING run's process still lives
 
     with tracker.run(cfg.tracking.experiment, default_run_name(cfg), tags, parent_run_id,
                      run_id) as run:  # fmt: skip
-        if resume:  # the checkpoint's own folder, tracked or not
+        if ckpt_path is not None:  # the checkpoint's own folder, tracked or not
             ckpt_dir = ckpt_path.parent
+        elif old_dir and Path(old_dir).is_dir():  # a continued run that saved nothing yet
+            ckpt_dir = Path(old_dir)
         elif rank == 0:
             ckpt_dir = new_checkpoint_dir(t.out_dir, run.run_id or default_run_name(cfg))
         else:  # other ranks never write checkpoints
             ckpt_dir = Path(t.out_dir)
-        if not resume:
+        if ckpt_path is None:
             params = flatten(cfg.to_dict())
             params.update(lr_effective=lr, global_batch=global_batch, amp_resolved=amp)
             params.update(extra_params or {})
