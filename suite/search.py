@@ -291,6 +291,9 @@ class Objective:
         tracker = self.tracker()
         tags = {"kind": "trial", "study": self.scfg.study, "trial": trial.number}
         trial.set_user_attr("worker", worker_id())  # who runs it: a dead worker's trial is reaped
+        if self._surplus(trial):
+            trial.set_user_attr("fail_reason", "surplus: n_trials reached by other workers")
+            return math.nan if len(self.scfg.objectives) == 1 else (math.nan,) * 2
         try:
             overrides = sample(trial, self.scfg.space, self.base)
             raw = _apply(self.base, overrides)
@@ -326,6 +329,17 @@ class Objective:
             trial.set_constraint("gmacs", gmacs - self.scfg.gmacs_budget)
         values = tuple(float(result.metrics[o]) for o in self.scfg.objectives)
         return values[0] if single else values
+
+    def _surplus(self, trial: Any) -> bool:
+        """Two workers may start a trial at once when one is missing: the later-numbered one
+        steps back (FAIL, no training), so the study ends with exactly n_trials finished."""
+        from optuna.trial import TrialState
+
+        before = 0
+        for t in trial.study.get_trials(deepcopy=False):
+            finished = t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+            before += finished or (t.state == TrialState.RUNNING and t.number < trial.number)
+        return before >= self.scfg.n_trials
 
     def _record_unbuildable(self, tracker: Tracker, trial: Any, tags: dict, reason: str) -> None:
         try:

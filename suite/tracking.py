@@ -290,15 +290,7 @@ class MlflowTracker(Tracker):
         for name in ("mlflow", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
         self.uri = resolve_uri(uri)
-        try:
-            client = MlflowClient(tracking_uri=self.uri)
-        except Exception as e:  # an unknown scheme fails here (foo://...)
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise UserError(
-                f"tracking store {self.uri}: not a store MLflow can use ({first[:160]})"
-            ) from None
-        self.client = _RetryingClient(client)
-        open_store(self.uri, self.client)
+        self.client = _RetryingClient(open_store(self.uri, MlflowClient))
 
     def experiment_id(self, name: str) -> str:
         if len(name) > EXPERIMENT_MAX_CHARS:
@@ -451,7 +443,7 @@ def serve_ui(uri: str | None = None, port: int = 0, host: str = "127.0.0.1") -> 
         return 0
 
 
-def open_store(uri: str, client: Any) -> None:
+def open_store(uri: str, make_client: Any) -> Any:
     """Check the store before any work, creating it if new: one UserError naming the URI when
     it is unreachable (within about 10 s), of an unknown kind, read-only or half-built.
 
@@ -461,8 +453,7 @@ def open_store(uri: str, client: Any) -> None:
 
     db = _sqlite_path(uri)
     if db is None:
-        _probe(uri, client)
-        return
+        return _probe(uri, make_client)
     # mode bits, not os.access: root may write anything, but a file marked read-only is meant so
     if db.exists() and not db.stat().st_mode & 0o222:
         raise UserError(f"tracking store {uri}: the file is read-only")
@@ -470,7 +461,7 @@ def open_store(uri: str, client: Any) -> None:
         raise UserError(f"tracking store {uri}: its folder {db.parent} is read-only")
     with FileLock(f"{db}.lock", timeout=120):
         _check_half_built(uri, db)
-        _probe(uri, client)
+        return _probe(uri, make_client)
 
 
 def _sqlite_path(uri: str) -> Path | None:
@@ -502,14 +493,17 @@ def _check_half_built(uri: str, db: Path) -> None:
     db.unlink()  # empty: build it anew
 
 
-def _probe(uri: str, client: Any) -> None:
-    """One cheap request; HTTP servers get a 10 s timeout and no retries for it."""
+def _probe(uri: str, make_client: Any) -> Any:
+    """The client, after one cheap request (which creates a new store); HTTP servers get a
+    10 s timeout and no retries for it."""
     http = uri.startswith(("http://", "https://"))
     saved = {k: os.environ.get(k) for k in _HTTP_PROBE_ENV}
     if http:
         os.environ.update(_HTTP_PROBE_ENV)
     try:
+        client = make_client(tracking_uri=uri)  # an unknown scheme (foo://) fails here
         client.search_experiments(max_results=1)
+        return client
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         what = "unreachable" if http else "cannot be opened"

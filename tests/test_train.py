@@ -272,3 +272,15 @@ def test_cuda_out_of_memory_is_one_line_and_run_failed(tmp_path, monkeypatch, ca
         [mlflow.MlflowClient(uri).get_experiment_by_name("tntbench").experiment_id]
     )
     assert run.info.status == "FAILED" and "OutOfMemoryError" in run.data.tags["error"]
+
+
+def test_checkpoint_folders_stay_inside_out_dir_and_are_never_shared(tmp_path):
+    from suite.train import new_checkpoint_dir
+
+    out = tmp_path / "out"
+    for name in ("..", "../../etc", "/abs/path", "a/../b", ".hidden"):
+        d = new_checkpoint_dir(out, name)
+        assert d.parent == out and d.is_dir() and not d.name.startswith(".")
+    first, second = new_checkpoint_dir(out, "tnt/s0"), new_checkpoint_dir(out, "tnt/s0")
+    assert first != second and {first.name, second.name} == {"tnt_s0", "tnt_s0-2"}
+    assert sorted(p.parent for p in out.iterdir()) == [out] * len(list(out.iterdir()))

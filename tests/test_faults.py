@@ -1,0 +1,413 @@
+"""Crashes and races: kill -9 of train, matrix and search workers, two processes creating one
+store, a checkpoint write that fails, planted pickles. After each, nothing is left RUNNING,
+nothing is recorded twice, and what was recorded is intact.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+mlflow = pytest.importorskip("mlflow")
+optuna = pytest.importorskip("optuna")
+from optuna.trial import TrialState  # noqa: E402
+
+from suite.cli import main  # noqa: E402
+
+SETS = [
+    "data.train_size=384",
+    "data.val_size=64",
+    "train.batch_size=32",
+    "model.depth=1",
+    "train.amp='fp32'",
+    "tracking.system_metrics=false",
+    "train.device='cpu'",
+    "tracking.log_every=4",
+]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def sets(*extra: str) -> list[str]:
+    return [a for s in (*SETS, *extra) for a in ("--set", s)]
+
+
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"the process ended (exit {proc.returncode}) before {what}")
+        time.sleep(0.2)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+def kill9(proc: subprocess.Popen, pid: int | None = None) -> None:
+    os.kill(pid or proc.pid, signal.SIGKILL)
+    if pid is None or pid == proc.pid:
+        proc.wait(timeout=30)
+
+
+def runs(uri: str, filter_string: str = "") -> list:
+    client = mlflow.MlflowClient(uri)
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(ids, filter_string) if ids else []
+
+
+def epochs_logged(uri: str, run_id: str) -> list[int]:
+    return sorted(m.step for m in mlflow.MlflowClient(uri).get_metric_history(run_id, "val_top1"))
+
+
+def checkpoint_epoch(folder: Path) -> int:
+    try:
+        return int(torch.load(folder / "last.pt", weights_only=True)["epoch"])
+    except (OSError, RuntimeError, KeyError, EOFError):
+        return 0
+
+
+def test_kill9_train_mid_epoch_then_resume(tmp_path):
+    uri = f"sqlite:///{tmp_path}/m.db"
+    argv = [
+        "train",
+        "--tracking-uri",
+        uri,
+        *sets("train.epochs=4", f"train.out_dir='{tmp_path}/r'"),
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "suite", *argv],
+        env=ENV,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        run = wait_for(lambda: runs(uri), 120, "the run to start", proc)[0]
+        folder = Path(wait_for(lambda: runs(uri)[0].data.tags.get("checkpoint_dir"), 60, "tags"))
+        wait_for(lambda: checkpoint_epoch(folder) >= 1, 120, "epoch 1's checkpoint", proc)
+        time.sleep(0.3)  # into epoch 2
+    finally:
+        kill9(proc)
+    assert mlflow.MlflowClient(uri).get_run(run.info.run_id).info.status == "RUNNING"
+    assert main([*argv, "--resume", run.info.run_id]) == 0
+    (after,) = runs(uri)
+    assert after.info.run_id == run.info.run_id and after.info.status == "FINISHED"
+    assert epochs_logged(uri, run.info.run_id) == [1, 2, 3, 4]  # each epoch once
+    assert "error" not in after.data.tags
+
+
+MATRIX = """
+# Question: none (a fault test). Run: tests/test_faults.py
+[matrix]
+name = "faults"
+models = ["tnt_nano", "vit_nano"]
+seeds = [0]
+[model]
+depth = 1
+[data]
+train_size = 384
+val_size = 64
+[train]
+epochs = 3
+batch_size = 32
+amp = "fp32"
+device = "cpu"
+out_dir = "{tmp}/r"
+[tracking]
+system_metrics = false
+log_every = 4
+"""
+
+
+def test_kill9_matrix_mid_cell_then_rerun_resumes_the_cell(tmp_path):
+    uri = f"sqlite:///{tmp_path}/m.db"
+    cfg = tmp_path / "m.toml"
+    cfg.write_text(MATRIX.format(tmp=tmp_path))
+    argv = ["matrix", str(cfg), "--tracking-uri", uri, "--no-progress"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "suite", *argv],
+        env=ENV,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def a_cell_with_a_checkpoint():
+        for r in runs(uri, "tags.kind = 'cell'"):
+            d = r.data.tags.get("checkpoint_dir")
+            if d and checkpoint_epoch(Path(d)) >= 1:
+                return r
+        return None
+
+    try:
+        killed = wait_for(a_cell_with_a_checkpoint, 180, "a cell's first checkpoint", proc)
+    finally:
+        kill9(proc)
+    killed_id = killed.info.run_id
+    assert mlflow.MlflowClient(uri).get_run(killed_id).info.status == "RUNNING"
+    assert main(argv) == 0
+    cells = runs(uri, "tags.kind = 'cell'")
+    assert len(cells) == 2 and {r.info.status for r in cells} == {"FINISHED"}
+    assert killed_id in {r.info.run_id for r in cells}  # resumed in its own run
+    for r in cells:
+        assert epochs_logged(uri, r.info.run_id) == [1, 2, 3]
+    assert not runs(uri, "attributes.status = 'RUNNING'")
+
+
+SEARCH = """
+[search]
+study = "k"
+sampler = "random"
+pruner = "none"
+n_trials = 4
+heartbeat_interval = 1
+grace_period = 3
+[search.space]
+"train.lr" = {{ low = 1e-4, high = 1e-3, log = true }}
+[model]
+name = "tnt_nano"
+depth = 1
+[data]
+train_size = 256
+val_size = 64
+[train]
+epochs = {epochs}
+batch_size = 32
+amp = "fp32"
+device = "cpu"
+out_dir = "{tmp}/r"
+[tracking]
+experiment = "k"
+system_metrics = false
+"""
+
+
+def open_storage(storage: str):
+    if storage.endswith(".journal"):
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        return JournalStorage(JournalFileBackend(storage))
+    return storage
+
+
+def _kill_one_of_two_workers(tmp_path, storage):
+    uri = f"sqlite:///{tmp_path}/m.db"
+    cfg = tmp_path / "s.toml"
+    cfg.write_text(SEARCH.format(tmp=tmp_path, epochs=3))
+    cmd = [
+        sys.executable,
+        "-m",
+        "suite",
+        "search",
+        str(cfg),
+        "--workers",
+        "2",
+        "--storage",
+        storage,
+        "--tracking-uri",
+        uri,
+    ]
+    proc = subprocess.Popen(
+        cmd, env=ENV, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+    def a_running_trial():
+        try:
+            study = optuna.load_study(study_name="k", storage=open_storage(storage))
+        except KeyError:
+            return None
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            worker = t.user_attrs.get("worker", "")
+            if worker and int(worker.rpartition(":")[2]) != proc.pid:
+                return t
+        return None
+
+    try:
+        victim = wait_for(a_running_trial, 180, "a worker's trial", proc)
+        time.sleep(1.0)
+        kill9(proc, int(victim.user_attrs["worker"].rpartition(":")[2]))
+        out, _ = proc.communicate(timeout=420)
+    finally:
+        if proc.poll() is None:
+            kill9(proc)
+    assert proc.returncode == 0, out[-3000:]
+    study = optuna.load_study(study_name="k", storage=open_storage(storage))
+    trials = study.get_trials(deepcopy=False)
+    count = {s: sum(t.state == s for t in trials) for s in TrialState}
+    assert count[TrialState.COMPLETE] == 4  # exactly n_trials finished
+    assert count[TrialState.RUNNING] == 0 and count[TrialState.WAITING] == 0
+    assert trials[victim.number].state == TrialState.FAIL
+    retried = [
+        t
+        for t in trials
+        if t.user_attrs.get("retry_of") == victim.number
+        or t.system_attrs.get("failed_trial") == victim.number
+    ]
+    assert len(retried) == 1 and retried[0].state == TrialState.COMPLETE
+    assert retried[0].params == victim.params
+    trial_runs = runs(uri, "tags.kind = 'trial'")
+    assert not [r for r in trial_runs if r.info.status == "RUNNING"]
+    killed = [r for r in trial_runs if r.data.tags["trial"] == str(victim.number)]
+    assert [r.info.status for r in killed] == ["KILLED"]
+
+
+def test_kill9_search_worker_on_sqlite(tmp_path):
+    _kill_one_of_two_workers(tmp_path, f"sqlite:///{tmp_path}/optuna.db")
+
+
+def test_kill9_search_worker_on_journal_file(tmp_path):
+    _kill_one_of_two_workers(tmp_path, str(tmp_path / "optuna.journal"))
+
+
+def test_kill9_search_worker_on_postgres(tmp_path, pg_storage_url):
+    _kill_one_of_two_workers(tmp_path, pg_storage_url)
+
+
+CREATE = """
+import sys
+from suite.tracking import make_tracker
+t = make_tracker(sys.argv[1])
+with t.run("race", "r") as run:
+    run.log_metrics({"x": 1.0})
+"""
+
+
+def test_two_processes_create_one_new_sqlite_store(tmp_path):
+    """10 rounds of two processes creating the same new store: usable every time."""
+    for i in range(10):
+        uri = f"sqlite:///{tmp_path}/s{i}.db"
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", CREATE, uri], env=ENV, stderr=subprocess.PIPE, text=True
+            )
+            for _ in range(2)
+        ]
+        errs = [p.communicate(timeout=120)[1] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], errs
+        got = runs(uri)
+        assert len(got) == 2 and {r.info.status for r in got} == {"FINISHED"}
+
+
+def test_half_built_empty_store_is_rebuilt_and_one_with_runs_refused(tmp_path, capsys):
+    import sqlite3
+
+    empty = tmp_path / "empty.db"
+    con = sqlite3.connect(empty)
+    con.execute("CREATE TABLE _alembic_tmp_experiments (x INTEGER)")
+    con.close()
+    assert (
+        main(["report", "--tracking-uri", f"sqlite:///{empty}", "--out", str(tmp_path / "r")]) == 2
+    )
+    assert "no finished runs" in capsys.readouterr().err  # the store was rebuilt, and is empty
+    full = tmp_path / "full.db"
+    subprocess.run([sys.executable, "-c", CREATE, f"sqlite:///{full}"], check=True, env=ENV)
+    con = sqlite3.connect(full)
+    con.execute("CREATE TABLE _alembic_tmp_runs (x INTEGER)")
+    con.commit()
+    con.close()
+    before = full.read_bytes()
+    assert (
+        main(["report", "--tracking-uri", f"sqlite:///{full}", "--out", str(tmp_path / "q")]) == 2
+    )
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "half-built" in err and "1 run(s)" in err
+    assert full.read_bytes() == before  # never touched
+
+
+def test_failing_checkpoint_write_keeps_the_last_one(tmp_path, monkeypatch, capsys):
+    """Disk full at epoch 2's checkpoint: one line, no temporary file, epoch 1's last.pt
+    intact, the run FAILED; a resume then finishes it with each epoch logged once and the
+    error tag gone."""
+    from suite import checkpoint
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    argv = [
+        "train",
+        "--tracking-uri",
+        uri,
+        *sets("train.epochs=3", f"train.out_dir='{tmp_path}/r'"),
+    ]
+    real_fsync, calls = os.fsync, []
+
+    def full_disk(fd):
+        calls.append(fd)
+        if len(calls) >= 3:  # last.pt and best.pt of epoch 1 went through
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(checkpoint.os, "fsync", full_disk)
+    assert main(argv) == 2
+    out = capsys.readouterr().err
+    err = [line for line in out.splitlines() if line.startswith("tntbench")]
+    assert len(err) == 1 and "cannot write checkpoint" in err[0] and "Traceback" not in out
+    assert "No space left on device" in err[0]
+    (run,) = runs(uri)
+    assert run.info.status == "FAILED" and "No space left" in run.data.tags["error"]
+    folder = Path(run.data.tags["checkpoint_dir"])
+    assert sorted(p.name for p in folder.iterdir()) == ["best.pt", "last.pt"]  # no .tmp
+    assert checkpoint_epoch(folder) == 1
+    monkeypatch.setattr(checkpoint.os, "fsync", real_fsync)
+    assert main([*argv, "--resume", run.info.run_id]) == 0
+    (run,) = runs(uri)
+    assert run.info.status == "FINISHED" and "error" not in run.data.tags
+    assert epochs_logged(uri, run.info.run_id) == [1, 2, 3]
+
+
+class Evil:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_planted_pickles_are_refused_by_resume_teacher_and_viz(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path}/m.db"
+    assert (
+        main(
+            [
+                "train",
+                "--tracking-uri",
+                uri,
+                *sets("train.epochs=1", f"train.out_dir='{tmp_path}/r'"),
+            ]
+        )
+        == 0
+    )
+    (run,) = runs(uri)
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    for name in ("last.pt", "best.pt"):
+        torch.save({"model": Evil(tmp_path / "PWNED"), "epoch": 1}, evil / name)
+    client = mlflow.MlflowClient(uri)
+    client.set_tag(run.info.run_id, "checkpoint_dir", str(evil))  # a tag anyone could write
+    capsys.readouterr()
+    tries = [
+        ["train", "--tracking-uri", uri, *sets(), "--resume", str(evil / "last.pt")],
+        ["train", "--tracking-uri", uri, *sets(), "--resume", run.info.run_id],
+        [
+            "train",
+            "--tracking-uri",
+            uri,
+            *sets(
+                "model.name='deit_nano_distilled'",
+                "distill.kind='soft'",
+                f"distill.teacher='{evil / 'best.pt'}'",
+                "distill.teacher_model='tnt_nano'",
+            ),
+        ],
+        ["viz", run.info.run_id, "--tracking-uri", uri, "--out", str(tmp_path / "v")],
+    ]
+    for argv in tries:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "cannot be read safely" in err, err
+    assert not (tmp_path / "PWNED").exists()
