@@ -41,8 +41,10 @@ def main() -> None:
     ours = load_timm_state_dict(create_model(args.model), ref.state_dict())
     x = torch.randn(args.batch_size, 3, 224, 224)
     y = torch.randint(0, 1000, (args.batch_size,))
-    print(f"{args.model}  batch {args.batch_size}  threads {torch.get_num_threads()}  "
-          f"torch {torch.__version__}")  # fmt: skip
+    print(
+        f"{args.model}  batch {args.batch_size}  threads {torch.get_num_threads()}  "
+        f"torch {torch.__version__}"
+    )
     for dtype in args.dtypes.split(","):
         models = {"ours": ours.train(), "timm": ref.train()}
         opts = {
@@ -56,10 +58,12 @@ def main() -> None:
                 if i >= args.warmup:
                     times[k].append(time.perf_counter() - t0)
         med = {k: statistics.median(v) for k, v in times.items()}
-        print(f"{dtype:5s} train step  ours {med['ours'] * 1e3:8.1f} ms "
-              f"({args.batch_size / med['ours']:6.1f} img/s)  timm {med['timm'] * 1e3:8.1f} ms "
-              f"({args.batch_size / med['timm']:6.1f} img/s)  ratio timm/ours "
-              f"{med['timm'] / med['ours']:.2f}")  # fmt: skip
+        print(
+            f"{dtype:5s} train step  ours {med['ours'] * 1e3:8.1f} ms "
+            f"({args.batch_size / med['ours']:6.1f} img/s)  timm {med['timm'] * 1e3:8.1f} ms "
+            f"({args.batch_size / med['timm']:6.1f} img/s)  ratio timm/ours "
+            f"{med['timm'] / med['ours']:.2f}"
+        )
 
 
 if __name__ == "__main__":

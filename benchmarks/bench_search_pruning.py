@@ -55,15 +55,20 @@ def main() -> None:
     results = {}
     for pruner in ("none", "median"):
         cfg = tmp / f"{pruner}.toml"
-        cfg.write_text(CONFIG.format(study=pruner, pruner=pruner, trials=args.trials,
-                                     epochs=args.epochs, tmp=tmp))  # fmt: skip
+        cfg.write_text(
+            CONFIG.format(
+                study=pruner, pruner=pruner, trials=args.trials, epochs=args.epochs, tmp=tmp
+            )
+        )
         t0 = time.perf_counter()
         r = run_search(cfg, tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
         wall = time.perf_counter() - t0
         trials = r.study.get_trials(deepcopy=False)
         pruned = [t for t in trials if t.state == TrialState.PRUNED]
-        epochs = sum(args.epochs if t.state == TrialState.COMPLETE else
-                     t.user_attrs.get("pruned_epoch", 0) for t in trials)  # fmt: skip
+        epochs = sum(
+            args.epochs if t.state == TrialState.COMPLETE else t.user_attrs.get("pruned_epoch", 0)
+            for t in trials
+        )
         best = r.study.best_value
         results[pruner] = (len(trials), len(pruned), epochs, best, wall)
         print(

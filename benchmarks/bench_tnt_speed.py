@@ -37,9 +37,8 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from suite.engine import resolve_amp
 from suite.models import create_model, load_timm_state_dict
-from suite.runtime import compile_model
+from suite.runtime import compile_model, resolve_precision
 
 PAPER_GFLOPS = {"tnt": 5.2, "deit": 4.6}  # TNT paper Table 3 (TNT-S, DeiT-S)
 NAMES = {"tnt": "tnt_s_patch16_224", "deit": "deit_small_patch16_224"}
@@ -141,7 +140,7 @@ def main() -> None:
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     )
-    default_dtype = resolve_amp("auto", device)
+    default_dtype = resolve_precision("auto", device)
     if default_dtype == "fp16":
         default_dtype = "bf16"  # this benchmark's step has no grad scaler
     torch.manual_seed(0)

@@ -29,9 +29,16 @@ def main() -> None:
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_tracking_"))
-    cfg = load_config(None, [f"model.name='{args.model}'", f"train.epochs={args.epochs}",
-                             "train.amp='fp32'", f"train.out_dir='{tmp / 'runs'}'",
-                             "tracking.experiment='bench_tracking'"])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            f"model.name='{args.model}'",
+            f"train.epochs={args.epochs}",
+            "train.amp='fp32'",
+            f"train.out_dir='{tmp / 'runs'}'",
+            "tracking.experiment='bench_tracking'",
+        ],
+    )
     tracker = make_tracker(f"sqlite:///{tmp / 'mlflow.db'}")
     fit(cfg, Tracker(), progress=False)  # warm-up: imports, allocator, first-run costs
     walls: dict[str, list[float]] = {"off": [], "on": []}

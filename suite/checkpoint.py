@@ -96,3 +96,62 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path: s
         lines = str(e).strip().splitlines()
         detail = " ".join(line.strip() for line in lines[:3])
         raise UserError(f"checkpoint {path} does not fit the model: {detail[:300]}") from None
+
+
+class Checkpointer:
+    """The only writer and reader of a run's checkpoints: ``last.pt`` after every epoch,
+    ``best.pt`` on a new best top-1, each holding everything ``--resume`` needs.
+
+    ``state`` is a ``suite.engine.TrainState``; ``meta`` the run's fixed entries (model name
+    and constructor arguments, config TOML, run ID). ``enabled`` is False on torchrun's other
+    ranks and with ``train.checkpoint = false``.
+    """
+
+    def __init__(self, folder: Path, meta: dict[str, Any], enabled: bool = True) -> None:
+        self.folder, self.meta, self.enabled = Path(folder), meta, enabled
+
+    def save(self, state: Any, name: str = "last.pt") -> None:
+        if not self.enabled:
+            return
+        ema = state.ema.state_dict() if state.ema is not None else None
+        save_checkpoint(
+            self.folder / name,
+            {
+                **self.meta,
+                "model": state.model.state_dict(),
+                "optimizer": state.optimizer.state_dict(),
+                "scheduler": state.scheduler.state_dict(),
+                "scaler": state.scaler.state_dict(),
+                "ema": ema,
+                "epoch": state.epoch,
+                "history": state.history,
+                "best_top1": state.best,
+                "rng": rng_state(),
+            },
+        )
+
+    @staticmethod
+    def restore(path: Path, state: Any, model_name: str, device: torch.device) -> str | None:
+        """Load ``path`` into ``state`` (weights, optimizer, schedule, scaler, EMA, epoch,
+        best, history); returns the checkpoint's run ID. Another model's checkpoint, or a
+        damaged one, is one UserError."""
+        ckpt = load_checkpoint(path, map_location=device)
+        if ckpt.get("model_name") != model_name:
+            raise UserError(
+                f"--resume {path}: a checkpoint of {ckpt.get('model_name')!r}, but "
+                f"the config trains {model_name!r}"
+            )
+        load_weights(state.model, model_state(ckpt, path), path)
+        try:
+            state.optimizer.load_state_dict(ckpt["optimizer"])
+            state.scheduler.load_state_dict(ckpt["scheduler"])
+            state.scaler.load_state_dict(ckpt["scaler"])
+            if state.ema is not None and ckpt.get("ema") is not None:
+                state.ema.load_state_dict(ckpt["ema"])
+            state.epoch, state.best = int(ckpt["epoch"]), float(ckpt["best_top1"])
+            state.history = list(ckpt["history"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            raise UserError(
+                f"--resume {path}: not a complete tntbench checkpoint ({type(e).__name__}: {e})"
+            ) from None
+        return ckpt.get("run_id") or None

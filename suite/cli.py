@@ -74,8 +74,16 @@ def _cmd_matrix(args: argparse.Namespace) -> int:
 def _cmd_search(args: argparse.Namespace) -> int:
     from suite.search import format_result, run_search
 
-    r = run_search(args.config, args.set, args.storage, args.study, args.n_trials, args.timeout,
-                   args.workers, args.tracking_uri)  # fmt: skip
+    r = run_search(
+        args.config,
+        args.set,
+        args.storage,
+        args.study,
+        args.n_trials,
+        args.timeout,
+        args.workers,
+        args.tracking_uri,
+    )
     print(format_result(r))
     return 0
 
@@ -86,8 +94,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     tracker = make_tracker(args.tracking_uri)
     rep = build_report(tracker, args.experiment, args.matrix, args.study, args.out)
-    print(f"report: {rep.out.resolve()}  ({len(rep.tables)} tables, {len(rep.plots)} plots; "
-          f"open {rep.out.resolve() / 'report.html'})")  # fmt: skip
+    print(
+        f"report: {rep.out.resolve()}  ({len(rep.tables)} tables, {len(rep.plots)} plots; "
+        f"open {rep.out.resolve() / 'report.html'})"
+    )
     print(f"logged as run {rep.run_id} in experiment 'reports' at {tracker.uri}")
     return 0
 
@@ -96,8 +106,16 @@ def _cmd_viz(args: argparse.Namespace) -> int:
     from suite.tracking import make_tracker
     from suite.viz import format_result, run_viz
 
-    res = run_viz(make_tracker(args.tracking_uri), args.run_ids, args.images, args.layers,
-                  args.out, args.channels, args.maps, device=args.device)  # fmt: skip
+    res = run_viz(
+        make_tracker(args.tracking_uri),
+        args.run_ids,
+        args.images,
+        args.layers,
+        args.out,
+        args.channels,
+        args.maps,
+        device=args.device,
+    )
     print(format_result(res))
     return 0
 
@@ -118,9 +136,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _add_set(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config key, e.g. --set train.epochs=3 --set model.inner_heads=2",
-    )  # fmt: skip
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,9 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list the model registry with paper reference values")
     m.add_argument("names", nargs="*", metavar="MODEL", help="models to show (default: all)")
     m.add_argument(
-        "--set", action="append", default=[], metavar="KNOB=VALUE",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KNOB=VALUE",
         help="override a constructor argument, e.g. --set inner_heads=2",
-    )  # fmt: skip
+    )
     m.set_defaults(func=_cmd_models)
 
     tr = sub.add_parser("train", help="train one model from a TOML config, tracked in MLflow")
@@ -200,11 +224,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--mode", choices=["infer", "train"], default="infer")
     pr.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     pr.add_argument(
-        "--compile", nargs="?", const="true", default="false", metavar="MODE",
+        "--compile",
+        nargs="?",
+        const="true",
+        default="false",
+        metavar="MODE",
         choices=["auto", "true", "false", "regional"],
         help="torch.compile as train.compile does: bare --compile = whole model; auto = whole "
         "model on CUDA, eager on CPU; regional = each block (default: false, eager)",
-    )  # fmt: skip
+    )
     pr.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     pr.add_argument(
         "--warmup", type=int, default=None, help="warm-up steps (default: 10 GPU, 3 CPU)"

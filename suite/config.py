@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from suite.errors import UserError, parse_assignment
+from suite.errors import MissingPathError, UserError, parse_assignment
 
 DATASETS = ("synthetic", "cifar10", "cifar100", "imagefolder")
+# precisions of train.amp (besides "auto") and profile --dtype; suite.runtime maps them to dtypes
+PRECISIONS = ("fp32", "bf16", "fp16")
 # train.compile: a bool or one of these words (suite.runtime.resolve_compile reads them)
 COMPILE_SETTINGS = ("auto", "true", "false", "regional")
 
@@ -254,10 +256,8 @@ def validate(cfg: Config, check_paths: bool = True, check_model: bool = True) ->
 
     need(d.name in DATASETS, "data.name", d.name, f"must be one of {', '.join(DATASETS)}")
     need(d.name == "synthetic" or bool(d.root), "data.root", d.root, f"required for {d.name}")
-    if check_paths and d.name != "synthetic":
-        need(
-            Path(d.root).is_dir(), "data.root", d.root, f"no such directory (data.name = {d.name})"
-        )
+    if check_paths and d.name != "synthetic" and not Path(d.root).is_dir():
+        raise MissingPathError(f"data.root = {d.root!r}: no such directory (data.name = {d.name})")
     for key in ("train_size", "val_size", "num_classes"):
         need(getattr(d, key) >= 1, f"data.{key}", getattr(d, key), "must be >= 1")
     need(d.num_classes >= 2, "data.num_classes", d.num_classes, "must be >= 2")
@@ -274,19 +274,27 @@ def validate(cfg: Config, check_paths: bool = True, check_model: bool = True) ->
     need(t.base_lr > 0, "train.base_lr", t.base_lr, "must be > 0")
     need(t.min_lr >= 0, "train.min_lr", t.min_lr, "must be >= 0")
     need(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
-    need(0 <= t.warmup_epochs <= t.epochs, "train.warmup_epochs", t.warmup_epochs,
-         f"must be in [0, epochs={t.epochs}]")  # fmt: skip
+    need(
+        0 <= t.warmup_epochs <= t.epochs,
+        "train.warmup_epochs",
+        t.warmup_epochs,
+        f"must be in [0, epochs={t.epochs}]",
+    )
     need(
         0 <= t.label_smoothing < 1, "train.label_smoothing", t.label_smoothing, "must be in [0, 1)"
     )
     need(t.clip_grad >= 0, "train.clip_grad", t.clip_grad, "must be >= 0 (0 = off)")
     check_compile_setting(t.compile)
-    amps = ("auto", "fp32", "bf16", "fp16")
+    amps = ("auto", *PRECISIONS)
     need(t.amp in amps, "train.amp", t.amp, f"must be one of {', '.join(amps)}")
     need(0 < t.ema_decay < 1, "train.ema_decay", t.ema_decay, "must be in (0, 1)")
     devs = ("auto", "cpu", "cuda")
-    need(t.device in devs or t.device.startswith("cuda:"), "train.device", t.device,
-         f"must be one of {', '.join(devs)}")  # fmt: skip
+    need(
+        t.device in devs or t.device.startswith("cuda:"),
+        "train.device",
+        t.device,
+        f"must be one of {', '.join(devs)}",
+    )
     kinds = ("none", "hard", "soft")
     need(k.kind in kinds, "distill.kind", k.kind, f"must be one of {', '.join(kinds)}")
     if k.kind != "none":
@@ -294,10 +302,14 @@ def validate(cfg: Config, check_paths: bool = True, check_model: bool = True) ->
         need(0 <= k.alpha <= 1, "distill.alpha", k.alpha, "must be in [0, 1]")
         need(k.tau > 0, "distill.tau", k.tau, "must be > 0")
         is_uri = k.teacher.startswith(("runs:/", "models:/"))
-        need(is_uri or bool(k.teacher_model), "distill.teacher_model", k.teacher_model,
-             "needed for a checkpoint teacher: the registry name of its model")  # fmt: skip
-        if check_paths and not is_uri:
-            need(Path(k.teacher).is_file(), "distill.teacher", k.teacher, "file not found")
+        need(
+            is_uri or bool(k.teacher_model),
+            "distill.teacher_model",
+            k.teacher_model,
+            "needed for a checkpoint teacher: the registry name of its model",
+        )
+        if check_paths and not is_uri and not Path(k.teacher).is_file():
+            raise MissingPathError(f"distill.teacher = {k.teacher!r}: file not found")
     need(tr.log_every >= 1, "tracking.log_every", tr.log_every, "must be >= 1")
     if not 0 < len(tr.experiment) <= 500:  # MLflow's limit on experiment names
         raise UserError(

@@ -34,17 +34,22 @@ def run_demo(
     uri = f"sqlite:///{root / 'mlflow.db'}"
     tracker = make_tracker(uri)
     t0 = time.perf_counter()
-    print(f"TNT Bench demo: smoke matrix (nano TNT, ViT, DeiT on synthetic data), a small search,"
-          f" into {root}")  # fmt: skip
+    print(
+        f"TNT Bench demo: smoke matrix (nano TNT, ViT, DeiT on synthetic data), a small search,"
+        f" into {root}"
+    )
     r = run_matrix(smoke_config(), tracker, [f"train.out_dir='{root / 'runs'}'", *(sets or [])])
-    print(f"\nmatrix {r.name}: {r.ran} ran, {r.skipped} skipped, {r.failed} failed "
-          f"in {time.perf_counter() - t0:.0f}s")  # fmt: skip
+    print(
+        f"\nmatrix {r.name}: {r.ran} ran, {r.skipped} skipped, {r.failed} failed "
+        f"in {time.perf_counter() - t0:.0f}s"
+    )
     print(format_summary(r.summary))
 
     print("\nsmall search: TPE + median pruner over patch, pixel, inner heads and lr (6 trials)")
     s_sets = [f"train.out_dir='{root / 'runs'}'", "search.n_trials=6", "train.epochs=2"]
-    s = run_search(search_config(), [*s_sets, *(sets or []), *(search_sets or [])],
-                   tracking_uri=uri)  # fmt: skip
+    s = run_search(
+        search_config(), [*s_sets, *(sets or []), *(search_sets or [])], tracking_uri=uri
+    )
     print(format_result(s))
 
     # the paper's feature figures: TNT's pixel-level maps and t-SNE beside ViT's (seed 0)

@@ -9,9 +9,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable
-from contextlib import nullcontext
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -19,40 +17,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from suite.config import DistillConfig
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_amp(amp: str, device: torch.device) -> str:
-    """``auto`` -> bf16 where the hardware has it (CUDA, CPU with native bf16), else fp32."""
-    if amp != "auto":
-        return amp
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if torch.backends.mkldnn.is_available() and _cpu_has_bf16() else "fp32"
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def autocast(device: torch.device, amp: str):
-    if amp in AMP_DTYPES:
-        return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
-    return nullcontext()
+from suite.runtime import autocast
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW; no weight decay on biases, norms, tokens and position tables (DeiT, timm)."""
     decay, no_decay = [], []
+    named = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        skip = p.ndim <= 1 or name.endswith(("_token", "_pos", "pos_embed"))
+        skip = p.ndim <= 1 or name in named
         (no_decay if skip else decay).append(p)
     groups = [
         {"params": decay, "weight_decay": weight_decay},
@@ -136,6 +111,30 @@ def _all_reduce(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+@dataclass
+class TrainState:
+    """Everything a training run carries from step to step and epoch to epoch; what a
+    checkpoint saves (``suite.checkpoint.Checkpointer``)."""
+
+    model: nn.Module  # the bare model: its state dict is what checkpoints hold
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    ema: nn.Module | None = None
+    net: nn.Module | None = None  # what the step calls: the model, DDP-wrapped and/or compiled
+    epoch: int = 0  # epochs completed
+    best: float = -math.inf  # best val top-1 so far
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def finish_epoch(self, metrics: dict[str, float]) -> bool:
+        """Record an epoch's metrics; True if its top-1 is a new best."""
+        self.history.append(metrics)
+        self.epoch += 1
+        improved = metrics["val_top1"] > self.best
+        self.best = max(self.best, metrics["val_top1"])
+        return improved
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable,
@@ -143,6 +142,7 @@ def train_one_epoch(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     criterion: Criterion,
     device: torch.device,
+    *,
     amp: str = "fp32",
     scaler: torch.amp.GradScaler | None = None,
     clip_grad: float = 0.0,

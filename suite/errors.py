@@ -10,6 +10,11 @@ class UserError(Exception):
     """A mistake in the user's input (config, flag, path); the message names what and where."""
 
 
+class MissingPathError(UserError):
+    """A file or folder the config names is not there (a data root, a teacher checkpoint): for
+    a matrix, a mistake in every cell, so it stops the whole matrix before any work."""
+
+
 def parse_value(text: str) -> Any:
     """A command-line value as TOML reads it (3, 0.5, true, [1, 2], "x"); bare words are strings."""
     try:

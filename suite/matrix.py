@@ -33,7 +33,7 @@ from typing import Any
 import pandas as pd
 
 from suite.config import apply_sets, from_dict, read_toml
-from suite.errors import UserError
+from suite.errors import MissingPathError, UserError
 from suite.tracking import Tracker, flatten, process_is_gone
 
 RESERVED = {"name", "models", "datasets", "seeds"}
@@ -61,8 +61,11 @@ class Cell:
 
     @property
     def run_name(self) -> str:
-        extra = [f"{k.split('.')[-1]}={v}" for k, v in self.varied.items()
-                 if k not in ("model.name", "data.name", "train.seed", "data.root")]  # fmt: skip
+        extra = [
+            f"{k.split('.')[-1]}={v}"
+            for k, v in self.varied.items()
+            if k not in ("model.name", "data.name", "train.seed", "data.root")
+        ]
         return "/".join([self.model, self.dataset, f"s{self.seed}", *extra])
 
 
@@ -168,8 +171,13 @@ def cells_table(cells: list[Cell], done: set[str] | None = None) -> pd.DataFrame
     rows = []
     for c in cells:
         row = {"cell": c.index, "model": c.model, "dataset": c.dataset, "seed": c.seed}
-        row.update({k: v for k, v in c.varied.items() if k not in ("model.name", "data.name",
-                                                                    "train.seed")})  # fmt: skip
+        row.update(
+            {
+                k: v
+                for k, v in c.varied.items()
+                if k not in ("model.name", "data.name", "train.seed")
+            }
+        )
         row["hash"] = c.digest
         if done is not None:
             row["status"] = "done" if c.digest in done else "todo"
@@ -219,9 +227,10 @@ def run_matrix(
     for c in todo:  # a missing data root or teacher fails the matrix before any work
         try:
             from_dict(c.raw, str(path), check_model=False)
-        except UserError as e:
-            if "data.root" in str(e) or "distill.teacher" in str(e):
-                raise
+        except MissingPathError:
+            raise
+        except UserError:
+            pass  # the cell alone is impossible: recorded FAILED when its turn comes
     parent_id = _parent_run_id(tracker, experiment, name)
     running = unfinished_cells(tracker, experiment, name)
     failed = 0
@@ -229,8 +238,14 @@ def run_matrix(
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(cells), initial=len(cells) - len(todo), unit="cell",
-                   desc=f"matrix {name}", file=sys.stderr, dynamic_ncols=True)  # fmt: skip
+        bar = tqdm(
+            total=len(cells),
+            initial=len(cells) - len(todo),
+            unit="cell",
+            desc=f"matrix {name}",
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
     tags = {"kind": "matrix", "matrix": name}
     with tracker.run(experiment, f"matrix/{name}", tags, run_id=parent_id) as parent:
         if parent_id is None:
@@ -265,8 +280,9 @@ def run_matrix(
             parent.log_text(format_summary(summary), "summary.txt")
             parent.log_text(summary.to_csv(index=False), "summary.csv")
         parent.log_metrics({"cells_failed": failed, "cells_done": len(runs)})
-    return MatrixResult(name, parent.run_id, len(todo), len(cells) - len(todo), failed, summary,
-                        runs)  # fmt: skip
+    return MatrixResult(
+        name, parent.run_id, len(todo), len(cells) - len(todo), failed, summary, runs
+    )
 
 
 def unfinished_cells(tracker: Tracker, experiment: str, matrix: str) -> dict:
@@ -321,21 +337,22 @@ def _run_cell(
     except KeyboardInterrupt:
         raise
     except Exception as e:
-        print(f"cell {cell.index} ({cell.run_name}) FAILED: {type(e).__name__}: {e}",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"cell {cell.index} ({cell.run_name}) FAILED: {type(e).__name__}: {e}", file=sys.stderr
+        )
         return False
     return True
 
 
 def _profile_cell(cfg, run_id: str, tracker: Tracker, steps: int) -> None:
     """Inference throughput and latency of the cell's trained architecture, onto its run."""
-    from suite.models import create_model
-    from suite.profile import resolve_device, time_model
-    from suite.train import model_img_size
+    from suite.models import create_model, model_img_size
+    from suite.profile import time_model
+    from suite.runtime import resolve_device
 
     if not run_id:
         return
-    size = model_img_size(cfg)
+    size = model_img_size(cfg.model.name, cfg.model.overrides)
     model = create_model(cfg.model.name, **cfg.model.overrides)
     device = resolve_device(cfg.train.device)
     # compiled as the cell's training was (train.compile: auto = whole model on CUDA)
@@ -352,9 +369,13 @@ def _profile_cell(cfg, run_id: str, tracker: Tracker, steps: int) -> None:
     )
     run = tracker.attach(run_id)
     run.log_metrics(
-        {"infer_img_per_s": t.img_per_s, "infer_step_ms": t.step_ms, "infer_peak_mb": t.peak_mb,
-         "infer_compile_s": t.compile_s}
-    )  # fmt: skip
+        {
+            "infer_img_per_s": t.img_per_s,
+            "infer_step_ms": t.step_ms,
+            "infer_peak_mb": t.peak_mb,
+            "infer_compile_s": t.compile_s,
+        }
+    )
     if t.compile_fallback:
         run.set_tags({"infer_compile_fallback": t.compile_fallback})
 
@@ -422,6 +443,10 @@ def format_summary(summary: pd.DataFrame) -> str:
     cols = [c for c in summary.columns if c not in ("top-1 mean", "top-1 std", "run_ids")]
     return summary[cols].to_string(
         index=False,
-        formatters={"params (M)": "{:.2f}".format, "GMACs": "{:.3f}".format,
-                    "train img/s": "{:.0f}".format, "infer img/s": "{:.0f}".format},
-    )  # fmt: skip
+        formatters={
+            "params (M)": "{:.2f}".format,
+            "GMACs": "{:.3f}".format,
+            "train img/s": "{:.0f}".format,
+            "infer img/s": "{:.0f}".format,
+        },
+    )

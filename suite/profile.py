@@ -18,7 +18,6 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,16 @@ from torch import nn
 
 from suite.errors import UserError
 from suite.models import create_model, get_entry
-from suite.runtime import compile_model, oom_message, resolve_compile
+from suite.runtime import (
+    DTYPES,
+    autocast,
+    check_precision,
+    compile_model,
+    count_params,
+    oom_message,
+    resolve_compile,
+    resolve_device,
+)
 
 # ---------------------------------------------------------------------------------------------
 # FLOPs
@@ -114,42 +122,11 @@ def count_flops(model: nn.Module, img_size: int, in_chans: int = 3) -> FlopCount
     return FlopCount(fv, tc, unsupported)
 
 
-def count_params(model: nn.Module) -> tuple[int, int]:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return total, trainable
-
-
 # ---------------------------------------------------------------------------------------------
 # Timing, memory, peak FLOP/s
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 # spec-sheet dense tensor-core peaks (TFLOP/s) for bf16/fp16, by device-name substring
 SPEC_TFLOPS = [("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0)]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available on this machine")
-    return torch.device(name)
-
-
-def check_dtype(dtype: str, device: torch.device) -> None:
-    if dtype not in DTYPES:
-        raise UserError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
-    if dtype == "fp16" and device.type != "cuda":
-        raise UserError("dtype fp16 autocast needs a CUDA device; use bf16 on CPU")
-    if dtype == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UserError("dtype bf16 is not supported by this GPU; use fp16")
-
-
-def autocast(device: torch.device, dtype: str):
-    if dtype == "fp32":
-        return nullcontext()
-    return torch.autocast(device.type, dtype=DTYPES[dtype])
 
 
 def _sync(device: torch.device) -> None:
@@ -341,8 +318,8 @@ def profile_model(
     peak_tflops: float | None = None,
     **overrides: Any,
 ) -> ProfileRow:
-    dev = device if isinstance(device, torch.device) else resolve_device(device)
-    check_dtype(dtype, dev)
+    dev = device if isinstance(device, torch.device) else resolve_device(device, key="--device")
+    check_precision(dtype, dev, "--dtype")
     entry = get_entry(name)
     if img_size is not None:
         overrides["img_size"] = img_size
@@ -445,8 +422,8 @@ def run_profile_cli(args: Any) -> int:
         raise UserError(f"--warmup must be >= 0, got {args.warmup}")
     if args.json and not Path(args.json).resolve().parent.is_dir():
         raise UserError(f"--json {args.json}: the folder {Path(args.json).parent} does not exist")
-    device = resolve_device(args.device)
-    check_dtype(args.dtype, device)
+    device = resolve_device(args.device, key="--device")
+    check_precision(args.dtype, device, "--dtype")
     for name in args.models:
         get_entry_or_fail(name)
     peak = matmul_peak_tflops(device, args.dtype)

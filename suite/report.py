@@ -72,8 +72,12 @@ def training_runs(tracker: Tracker, experiments: list[str], matrix: str | None) 
 def _pos_label(row: pd.Series) -> str | None:
     patch = str(row.get("params.model.patch_pos_embed", "True")) != "False"
     pixel = str(row.get("params.model.pixel_pos_embed", "True")) != "False"
-    return {(True, True): "both", (True, False): "patch only", (False, True): "pixel only",
-            (False, False): "none"}[(patch, pixel)]  # fmt: skip
+    return {
+        (True, True): "both",
+        (True, False): "patch only",
+        (False, True): "pixel only",
+        (False, False): "none",
+    }[(patch, pixel)]
 
 
 def main_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -87,8 +91,10 @@ def main_table(df: pd.DataFrame) -> pd.DataFrame:
         row["GMACs"] = _num(g, "metrics.gmacs").mean()
         row["train img/s"] = _num(g, "metrics.train_img_per_s").mean()
         row["infer img/s"] = _num(g, "metrics.infer_img_per_s").mean()
-        row["device / dtype"] = f"{g.get('tags.device_name', pd.Series(['-'])).iloc[0]} / " \
-                                f"{g.get('tags.amp', pd.Series(['-'])).iloc[0]}"  # fmt: skip
+        row["device / dtype"] = (
+            f"{g.get('tags.device_name', pd.Series(['-'])).iloc[0]} / "
+            f"{g.get('tags.amp', pd.Series(['-'])).iloc[0]}"
+        )
         row["top-1"] = _mean_std(_num(g, "metrics.val_top1"))
         row["top-5"] = _mean_std(_num(g, "metrics.val_top5"))
         row["top-1 mean"] = _num(g, "metrics.val_top1").mean()
@@ -142,9 +148,15 @@ def spread_table(df: pd.DataFrame) -> pd.DataFrame | None:
             v = r.get(f"metrics.viz_layer{L}_mean_pdist")
             if v is None or pd.isna(v):
                 continue
-            rows.append({"model": r.get("params.model.name", "-"), "layer": L,
-                         "mean_pdist": v, "dim_std": r.get(f"metrics.viz_layer{L}_dim_std"),
-                         "run_ids": r["run_id"]})  # fmt: skip
+            rows.append(
+                {
+                    "model": r.get("params.model.name", "-"),
+                    "layer": L,
+                    "mean_pdist": v,
+                    "dim_std": r.get(f"metrics.viz_layer{L}_dim_std"),
+                    "run_ids": r["run_id"],
+                }
+            )
     if not rows:
         return None
     t = pd.DataFrame(rows).sort_values(["layer", "model"], kind="stable", ignore_index=True)
@@ -219,9 +231,10 @@ def pareto(df: pd.DataFrame, maximise: str, minimise: str) -> pd.DataFrame:
     keep = []
     for i, r in df.iterrows():
         dominated = (
-            (df[maximise] >= r[maximise]) & (df[minimise] <= r[minimise])
+            (df[maximise] >= r[maximise])
+            & (df[minimise] <= r[minimise])
             & ((df[maximise] > r[maximise]) | (df[minimise] < r[minimise]))
-        ).any()  # fmt: skip
+        ).any()
         if not dominated:
             keep.append(i)
     return df.loc[keep].sort_values(minimise)
@@ -237,10 +250,15 @@ def importances(done: pd.DataFrame, pcols: list[str]) -> pd.DataFrame:
     study = optuna.create_study(direction="maximize")
     for _, r in done.iterrows():
         params = {c.removeprefix("params.search."): str(r[c]) for c in pcols}
-        dists = {k: CategoricalDistribution(sorted({str(v) for v in done[c]}))
-                 for k, c in zip(params, pcols, strict=True)}  # fmt: skip
-        study.add_trial(optuna.trial.create_trial(params=params, distributions=dists,
-                                                  value=float(r["val_top1"])))  # fmt: skip
+        dists = {
+            k: CategoricalDistribution(sorted({str(v) for v in done[c]}))
+            for k, c in zip(params, pcols, strict=True)
+        }
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=params, distributions=dists, value=float(r["val_top1"])
+            )
+        )
     try:
         imp = optuna.importance.get_param_importances(study)
     except Exception:
@@ -272,11 +290,17 @@ def scatter_with_front(main: pd.DataFrame, x: str, path: Path, log_x: bool = Fal
         m = d[d["model"].str.startswith(fam)]
         ax.scatter(m[x], m["top-1 mean"], marker=marker, label=label, s=40)
         for _, r in m.iterrows():
-            ax.annotate(r["model"], (r[x], r["top-1 mean"]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")  # fmt: skip
+            ax.annotate(
+                r["model"],
+                (r[x], r["top-1 mean"]),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
     cheap_is_good = x == "GMACs"
-    f = pareto(d.assign(neg=-d[x]) if not cheap_is_good else d, "top-1 mean",
-               x if cheap_is_good else "neg").sort_values(x)  # fmt: skip
+    f = pareto(
+        d.assign(neg=-d[x]) if not cheap_is_good else d, "top-1 mean", x if cheap_is_good else "neg"
+    ).sort_values(x)
     ax.plot(f[x], f["top-1 mean"], "k--", lw=1, label="Pareto frontier")
     ax.set(xlabel=x, ylabel="top-1 (%)", title=f"top-1 vs {x}")
     if log_x:
@@ -348,16 +372,26 @@ def _fmt(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def write_outputs(rep: Report, tracking_uri: str) -> None:
-    md = ["# TNT Bench report", "", f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} "
-          f"from `{tracking_uri}`.", ""]  # fmt: skip
+    md = [
+        "# TNT Bench report",
+        "",
+        f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} from `{tracking_uri}`.",
+        "",
+    ]
     tex = []
     body = []
     for name, df in rep.tables.items():
         shown = _fmt(df)
         shown.to_csv(rep.out / f"{name}.csv", index=False)
         caption = df.attrs.get("caption", name.replace("_", " "))
-        md += [f"## {caption}", "", shown.drop(columns=["run_ids"], errors="ignore").to_markdown(
-            index=False) if _has_tabulate() else shown.to_string(index=False), ""]  # fmt: skip
+        md += [
+            f"## {caption}",
+            "",
+            shown.drop(columns=["run_ids"], errors="ignore").to_markdown(index=False)
+            if _has_tabulate()
+            else shown.to_string(index=False),
+            "",
+        ]
         tex.append(
             shown.drop(columns=["run_ids"], errors="ignore")
             .style.hide(axis="index")
@@ -368,15 +402,18 @@ def write_outputs(rep: Report, tracking_uri: str) -> None:
     for name, p in rep.plots.items():
         md += [f"![{name}]({p.name})", ""]
         data = base64.b64encode(p.read_bytes()).decode()
-        body.append(f'<h2>{html.escape(name)}</h2><img alt="{name}" '
-                    f'src="data:image/png;base64,{data}">')  # fmt: skip
+        body.append(
+            f'<h2>{html.escape(name)}</h2><img alt="{name}" src="data:image/png;base64,{data}">'
+        )
     (rep.out / "report.md").write_text("\n".join(md))
     (rep.out / "report.tex").write_text(
         "% needs \\usepackage{booktabs}\n" + "\n".join(t.replace("_", "\\_") for t in tex)
     )
-    style = ("body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:"
-             "collapse;font-size:13px;margin-bottom:1em}td,th{border:1px solid #ccc;padding:"
-             "3px 6px}th{background:#eee}img{max-width:100%;border:1px solid #ddd}")  # fmt: skip
+    style = (
+        "body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:"
+        "collapse;font-size:13px;margin-bottom:1em}td,th{border:1px solid #ccc;padding:"
+        "3px 6px}th{background:#eee}img{max-width:100%;border:1px solid #ddd}"
+    )
     (rep.out / "report.html").write_text(
         f"<!doctype html><html><head><meta charset='utf-8'><title>TNT Bench report</title>"
         f"<style>{style}</style></head><body><h1>TNT Bench report</h1>"

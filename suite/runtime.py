@@ -1,5 +1,6 @@
-"""How a model runs: ``torch.compile`` chosen by one rule, its first call timed apart, and a
-fallback to eager when compilation fails.
+"""How a model runs, the same for training, profiling, the matrix and viz: the device, the
+precision (autocast), seeding, torchrun's ranks, parameter counts, and ``torch.compile`` chosen
+by one rule with its first call timed apart and a fallback to eager when compilation fails.
 
 ``train.compile``, the matrix's inference profile and ``tntbench profile --compile`` all read
 the same setting through ``resolve_compile``:
@@ -15,16 +16,110 @@ the same setting through ``resolve_compile``:
 
 from __future__ import annotations
 
+import os
+import random
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from suite.config import check_compile_setting
+from suite.config import PRECISIONS, check_compile_setting
+from suite.errors import UserError
 from suite.models import compile_blocks
+
+# precision names (train.amp, profile --dtype) -> autocast dtypes; fp32 runs without autocast
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+assert set(DTYPES) == set(PRECISIONS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Device, ranks, seeding, parameters
+
+
+def dist_env() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun's environment; (0, 0, 1) without it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world
+
+
+def resolve_device(name: str, local_rank: int = 0, key: str = "train.device") -> torch.device:
+    """``auto`` (CUDA if there is one), ``cpu``, ``cuda`` (this rank's GPU) or ``cuda:N``."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"{key} = '{name}': no CUDA device is available on this machine")
+        return torch.device(name if ":" in name else f"cuda:{local_rank}")
+    if name != "cpu":
+        raise UserError(f"{key} = '{name}': must be auto, cpu, cuda or cuda:N")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(all, trainable) parameters."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """``auto`` -> bf16 where the hardware has it (CUDA, CPU with native bf16), else fp16 on
+    older GPUs and fp32 on CPU; the other names as they are."""
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if torch.backends.mkldnn.is_available() and _cpu_has_bf16() else "fp32"
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def check_precision(name: str, device: torch.device, key: str) -> None:
+    """A UserError naming ``key`` when the device cannot run that precision."""
+    if name not in DTYPES:
+        raise UserError(f"{key} = '{name}': must be one of {', '.join(DTYPES)}")
+    if name == "fp16" and device.type != "cuda":
+        raise UserError(f"{key} = 'fp16' needs a CUDA device (use bf16 on CPU)")
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"{key} = 'bf16' is not supported by this GPU; use fp16")
+
+
+def autocast(device: torch.device, precision: str) -> Any:
+    """Autocast to bf16/fp16, or nothing for fp32."""
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=DTYPES[precision])
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile
 
 
 def resolve_compile(setting: bool | str, device: torch.device) -> str:

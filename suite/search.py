@@ -41,8 +41,13 @@ from suite.tracking import (
     worker_id,
 )
 
-DIRECTIONS = {"val_top1": "maximize", "val_top5": "maximize", "val_loss": "minimize",
-              "gmacs": "minimize", "params_m": "minimize"}  # fmt: skip
+DIRECTIONS = {
+    "val_top1": "maximize",
+    "val_top5": "maximize",
+    "val_loss": "minimize",
+    "gmacs": "minimize",
+    "params_m": "minimize",
+}
 SAMPLERS = ("tpe", "random", "grid", "nsga2")
 PRUNERS = ("median", "hyperband", "none")
 
@@ -78,8 +83,9 @@ def parse_search(raw: dict[str, Any], source: str) -> SearchConfig:
     if isinstance(objectives, str):
         objectives = [objectives]
     if not objectives or len(objectives) > 2 or any(o not in DIRECTIONS for o in objectives):
-        raise UserError(f"{source}: search.objectives = {objectives!r}: one or two of "
-                        f"{', '.join(DIRECTIONS)}")  # fmt: skip
+        raise UserError(
+            f"{source}: search.objectives = {objectives!r}: one or two of {', '.join(DIRECTIONS)}"
+        )
     for k, v in s.items():  # each value of the type its field has (ints are floats too)
         want = typing.get_type_hints(SearchConfig)[k]
         ok = isinstance(v, want) and not (want in (int, float) and isinstance(v, bool))
@@ -87,8 +93,9 @@ def parse_search(raw: dict[str, Any], source: str) -> SearchConfig:
             raise UserError(
                 f"{source}: search.{k} = {v!r} must be {want.__name__}, not {type(v).__name__}"
             )
-    cfg = SearchConfig(study=s.pop("study", Path(source).stem), objectives=tuple(objectives),
-                       space=space, **s)  # fmt: skip
+    cfg = SearchConfig(
+        study=s.pop("study", Path(source).stem), objectives=tuple(objectives), space=space, **s
+    )
     for key, kind, allowed in (("sampler", cfg.sampler, SAMPLERS), ("pruner", cfg.pruner, PRUNERS)):
         if kind not in allowed:
             raise UserError(f"{source}: search.{key} = {kind!r}: one of {', '.join(allowed)}")
@@ -108,8 +115,9 @@ def _check_spec(name: str, spec: Any, sampler: str, source: str) -> None:
             raise UserError(f"{where}.choices must be a non-empty list")
     elif "tie" in spec:
         if spec.get("keep") != "pixels_x_dim" or spec["tie"] != "model.pixel_size":
-            raise UserError(f"{where}: supported tie is {{tie = \"model.pixel_size\", "
-                            f"keep = \"pixels_x_dim\"}}")  # fmt: skip
+            raise UserError(
+                f'{where}: supported tie is {{tie = "model.pixel_size", keep = "pixels_x_dim"}}'
+            )
     elif "low" in spec and "high" in spec:
         if not spec["low"] < spec["high"]:
             raise UserError(f"{where}: low must be < high")
@@ -153,8 +161,9 @@ def sample(trial: Any, space: dict[str, dict[str, Any]], base: dict[str, Any]) -
                 name, spec["low"], spec["high"], log=spec.get("log", False)
             )
         else:
-            out[name] = trial.suggest_float(name, float(spec["low"]), float(spec["high"]),
-                                            log=spec.get("log", False))  # fmt: skip
+            out[name] = trial.suggest_float(
+                name, float(spec["low"]), float(spec["high"]), log=spec.get("log", False)
+            )
     for name in ties:  # inner_dim x pixels kept at the base model's value
         out[name] = _tied_inner_dim(base, out)
     return out
@@ -163,8 +172,10 @@ def sample(trial: Any, space: dict[str, dict[str, Any]], base: dict[str, Any]) -
 def _tied_inner_dim(base: dict[str, Any], chosen: dict[str, Any]) -> int:
     from suite.models import get_entry
 
-    model = {**base.get("model", {}), **{k[6:]: v for k, v in chosen.items()
-                                          if k.startswith("model.")}}  # fmt: skip
+    model = {
+        **base.get("model", {}),
+        **{k[6:]: v for k, v in chosen.items() if k.startswith("model.")},
+    }
     entry = get_entry(model.get("name", "tnt_nano"))
     kw = {**entry.kwargs, **base.get("model", {})}
     kw.pop("name", None)
@@ -172,8 +183,10 @@ def _tied_inner_dim(base: dict[str, Any], chosen: dict[str, Any]) -> int:
     budget = (patch // pixel0) ** 2 * dim0  # pixels x inner dim of the base model
     pixels = (model.get("patch_size", patch) // model["pixel_size"]) ** 2
     if budget % pixels:
-        raise UserError(f"model.inner_dim: pixels x inner dim = {budget} is not divisible "
-                        f"by {pixels} pixels (pixel_size={model['pixel_size']})")  # fmt: skip
+        raise UserError(
+            f"model.inner_dim: pixels x inner dim = {budget} is not divisible "
+            f"by {pixels} pixels (pixel_size={model['pixel_size']})"
+        )
     return budget // pixels
 
 
@@ -218,8 +231,10 @@ def make_storage(url: str, scfg: SearchConfig) -> Any:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(path))
     if "://" not in url:
-        raise UserError(f"--storage {url}: not an Optuna storage URL (sqlite:///..., "
-                        f"postgresql+psycopg://..., or a path ending in .journal)")  # fmt: skip
+        raise UserError(
+            f"--storage {url}: not an Optuna storage URL (sqlite:///..., "
+            f"postgresql+psycopg://..., or a path ending in .journal)"
+        )
     try:
         return RDBStorage(
             url,
@@ -316,8 +331,15 @@ class Objective:
 
         params = {f"search.{k}": v for k, v in overrides.items()}
         try:
-            result = fit(cfg, tracker, parent_run_id=self.parent_run_id, extra_tags=tags,
-                         extra_params=params, on_epoch=on_epoch, progress=False)  # fmt: skip
+            result = fit(
+                cfg,
+                tracker,
+                parent_run_id=self.parent_run_id,
+                extra_tags=tags,
+                extra_params=params,
+                on_epoch=on_epoch,
+                progress=False,
+            )
         except _Pruned as e:
             raise optuna.TrialPruned(str(e)) from None
         except NonFiniteLoss as e:  # diverged: this trial fails, the study goes on
@@ -343,10 +365,12 @@ class Objective:
 
     def _record_unbuildable(self, tracker: Tracker, trial: Any, tags: dict, reason: str) -> None:
         try:
-            with tracker.run(self.base.get("tracking", {}).get("experiment", self.scfg.study),
-                             f"{self.scfg.study}/trial-{trial.number}",
-                             {**tags, "optuna_state": "PRUNED", "pruned_reason": reason},
-                             self.parent_run_id) as run:  # fmt: skip
+            with tracker.run(
+                self.base.get("tracking", {}).get("experiment", self.scfg.study),
+                f"{self.scfg.study}/trial-{trial.number}",
+                {**tags, "optuna_state": "PRUNED", "pruned_reason": reason},
+                self.parent_run_id,
+            ) as run:
                 run.log_params({f"search.{k}": v for k, v in trial.params.items()})
                 raise _Pruned(reason)
         except _Pruned:
@@ -393,23 +417,30 @@ def run_search(
     directions = [DIRECTIONS[o] for o in scfg.objectives]
     _quiet_optuna()
     study = optuna.create_study(
-        storage=make_storage(storage, scfg), study_name=scfg.study, directions=directions,
-        sampler=make_sampler(scfg), pruner=make_pruner(scfg, cfg.train.epochs),
+        storage=make_storage(storage, scfg),
+        study_name=scfg.study,
+        directions=directions,
+        sampler=make_sampler(scfg),
+        pruner=make_pruner(scfg, cfg.train.epochs),
         load_if_exists=True,
-    )  # fmt: skip
+    )
     if study.metric_names is None:
         study.set_metric_names(list(scfg.objectives))
     tracker = make_tracker(uri)
     experiment = cfg.tracking.experiment
     parent_id = study.user_attrs.get("mlflow_parent_run_id")
-    with tracker.run(experiment, f"study/{scfg.study}", {"kind": "study", "study": scfg.study},
-                     run_id=parent_id) as parent:  # fmt: skip
+    with tracker.run(
+        experiment, f"study/{scfg.study}", {"kind": "study", "study": scfg.study}, run_id=parent_id
+    ) as parent:
         if parent_id is None:
             study.set_user_attr("mlflow_parent_run_id", parent.run_id)
-            parent.log_params({**flatten({"search": {k: v for k, v in scfg.__dict__.items()
-                                                      if k != "space"}}),
-                               "search.space": json.dumps(scfg.space),
-                               "search.storage": storage})  # fmt: skip
+            parent.log_params(
+                {
+                    **flatten({"search": {k: v for k, v in scfg.__dict__.items() if k != "space"}}),
+                    "search.space": json.dumps(scfg.space),
+                    "search.storage": storage,
+                }
+            )
         args = (str(path), sets, storage, scfg, uri, parent.run_id, timeout)
         if workers == 1:
             _worker(*args)
@@ -435,9 +466,12 @@ def _worker(path, sets, storage, scfg: SearchConfig, uri, parent_id, timeout) ->
     raw = apply_sets(read_toml(path), sets)
     base = {k: v for k, v in raw.items() if k not in ("search", "matrix")}
     cfg = from_dict(base, str(path))
-    study = optuna.load_study(study_name=scfg.study, storage=make_storage(storage, scfg),
-                              sampler=make_sampler(scfg),
-                              pruner=make_pruner(scfg, cfg.train.epochs))  # fmt: skip
+    study = optuna.load_study(
+        study_name=scfg.study,
+        storage=make_storage(storage, scfg),
+        sampler=make_sampler(scfg),
+        pruner=make_pruner(scfg, cfg.train.epochs),
+    )
     objective = Objective(base, scfg, uri, parent_id, str(path))
     tracker = objective.tracker()
     experiment = objective.experiment()
@@ -501,16 +535,24 @@ def format_result(r: SearchResult) -> str:
     study = r.study
     trials = study.get_trials(deepcopy=False)
     counts = {s.name: sum(t.state == s for t in trials) for s in TrialState}
-    head = f"study {study.study_name}: " + ", ".join(f"{v} {k.lower()}" for k, v in counts.items()
-                                                      if v)  # fmt: skip
+    head = f"study {study.study_name}: " + ", ".join(
+        f"{v} {k.lower()}" for k, v in counts.items() if v
+    )
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if not complete:
         return head + "\n(no complete trial)"
     multi = len(study.directions) > 1
     best = pareto_front(study) if multi else [study.best_trial]
     names = study.metric_names or [f"value{i}" for i in range(len(study.directions))]
-    rows = [{"trial": t.number, **dict(zip(names, t.values, strict=True)), **t.params,
-             "mlflow_run": t.user_attrs.get("mlflow_run_id", "")} for t in best]  # fmt: skip
+    rows = [
+        {
+            "trial": t.number,
+            **dict(zip(names, t.values, strict=True)),
+            **t.params,
+            "mlflow_run": t.user_attrs.get("mlflow_run_id", ""),
+        }
+        for t in best
+    ]
     label = "Pareto front (non-dominated)" if multi else "best trial"
     return (
         f"{head}\n{label}:\n{pd.DataFrame(rows).to_string(index=False)}\n"
@@ -530,9 +572,15 @@ def _finish(study: Any, scfg: SearchConfig, tracker: Tracker, parent: Any) -> No
     if not complete:
         return
     best = pareto_front(study) if len(scfg.objectives) > 1 else [study.best_trial]
-    front = [{"trial": t.number, "values": dict(zip(scfg.objectives, t.values, strict=True)),
-              "params": t.params, "mlflow_run_id": t.user_attrs.get("mlflow_run_id")}
-             for t in best]  # fmt: skip
+    front = [
+        {
+            "trial": t.number,
+            "values": dict(zip(scfg.objectives, t.values, strict=True)),
+            "params": t.params,
+            "mlflow_run_id": t.user_attrs.get("mlflow_run_id"),
+        }
+        for t in best
+    ]
     parent.log_dict(front, "pareto_front.json" if len(best) > 1 else "best_trial.json")
     for t in best:
         rid = t.user_attrs.get("mlflow_run_id")

@@ -256,6 +256,19 @@ def _is_unique_violation(e: BaseException) -> bool:
     return False
 
 
+def _is_sqlite_busy(e: BaseException | None) -> bool:
+    """SQLite's SQLITE_BUSY or SQLITE_LOCKED, however MLflow and SQLAlchemy wrapped it."""
+    import sqlite3
+
+    busy = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    while e is not None:
+        for x in (e, getattr(e, "orig", None)):
+            if isinstance(x, sqlite3.OperationalError) and x.sqlite_errorcode in busy:
+                return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 class _RetryingClient:
     """MlflowClient whose calls retry, with backoff, when SQLite says "database is locked"
     (parallel search workers writing to one local store)."""
@@ -273,7 +286,7 @@ class _RetryingClient:
                 try:
                     return attr(*args, **kwargs)
                 except Exception as e:
-                    if "database is locked" not in str(e) or i == self._tries - 1:
+                    if not _is_sqlite_busy(e) or i == self._tries - 1:
                         raise
                     time.sleep(0.05 * 2**i)
 
@@ -416,8 +429,9 @@ class MlflowTracker(Tracker):
                 token = page.token
                 if not token:
                     break
-        return pd.DataFrame(rows, columns=None if rows else ["run_id", "run_name", "status",
-                                                              "start_time"])  # fmt: skip
+        return pd.DataFrame(
+            rows, columns=None if rows else ["run_id", "run_name", "status", "start_time"]
+        )
 
 
 def serve_ui(uri: str | None = None, port: int = 0, host: str = "127.0.0.1") -> int:
@@ -431,8 +445,20 @@ def serve_ui(uri: str | None = None, port: int = 0, host: str = "127.0.0.1") -> 
         with socket.socket() as s:
             s.bind((host, 0))
             port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-           "--host", host, "--port", str(port), "--workers", "1"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     print(f"MLflow UI for {uri} at http://{host}:{port}  (Ctrl-C stops it)", flush=True)
     proc = subprocess.Popen(cmd)
     try:
@@ -546,8 +572,11 @@ def environment_tags() -> dict[str, str]:
             tags["git_commit"] = commit.stdout.strip()
             status = subprocess.run(
                 ["git", "status", "--porcelain", "--untracked-files=no"],
-                cwd=here, capture_output=True, text=True, timeout=5,
-            )  # fmt: skip
+                cwd=here,
+                capture_output=True,
+                text=True,
+                timeout=5,
+            )
             tags["git_dirty"] = str(bool(status.stdout.strip()))
     except (OSError, subprocess.SubprocessError):
         pass
@@ -574,7 +603,10 @@ def process_is_gone(host: str, pid: int, started: Any) -> bool:
     if pid <= 0:  # recorded without a pid (older runs): nothing can still be running it here
         return True
     try:
-        created = psutil.Process(pid).create_time()
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:  # dead, not yet waited for by its parent
+            return True
+        created = proc.create_time()
     except psutil.NoSuchProcess:
         return True
     start_s = started.timestamp() if hasattr(started, "timestamp") else float(started) / 1000

@@ -1,8 +1,8 @@
 """``tntbench train``: one training run from a Config, on CPU, one GPU or many (torchrun).
 
-Builds the data, model, optimizer, schedule, EMA and teacher; runs the epochs of
-``suite.engine``; checkpoints every epoch (and on Ctrl-C); resumes exactly; tracks everything
-through ``suite.tracking`` (only rank 0 logs).
+``fit`` reads top to bottom: data, the training state (model, optimizer, schedule, scaler,
+EMA), a resume if asked, then one tracked run: compile, and for each epoch train, evaluate,
+checkpoint (``suite.checkpoint.Checkpointer``) and log. Only rank 0 logs and writes.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import random
 import re
 import sys
 from collections.abc import Callable
@@ -23,22 +22,32 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from suite.checkpoint import load_checkpoint, load_weights, model_state, rng_state, save_checkpoint
+from suite.checkpoint import Checkpointer, load_checkpoint, load_weights, model_state
 from suite.config import Config, safe_name, to_toml
 from suite.data import DataInfo, build_datasets, build_mixup
 from suite.engine import (
     Criterion,
-    autocast,
+    TrainState,
     build_ema,
     build_optimizer,
     build_scheduler,
     evaluate,
-    resolve_amp,
     train_one_epoch,
 )
 from suite.errors import UserError
-from suite.models import create_model, get_entry
-from suite.runtime import compile_model, oom_message, resolve_compile
+from suite.models import create_model, get_entry, model_img_size
+from suite.runtime import (
+    autocast,
+    check_precision,
+    compile_model,
+    count_params,
+    dist_env,
+    oom_message,
+    resolve_compile,
+    resolve_device,
+    resolve_precision,
+    seed_everything,
+)
 from suite.tracking import Run, Tracker, environment_tags, flatten, make_tracker
 
 
@@ -51,39 +60,233 @@ class TrainResult:
     best_top1: float = 0.0
 
 
+@dataclass
+class Data:
+    """The loaders of one run, and what they hold."""
+
+    train: DataLoader
+    val: DataLoader
+    sampler: DistributedSampler
+    info: DataInfo
+    img_size: int
+
+
+@dataclass
+class Recipe:
+    """What every epoch of a run uses, fixed for the run."""
+
+    cfg: Config
+    device: torch.device
+    amp: str  # the precision resolved: fp32, bf16 or fp16
+    data: Data
+    criterion: Criterion
+    mixup: Callable | None
+    teacher: nn.Module | None
+
+
 # ---------------------------------------------------------------------------------------------
-# Set-up helpers
+# The run
 
 
-def dist_env() -> tuple[int, int, int]:
-    """(rank, local_rank, world_size) from torchrun's environment; (0, 0, 1) without it."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world
+def fit(
+    cfg: Config,
+    tracker: Tracker,
+    *,
+    resume: str | None = None,
+    continue_run: str | None = None,
+    parent_run_id: str | None = None,
+    extra_tags: dict[str, str] | None = None,
+    extra_params: dict[str, Any] | None = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``cfg`` as one tracked run; returns its final metrics and history.
 
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError(f"train.device = '{name}': no CUDA device is available")
-        return torch.device(name if ":" in name else f"cuda:{local_rank}")
-    return torch.device("cpu")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
+    ``resume``: a checkpoint file or folder, or a run ID, to continue exactly from.
+    ``continue_run``: the ID of a tracked run that was cut short (a killed process): it goes on
+    in that same run, from its last checkpoint if it saved one, else from the start.
+    ``on_epoch(epoch, metrics)`` is called after each epoch's checkpoint (the search prunes).
+    """
+    rank, local_rank, world = dist_env()
+    device = resolve_device(cfg.train.device, local_rank)
+    if world > 1 and not dist.is_initialized():
+        # NCCL for GPUs; gloo for CPU processes, also on a machine that has GPUs
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    opts = dict(
+        resume=resume,
+        continue_run=continue_run,
+        parent_run_id=parent_run_id,
+        extra_tags=extra_tags or {},
+        extra_params=extra_params or {},
+        on_epoch=on_epoch,
+        progress=progress and rank == 0,
+    )
     try:
-        import numpy as np
+        return _fit(cfg, tracker if rank == 0 else Tracker(), device, **opts)
+    except torch.cuda.OutOfMemoryError:
+        # the run is already FAILED (with the error as a tag); the user gets one line
+        raise UserError(oom_message("train.batch_size", cfg.train.batch_size, device)) from None
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
-        np.random.seed(seed % 2**32)
-    except ImportError:
-        pass
+
+def _fit(
+    cfg: Config,
+    tracker: Tracker,
+    device: torch.device,
+    *,
+    resume,
+    continue_run,
+    parent_run_id,
+    extra_tags,
+    extra_params,
+    on_epoch,
+    progress,
+) -> TrainResult:
+    rank, _, world = dist_env()
+    recipe, state, lr = prepare(cfg, tracker, device)
+    profile = model_profile(state.model, recipe.data.img_size)
+    ckpt_path, folder = start_point(resume, continue_run, tracker)
+    run_id = continue_run
+    if ckpt_path is not None:
+        run_id = Checkpointer.restore(ckpt_path, state, cfg.model.name, device) or run_id
+    state.net = state.model
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        state.net = nn.parallel.DistributedDataParallel(state.model, device_ids=ids)
+    tags = run_tags(recipe, world, extra_tags)
+    name = default_run_name(cfg)
+    with tracker.run(cfg.tracking.experiment, name, tags, parent_run_id, run_id) as run:
+        if folder is None:  # a new run: its own folder (other ranks never write)
+            folder = (
+                new_checkpoint_dir(cfg.train.out_dir, run.run_id or name)
+                if rank == 0
+                else Path(cfg.train.out_dir)
+            )
+        ckpt = Checkpointer(
+            folder,
+            checkpoint_meta(cfg, recipe, run.run_id),
+            enabled=rank == 0 and cfg.train.checkpoint,
+        )
+        if ckpt_path is None:
+            params = {
+                **flatten(cfg.to_dict()),
+                "lr_effective": lr,
+                "amp_resolved": recipe.amp,
+                "global_batch": cfg.train.batch_size * world,
+                **extra_params,
+            }
+            record_start(run, params, folder, cfg, recipe.data.info, profile)
+        else:
+            log_missing_epochs(run, tracker, state.history)
+        if cfg.tracking.system_metrics:
+            run.start_system_metrics()
+        state.net = compile_for_training(state, recipe, run)
+        train_epochs(state, recipe, run, ckpt, on_epoch=on_epoch, progress=progress)
+        final = {**(state.history[-1] if state.history else {}), **profile}
+        final["best_val_top1"] = state.best
+        run.log_metrics({"best_val_top1": state.best})
+        if rank == 0:
+            _log_artifacts(run, state.history, folder, cfg, state.model)
+        return TrainResult(run.run_id, final, state.history, str(folder), state.best)
 
 
-def default_run_name(cfg: Config) -> str:
-    return cfg.tracking.run_name or f"{cfg.model.name}/{cfg.data.name}/s{cfg.train.seed}"
+def train_epochs(
+    state: TrainState,
+    recipe: Recipe,
+    run: Run,
+    ckpt: Checkpointer,
+    *,
+    on_epoch: Callable | None,
+    progress: bool,
+) -> None:
+    """The epochs left: train, evaluate, checkpoint, then log (so that a resume re-logs an
+    epoch only if its metrics never reached the store); Ctrl-C saves first."""
+    try:
+        for epoch in range(state.epoch, recipe.cfg.train.epochs):
+            metrics, step_rows = run_epoch(state, recipe, epoch, progress=progress)
+            improved = state.finish_epoch(metrics)
+            ckpt.save(state, "last.pt")
+            if improved:
+                ckpt.save(state, "best.pt")
+            run.log_metric_rows([*step_rows, (epoch + 1, _epoch_row(metrics))])
+            if on_epoch is not None:
+                on_epoch(epoch, metrics)
+    except KeyboardInterrupt:
+        # at an epoch boundary the state is exact; mid-epoch, --resume redoes that epoch
+        ckpt.save(state, "last.pt")
+        print(f"\ninterrupted: checkpoint saved in {ckpt.folder}", file=sys.stderr)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the run's parts
+
+
+def prepare(
+    cfg: Config, tracker: Tracker, device: torch.device
+) -> tuple[Recipe, TrainState, float]:
+    """The run's fixed parts, its training state, and its learning rate."""
+    amp = resolve_precision(cfg.train.amp, device)
+    check_precision(amp, device, "train.amp")
+    seed_everything(cfg.train.seed)
+    data = build_data(cfg, device)
+    state, lr = build_state(cfg, data, device, amp)
+    teacher = load_teacher(cfg, device, tracker)
+    criterion = Criterion(cfg.train.label_smoothing, cfg.distill if teacher is not None else None)
+    mixup = build_mixup(cfg.data, data.info.num_classes)
+    return Recipe(cfg, device, amp, data, criterion, mixup, teacher), state, lr
+
+
+def checkpoint_meta(cfg: Config, recipe: Recipe, run_id: str) -> dict[str, Any]:
+    """What every checkpoint of the run holds besides the state: enough to rebuild the model."""
+    kwargs = {**cfg.model.overrides, "num_classes": recipe.data.info.num_classes}
+    return {
+        "model_name": cfg.model.name,
+        "model_kwargs": kwargs,
+        "run_id": run_id,
+        "config_toml": to_toml(cfg.to_dict()),
+    }
+
+
+def build_data(cfg: Config, device: torch.device) -> Data:
+    """Datasets and loaders, each rank its shard (DistributedSampler; one shard alone)."""
+    rank, _, world = dist_env()
+    t = cfg.train
+    img_size = model_img_size(cfg.model.name, cfg.model.overrides)
+    train_ds, val_ds, info = build_datasets(cfg.data, img_size)
+    drop_last = len(train_ds) >= t.batch_size * world
+    sampler = DistributedSampler(
+        train_ds, num_replicas=world, rank=rank, shuffle=True, seed=t.seed, drop_last=drop_last
+    )
+    val_sampler = DistributedSampler(val_ds, num_replicas=world, rank=rank, shuffle=False)
+    kw = dict(
+        num_workers=cfg.data.workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=cfg.data.workers > 0,
+    )
+    train = DataLoader(train_ds, t.batch_size, sampler=sampler, drop_last=drop_last, **kw)
+    val = DataLoader(val_ds, t.batch_size, sampler=val_sampler, **kw)
+    return Data(train, val, sampler, info, img_size)
+
+
+def build_state(
+    cfg: Config, data: Data, device: torch.device, amp: str
+) -> tuple[TrainState, float]:
+    """The model and what trains it, with the learning rate they use (DeiT's scaling rule:
+    base_lr x global batch / 512, unless train.lr is set)."""
+    t = cfg.train
+    model = build_model(cfg, data.info).to(device)
+    lr = t.lr or t.base_lr * t.batch_size * dist_env()[2] / 512
+    steps = max(len(data.train), 1)
+    optimizer = build_optimizer(model, lr, t.weight_decay)
+    scheduler = build_scheduler(
+        optimizer, t.epochs * steps, int(t.warmup_epochs * steps), lr, t.min_lr
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    ema = build_ema(model, t.ema_decay) if t.ema else None
+    return TrainState(model, optimizer, scheduler, scaler, ema), lr
 
 
 def build_model(cfg: Config, info: DataInfo) -> nn.Module:
@@ -99,8 +302,194 @@ def build_model(cfg: Config, info: DataInfo) -> nn.Module:
         raise UserError(f"model: {e}") from None
 
 
-def model_img_size(cfg: Config) -> int:
-    return cfg.model.overrides.get("img_size", get_entry(cfg.model.name).img_size)
+def model_profile(model: nn.Module, img_size: int) -> dict[str, float]:
+    """Params (M) and GMACs (fvcore), logged with the run."""
+    from suite.profile import count_flops
+
+    return {
+        "params_m": count_params(model)[0] / 1e6,
+        "gmacs": count_flops(model, img_size).gmacs_fvcore,
+    }
+
+
+def default_run_name(cfg: Config) -> str:
+    return cfg.tracking.run_name or f"{cfg.model.name}/{cfg.data.name}/s{cfg.train.seed}"
+
+
+def run_tags(recipe: Recipe, world: int, extra: dict[str, str]) -> dict[str, Any]:
+    cfg, device = recipe.cfg, recipe.device
+    cuda = device.type == "cuda"
+    return {
+        "model": cfg.model.name,
+        "family": get_entry(cfg.model.name).family,
+        "dataset": recipe.data.info.name,
+        "device": device.type,
+        "amp": recipe.amp,
+        "world_size": world,
+        **environment_tags(),
+        **extra,
+        "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "pid": os.getpid(),  # with the host tag: whether a RUNNING run's process still lives
+    }
+
+
+def record_start(
+    run: Run,
+    params: dict[str, Any],
+    folder: Path,
+    cfg: Config,
+    info: DataInfo,
+    profile: dict[str, float],
+) -> None:
+    """What a new run records before its first epoch."""
+    run.log_params(params)
+    run.set_tags({"checkpoint_dir": str(folder.resolve())})
+    run.log_text(to_toml(cfg.to_dict()), "config.toml")
+    run.log_dataset(info, "train")
+    run.log_metrics(profile, step=0)
+
+
+def log_missing_epochs(run: Run, tracker: Tracker, history: list[dict[str, float]]) -> None:
+    """A process killed after an epoch's checkpoint but before its metrics reached the store:
+    log what is missing, so that each epoch is recorded exactly once."""
+    if not history or not run.run_id:
+        return
+    logged = {int(step) for step, _ in tracker.metric_history(run.run_id, "epoch")}
+    run.log_metric_rows(
+        [(int(h["epoch"]), _epoch_row(h)) for h in history if int(h["epoch"]) not in logged]
+    )
+
+
+def start_point(
+    resume: str | None, continue_run: str | None, tracker: Tracker
+) -> tuple[Path | None, Path | None]:
+    """(checkpoint to resume from, its run's folder) for ``--resume`` or a continued run; a
+    continued run that saved nothing yet keeps its folder and starts from epoch 0."""
+    if resume:
+        path = find_checkpoint(resume, tracker)
+        return path, path.parent
+    if continue_run:
+        d = tracker.get_run(continue_run).data.tags.get("checkpoint_dir")
+        folder = Path(d) if d and Path(d).is_dir() else None
+        if folder is not None and (folder / "last.pt").is_file():
+            return folder / "last.pt", folder
+        return None, folder
+    return None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# One epoch
+
+
+def compile_for_training(state: TrainState, recipe: Recipe, run: Run) -> nn.Module:
+    """``state.net`` compiled as ``train.compile`` says, its first forward + backward run here
+    on a zero batch of the training shape (gradients cleared), so that compile time is logged
+    apart as ``compile_s`` and never counted in an epoch's img/s."""
+    cfg, device, amp = recipe.cfg, recipe.device, recipe.amp
+    mode = resolve_compile(cfg.train.compile, device)
+    if mode == "eager":
+        run.set_tags({"compile": "eager"})
+        return state.net
+    size = model_img_size(cfg.model.name, cfg.model.overrides)
+    # every training batch has this many images (drop_last), else the one short batch
+    batch = min(cfg.train.batch_size, len(recipe.data.sampler))
+    x = torch.zeros(batch, cfg.model.overrides.get("in_chans", 3), size, size, device=device)
+
+    def first_step(fn: nn.Module) -> None:
+        with autocast(device, amp):
+            out = fn(x)
+        outs = out if isinstance(out, tuple) else (out,)
+        sum(o.float().mean() for o in outs).backward()
+        state.optimizer.zero_grad(set_to_none=True)
+
+    state.net.train()
+    c = compile_model(state.net, mode, first_step, device)
+    run.set_tags({"compile": c.mode, **({"compile_fallback": c.fallback} if c.fallback else {})})
+    if c.compile_s:
+        run.log_metrics({"compile_s": c.compile_s}, step=state.epoch)
+    return c.fn
+
+
+def run_epoch(
+    state: TrainState, recipe: Recipe, epoch: int, *, progress: bool
+) -> tuple[dict[str, float], list[tuple[int, dict[str, float]]]]:
+    """Train one epoch and evaluate (the EMA too): the epoch's metrics, and the per-step rows
+    that the caller logs after the checkpoint (one batched request per epoch)."""
+    cfg, data, device, amp = recipe.cfg, recipe.data, recipe.device, recipe.amp
+    data.sampler.set_epoch(epoch)
+    # augmentation, dropout and drop-path draws depend on (seed, epoch) only: resume is exact
+    seed_everything(cfg.train.seed * 1000 + epoch)
+    base_step = epoch * len(data.train)
+    step_rows: list[tuple[int, dict[str, float]]] = []
+    bar = (
+        _progress_bar(
+            len(data.train), f"epoch {epoch + 1}/{cfg.train.epochs}", cfg.train.batch_size
+        )
+        if progress
+        else None
+    )
+    m = train_one_epoch(
+        state.net,
+        data.train,
+        state.optimizer,
+        state.scheduler,
+        recipe.criterion,
+        device,
+        amp=amp,
+        scaler=state.scaler,
+        clip_grad=cfg.train.clip_grad,
+        ema=state.ema,
+        mixup=recipe.mixup,
+        teacher=recipe.teacher,
+        log_every=cfg.tracking.log_every,
+        on_log=lambda s, v: step_rows.append((base_step + s, v)),
+        progress=bar,
+    )
+    if bar is not None:
+        bar.close()
+    m.update(evaluate(state.model, data.val, device, amp))
+    if state.ema is not None:
+        ema = evaluate(state.ema.module, data.val, device, amp)
+        m.update({f"ema_{k}": v for k, v in ema.items()})
+    m["epoch"] = float(epoch + 1)
+    if progress:
+        print(
+            f"epoch {epoch + 1}/{cfg.train.epochs}  train_loss {m['train_loss']:.4f}  "
+            f"val_loss {m['val_loss']:.4f}  val_top1 {m['val_top1']:.2f}  "
+            f"val_top5 {m['val_top5']:.2f}  {m['train_img_per_s']:.0f} img/s  "
+            f"{m['epoch_s']:.1f}s",
+            file=sys.stderr,
+        )
+    return m, step_rows
+
+
+class _progress_bar:
+    """A tqdm bar over an epoch's steps, called by the loop as progress(step, loss)."""
+
+    def __init__(self, total: int, desc: str, batch_size: int) -> None:
+        from tqdm import tqdm
+
+        self.batch_size = batch_size
+        self.bar = tqdm(
+            total=total, desc=desc, unit="step", leave=False, file=sys.stderr, dynamic_ncols=True
+        )
+
+    def __call__(self, step: int, loss: float) -> None:
+        self.bar.update(1)
+        if not math.isnan(loss):
+            rate = self.bar.format_dict.get("rate") or 0.0
+            self.bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{rate * self.batch_size:.0f}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _epoch_row(m: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in m.items() if k != "steps"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints, teachers, artifacts
 
 
 def load_teacher(cfg: Config, device: torch.device, tracker: Tracker) -> nn.Module | None:
@@ -173,350 +562,7 @@ def new_checkpoint_dir(out_dir: str | Path, name: str) -> Path:
     raise AssertionError("unreachable")
 
 
-def resume_state(path: Path, cfg: Config, device: torch.device, state: dict[str, Any]) -> dict:
-    """Load a checkpoint into the run's objects (``state``: model, optimizer, scheduler,
-    scaler, ema); a checkpoint of another model or a damaged one is one UserError."""
-    ckpt = load_checkpoint(path, map_location=device)
-    name = ckpt.get("model_name")
-    if name != cfg.model.name:
-        raise UserError(
-            f"--resume {path}: a checkpoint of {name!r}, but the config trains {cfg.model.name!r}"
-        )
-    load_weights(state["model"], model_state(ckpt, path), path)
-    try:
-        for key in ("optimizer", "scheduler", "scaler"):
-            state[key].load_state_dict(ckpt[key])
-        if state["ema"] is not None and ckpt.get("ema") is not None:
-            state["ema"].load_state_dict(ckpt["ema"])
-        int(ckpt["epoch"]), float(ckpt["best_top1"]), list(ckpt["history"])
-    except (KeyError, ValueError, TypeError, RuntimeError) as e:
-        raise UserError(
-            f"--resume {path}: not a complete tntbench checkpoint ({type(e).__name__}: {e})"
-        ) from None
-    return ckpt
-
-
-# ---------------------------------------------------------------------------------------------
-# The run
-
-
-def fit(
-    cfg: Config,
-    tracker: Tracker,
-    resume: str | None = None,
-    parent_run_id: str | None = None,
-    extra_tags: dict[str, str] | None = None,
-    extra_params: dict[str, Any] | None = None,
-    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
-    progress: bool = True,
-    continue_run: str | None = None,
-) -> TrainResult:
-    """Train ``cfg`` as one tracked run; returns its final metrics and history.
-
-    ``resume``: a checkpoint file or folder, or a run ID, to continue exactly from.
-    ``continue_run``: the ID of a tracked run that was cut short (a killed process): it goes on
-    in that same run, from its last checkpoint if it saved one, else from the start.
-    """
-    rank, local_rank, world = dist_env()
-    device = resolve_device(cfg.train.device, local_rank)
-    if world > 1 and not dist.is_initialized():
-        # NCCL for GPUs; gloo for CPU processes, also on a machine that has GPUs
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    try:
-        return _fit(
-            cfg,
-            tracker if rank == 0 else Tracker(),
-            resume,
-            parent_run_id,
-            extra_tags,
-            extra_params,
-            on_epoch,
-            progress and rank == 0,
-            continue_run,
-        )
-    except torch.cuda.OutOfMemoryError:
-        # the run is already FAILED (with the error as a tag); the user gets one line
-        raise UserError(oom_message("train.batch_size", cfg.train.batch_size, device)) from None
-    finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _fit(
-    cfg, tracker, resume, parent_run_id, extra_tags, extra_params, on_epoch, progress, continue_run
-):
-    rank, local_rank, world = dist_env()
-    t = cfg.train
-    device = resolve_device(t.device, local_rank)
-    amp = resolve_amp(t.amp, device)
-    if amp == "fp16" and device.type != "cuda":
-        raise UserError("train.amp = 'fp16' needs a CUDA device (use bf16 on CPU)")
-    seed_everything(t.seed)
-
-    img_size = model_img_size(cfg)
-    train_ds, val_ds, info = build_datasets(cfg.data, img_size)
-    model = build_model(cfg, info).to(device)
-    from suite.profile import count_flops
-
-    flops = count_flops(model, img_size)
-    n_params = sum(p.numel() for p in model.parameters())
-    profile = {"params_m": n_params / 1e6, "gmacs": flops.gmacs_fvcore}
-
-    train_sampler = DistributedSampler(
-        train_ds, num_replicas=world, rank=rank, shuffle=True, seed=t.seed,
-        drop_last=len(train_ds) >= t.batch_size * world,
-    )  # fmt: skip
-    val_sampler = DistributedSampler(val_ds, num_replicas=world, rank=rank, shuffle=False)
-    loader_kw = dict(num_workers=cfg.data.workers, pin_memory=device.type == "cuda",
-                     persistent_workers=cfg.data.workers > 0)  # fmt: skip
-    train_loader = DataLoader(
-        train_ds,
-        t.batch_size,
-        sampler=train_sampler,
-        drop_last=train_sampler.drop_last,
-        **loader_kw,
-    )
-    val_loader = DataLoader(val_ds, t.batch_size, sampler=val_sampler, **loader_kw)
-
-    global_batch = t.batch_size * world
-    lr = t.lr or t.base_lr * global_batch / 512  # DeiT's linear scaling rule
-    steps_per_epoch = max(len(train_loader), 1)
-    optimizer = build_optimizer(model, lr, t.weight_decay)
-    scheduler = build_scheduler(
-        optimizer, t.epochs * steps_per_epoch, int(t.warmup_epochs * steps_per_epoch), lr, t.min_lr
-    )
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-    ema = build_ema(model, t.ema_decay) if t.ema else None
-    teacher = load_teacher(cfg, device, tracker)
-    criterion = Criterion(t.label_smoothing, cfg.distill if teacher is not None else None)
-    mixup = build_mixup(cfg.data, info.num_classes)
-
-    start_epoch, history, best, run_id = 0, [], -math.inf, continue_run
-    ckpt_path, old_dir = None, None
-    if resume:
-        ckpt_path = find_checkpoint(resume, tracker)
-    elif continue_run:  # a run cut short (killed): its checkpoint if it got to one
-        old_dir = tracker.get_run(continue_run).data.tags.get("checkpoint_dir")
-        last = Path(old_dir) / "last.pt" if old_dir else None
-        ckpt_path = last if last is not None and last.is_file() else None
-    if ckpt_path is not None:
-        objects = dict(
-            model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, ema=ema
-        )
-        ckpt = resume_state(ckpt_path, cfg, device, objects)
-        start_epoch, history = int(ckpt["epoch"]), list(ckpt["history"])
-        best, run_id = ckpt["best_top1"], ckpt.get("run_id") or run_id
-
-    net: nn.Module = model
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-
-    tags = {"model": cfg.model.name, "family": get_entry(cfg.model.name).family,
-            "dataset": info.name, "device": device.type, "amp": amp, "world_size": world,
-            **environment_tags(), **(extra_tags or {})}  # fmt: skip
-    tags["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    tags["pid"] = os.getpid()  # with the host tag: whether a RUNNING run's process still lives
-
-    with tracker.run(cfg.tracking.experiment, default_run_name(cfg), tags, parent_run_id,
-                     run_id) as run:  # fmt: skip
-        if ckpt_path is not None:  # the checkpoint's own folder, tracked or not
-            ckpt_dir = ckpt_path.parent
-        elif old_dir and Path(old_dir).is_dir():  # a continued run that saved nothing yet
-            ckpt_dir = Path(old_dir)
-        elif rank == 0:
-            ckpt_dir = new_checkpoint_dir(t.out_dir, run.run_id or default_run_name(cfg))
-        else:  # other ranks never write checkpoints
-            ckpt_dir = Path(t.out_dir)
-        if ckpt_path is None:
-            params = flatten(cfg.to_dict())
-            params.update(lr_effective=lr, global_batch=global_batch, amp_resolved=amp)
-            params.update(extra_params or {})
-            run.log_params(params)
-            run.set_tags({"checkpoint_dir": str(ckpt_dir.resolve())})
-            run.log_text(to_toml(cfg.to_dict()), "config.toml")
-            run.log_dataset(info, "train")
-            run.log_metrics(profile, step=0)
-        elif history and run.run_id:
-            # killed after an epoch's checkpoint but before its metrics reached the store:
-            # log what is missing, so that each epoch is recorded exactly once
-            logged = {int(step) for step, _ in tracker.metric_history(run.run_id, "epoch")}
-            run.log_metric_rows(
-                [(int(h["epoch"]), _epoch_row(h)) for h in history if int(h["epoch"]) not in logged]
-            )
-        if cfg.tracking.system_metrics:
-            run.start_system_metrics()
-        net = _compile(net, cfg, device, amp, len(train_sampler), optimizer, run, start_epoch)
-
-        def save(name: str, epoch: int) -> None:
-            if rank != 0 or not t.checkpoint:
-                return
-            state = {
-                "model": model.state_dict(),
-                "model_name": cfg.model.name,
-                "model_kwargs": {**cfg.model.overrides, "num_classes": info.num_classes},
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "ema": ema.state_dict() if ema is not None else None,
-                "epoch": epoch,
-                "history": history,
-                "best_top1": best,
-                "run_id": run.run_id,
-                "config_toml": to_toml(cfg.to_dict()),
-                "rng": rng_state(),
-            }
-            save_checkpoint(ckpt_dir / name, state)  # atomic; tensors and plain data only
-
-        completed = start_epoch
-        try:
-            for epoch in range(start_epoch, t.epochs):
-                metrics, step_rows = _run_epoch(
-                    epoch,
-                    cfg,
-                    net,
-                    model,
-                    ema,
-                    train_loader,
-                    val_loader,
-                    train_sampler,
-                    optimizer,
-                    scheduler,
-                    scaler,
-                    criterion,
-                    device,
-                    amp,
-                    mixup,
-                    teacher,
-                    progress,
-                )
-                history.append(metrics)
-                improved = metrics["val_top1"] > best
-                best = max(best, metrics["val_top1"])
-                completed = epoch + 1
-                save("last.pt", completed)
-                if improved:
-                    save("best.pt", completed)
-                # after the checkpoint: a resume re-logs an epoch only if it never got here
-                run.log_metric_rows([*step_rows, (epoch + 1, _epoch_row(metrics))])
-                if on_epoch is not None:
-                    on_epoch(epoch, metrics)
-        except KeyboardInterrupt:
-            # at an epoch boundary the state is exact; mid-epoch, --resume redoes that epoch
-            save("last.pt", completed)
-            print(f"\ninterrupted: checkpoint saved in {ckpt_dir}", file=sys.stderr)
-            raise
-
-        final = {**history[-1], **profile} if history else dict(profile)
-        final["best_val_top1"] = best
-        run.log_metrics({"best_val_top1": best})
-        if rank == 0:
-            _log_artifacts(run, history, ckpt_dir, cfg, model)
-        return TrainResult(run.run_id, final, history, str(ckpt_dir), best)
-
-
-def _compile(
-    net, cfg: Config, device, amp: str, samples: int, optimizer, run: Run, epoch: int
-) -> nn.Module:
-    """``net`` compiled as ``train.compile`` says, its first forward + backward run here on a
-    zero batch of the training shape (gradients cleared), so that compile time is logged apart
-    as ``compile_s`` and never counted in an epoch's img/s."""
-    mode = resolve_compile(cfg.train.compile, device)
-    if mode == "eager":
-        run.set_tags({"compile": "eager"})
-        return net
-    size = model_img_size(cfg)
-    # every training batch has this many images (drop_last), else the one short batch
-    batch = min(cfg.train.batch_size, samples)
-    x = torch.zeros(batch, cfg.model.overrides.get("in_chans", 3), size, size, device=device)
-
-    def first_step(fn: nn.Module) -> None:
-        with autocast(device, amp):
-            out = fn(x)
-        outs = out if isinstance(out, tuple) else (out,)
-        sum(o.float().mean() for o in outs).backward()
-        optimizer.zero_grad(set_to_none=True)
-
-    net.train()
-    c = compile_model(net, mode, first_step, device)
-    tags = {"compile": c.mode}
-    if c.fallback:
-        tags["compile_fallback"] = c.fallback
-    run.set_tags(tags)
-    if c.compile_s:
-        run.log_metrics({"compile_s": c.compile_s}, step=epoch)
-    return c.fn
-
-
-def _run_epoch(
-    epoch,
-    cfg,
-    net,
-    model,
-    ema,
-    train_loader,
-    val_loader,
-    sampler,
-    optimizer,
-    scheduler,
-    scaler,
-    criterion,
-    device,
-    amp,
-    mixup,
-    teacher,
-    progress,
-) -> tuple[dict[str, float], list[tuple[int, dict[str, float]]]]:
-    t = cfg.train
-    sampler.set_epoch(epoch)
-    # augmentation, dropout and drop-path draws depend on (seed, epoch) only: resume is exact
-    seed_everything(t.seed * 1000 + epoch)
-    steps_per_epoch = len(train_loader)
-    step_logs: list[tuple[int, dict[str, float]]] = []
-    base_step = epoch * steps_per_epoch
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{t.epochs}", unit="step",
-                   leave=False, file=sys.stderr, dynamic_ncols=True)  # fmt: skip
-
-    def on_progress(step: int, loss: float) -> None:
-        bar.update(1)
-        if not math.isnan(loss):
-            rate = bar.format_dict.get("rate") or 0.0
-            bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{rate * t.batch_size:.0f}")
-
-    m = train_one_epoch(
-        net, train_loader, optimizer, scheduler, criterion, device, amp, scaler, t.clip_grad,
-        ema, mixup, teacher, cfg.tracking.log_every,
-        on_log=lambda s, v: step_logs.append((base_step + s, v)),
-        progress=on_progress if bar is not None else None,
-    )  # fmt: skip
-    if bar is not None:
-        bar.close()
-    m.update(evaluate(model, val_loader, device, amp))
-    if ema is not None:
-        m.update({f"ema_{k}": v for k, v in evaluate(ema.module, val_loader, device, amp).items()})
-    m["epoch"] = float(epoch + 1)
-    if progress:
-        print(
-            f"epoch {epoch + 1}/{t.epochs}  train_loss {m['train_loss']:.4f}  "
-            f"val_loss {m['val_loss']:.4f}  val_top1 {m['val_top1']:.2f}  "
-            f"val_top5 {m['val_top5']:.2f}  {m['train_img_per_s']:.0f} img/s  "
-            f"{m['epoch_s']:.1f}s",
-            file=sys.stderr,
-        )
-    # logged by the caller after the checkpoint: one batched request per epoch
-    return m, step_logs
-
-
-def _epoch_row(m: dict[str, float]) -> dict[str, float]:
-    return {k: v for k, v in m.items() if k != "steps"}
-
-
-def _log_artifacts(run: Run, history, ckpt_dir: Path, cfg: Config, model: nn.Module) -> None:
+def _log_artifacts(run: Run, history: list, ckpt_dir: Path, cfg: Config, model: nn.Module) -> None:
     if not history:
         return
     import matplotlib

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from suite.errors import UserError
+from suite.models import TNT
 from suite.tracking import Tracker
 
 
@@ -77,10 +78,10 @@ def extract(model: nn.Module, x: Tensor, layers: list[int]) -> dict[int, tuple[T
 
     TNT's map is pixel-level, ViT's patch-level; the patch features drop class/dist tokens.
     """
-    _, inter = model.forward_features(x, return_intermediates=layers)
+    inter = model.forward_intermediates(x, layers)
     out = {}
     for layer, t in inter.items():
-        if getattr(model, "family", "") == "tnt":
+        if isinstance(model, TNT):
             pixel, patch = t
             feats = patch[:, 1:]  # (B, N, D) without the class token
             out[layer] = (pixel_map(pixel, x.shape[0], model.pixel_embed.grid), feats)
@@ -118,8 +119,7 @@ def load_run(tracker: Tracker, run_id: str, device: torch.device) -> VizRun:
     from suite.checkpoint import load_checkpoint, load_weights, model_state
     from suite.config import from_dict
     from suite.data import build_datasets
-    from suite.models import create_model
-    from suite.train import model_img_size
+    from suite.models import create_model, model_img_size
 
     try:
         run = tracker.get_run(run_id)
@@ -151,9 +151,17 @@ def load_run(tracker: Tracker, run_id: str, device: torch.device) -> VizRun:
         raise UserError(f"checkpoint {ckpt_path}: {e}") from None
     load_weights(model, model_state(ckpt, ckpt_path), ckpt_path)
     model.to(device).eval()
-    _, val, info = build_datasets(cfg.data, model_img_size(cfg))
-    return VizRun(run_id, f"{ckpt['model_name']} {run_id[:8]}", model, val, info.classes,
-                  info.mean, info.std, info.digest)  # fmt: skip
+    _, val, info = build_datasets(cfg.data, model_img_size(cfg.model.name, cfg.model.overrides))
+    return VizRun(
+        run_id,
+        f"{ckpt['model_name']} {run_id[:8]}",
+        model,
+        val,
+        info.classes,
+        info.mean,
+        info.std,
+        info.digest,
+    )
 
 
 def parse_layers(text: str | None, depth: int) -> list[int]:
@@ -197,9 +205,15 @@ def _normalise(m: Tensor) -> Tensor:
 
 
 def feature_map_figures(
-    runs: list[VizRun], x: Tensor, y: Tensor, feats: list[dict], layers: list[int],
-    channels: int, n_maps: int, out: Path,
-) -> list[Path]:  # fmt: skip
+    runs: list[VizRun],
+    x: Tensor,
+    y: Tensor,
+    feats: list[dict],
+    layers: list[int],
+    channels: int,
+    n_maps: int,
+    out: Path,
+) -> list[Path]:
     """One PNG per image: rows = layers; columns = the image (``x`` (B, 3, H, W) as the first
     run's transform gives it, class ``y``), then ``channels`` maps per run."""
     plt = _plt()
@@ -212,8 +226,9 @@ def feature_map_figures(
     paths = []
     ncols = 1 + sum(len(chosen[r, layers[0]][0]) for r in range(len(runs)))
     for i in range(min(n_maps, x.shape[0])):
-        fig, axes = plt.subplots(len(layers), ncols, figsize=(1.6 * ncols, 1.7 * len(layers)),
-                                 squeeze=False)  # fmt: skip
+        fig, axes = plt.subplots(
+            len(layers), ncols, figsize=(1.6 * ncols, 1.7 * len(layers)), squeeze=False
+        )
         mean = torch.tensor(runs[0].mean).view(3, 1, 1)
         std = torch.tensor(runs[0].std).view(3, 1, 1)
         img = (x[i] * std + mean).clamp(0, 1).permute(1, 2, 0)
@@ -226,8 +241,9 @@ def feature_map_figures(
                 ch, maps = chosen[r, layer]
                 for j, c in enumerate(ch):
                     ax = axes[row, col]
-                    ax.imshow(maps[i, j].numpy(), cmap="viridis", vmin=0, vmax=1,
-                              interpolation="nearest")  # fmt: skip
+                    ax.imshow(
+                        maps[i, j].numpy(), cmap="viridis", vmin=0, vmax=1, interpolation="nearest"
+                    )
                     if row == 0:
                         ax.set_title(f"{run.label}\nch {c}" if j == 0 else f"ch {c}", fontsize=7)
                     else:
@@ -237,8 +253,11 @@ def feature_map_figures(
             ax.set_xticks([])
             ax.set_yticks([])
         label = runs[0].classes[int(y[i])]
-        fig.suptitle(f"feature maps, validation image {i} ({label}); TNT: pixel tokens on the "
-                     "image grid, ViT/DeiT: patch tokens", fontsize=8)  # fmt: skip
+        fig.suptitle(
+            f"feature maps, validation image {i} ({label}); TNT: pixel tokens on the "
+            "image grid, ViT/DeiT: patch tokens",
+            fontsize=8,
+        )
         fig.tight_layout()
         p = out / f"feature_maps_{i:02d}.png"
         fig.savefig(p, dpi=100)
@@ -247,8 +266,14 @@ def feature_map_figures(
     return paths
 
 
-def tsne_figure(runs: list[VizRun], points: list[dict], labels: list[Tensor], layer: int,
-                spreads: list[dict], out: Path) -> Path:  # fmt: skip
+def tsne_figure(
+    runs: list[VizRun],
+    points: list[dict],
+    labels: list[Tensor],
+    layer: int,
+    spreads: list[dict],
+    out: Path,
+) -> Path:
     """t-SNE of each run's patch features at ``layer`` side by side, colored by image class."""
     from sklearn.manifold import TSNE
 
@@ -256,13 +281,17 @@ def tsne_figure(runs: list[VizRun], points: list[dict], labels: list[Tensor], la
     fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 4.2), squeeze=False)
     for r, run in enumerate(runs):
         f = points[r][layer].numpy()
-        emb = TSNE(2, perplexity=min(30.0, (len(f) - 1) / 3), init="pca", random_state=0,
-                   max_iter=500).fit_transform(f)  # fmt: skip
+        emb = TSNE(
+            2, perplexity=min(30.0, (len(f) - 1) / 3), init="pca", random_state=0, max_iter=500
+        ).fit_transform(f)
         ax = axes[0, r]
         ax.scatter(emb[:, 0], emb[:, 1], c=labels[r].numpy(), cmap="tab20", s=4, alpha=0.8)
         s = spreads[r][layer]
-        ax.set_title(f"{run.label}, layer {layer}\nmean pdist {s['mean_pdist']:.3f}  "
-                     f"dim std {s['dim_std']:.3f}", fontsize=8)  # fmt: skip
+        ax.set_title(
+            f"{run.label}, layer {layer}\nmean pdist {s['mean_pdist']:.3f}  "
+            f"dim std {s['dim_std']:.3f}",
+            fontsize=8,
+        )
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle("t-SNE of patch features, colored by class", fontsize=9)
@@ -277,9 +306,17 @@ def tsne_figure(runs: list[VizRun], points: list[dict], labels: list[Tensor], la
 # The command
 
 
-def run_viz(tracker: Tracker, run_ids: list[str], n_images: int = 64, layers: str | None = None,
-            out: str | Path | None = None, channels: int = 4, n_maps: int = 4,
-            max_points: int = 2000, device: str = "cpu") -> VizResult:  # fmt: skip
+def run_viz(
+    tracker: Tracker,
+    run_ids: list[str],
+    n_images: int = 64,
+    layers: str | None = None,
+    out: str | Path | None = None,
+    channels: int = 4,
+    n_maps: int = 4,
+    max_points: int = 2000,
+    device: str = "cpu",
+) -> VizResult:
     """Feature maps, t-SNE and spread metrics for the runs, on the same validation images."""
     if n_images < 2:
         raise UserError(f"--images {n_images}: need at least 2 images")
@@ -294,9 +331,11 @@ def run_viz(tracker: Tracker, run_ids: list[str], n_images: int = 64, layers: st
     runs = [load_run(tracker, rid, dev) for rid in dict.fromkeys(run_ids)]
     digests = {r.digest for r in runs}
     if len(digests) > 1:
-        raise UserError("runs were trained on different datasets ("
-                        + ", ".join(f"{r.label}: {r.digest}" for r in runs)
-                        + "); viz compares models on the same images")  # fmt: skip
+        raise UserError(
+            "runs were trained on different datasets ("
+            + ", ".join(f"{r.label}: {r.digest}" for r in runs)
+            + "); viz compares models on the same images"
+        )
     depth = min(r.depth for r in runs)
     wanted = parse_layers(layers, depth)
     key = "-".join(r.run_id[:8] for r in runs)
@@ -311,8 +350,10 @@ def run_viz(tracker: Tracker, run_ids: list[str], n_images: int = 64, layers: st
         xs, ys = zip(*(run.val[int(i)] for i in idx), strict=True)
         x, y = torch.stack(xs), torch.tensor(ys)
         chunks = [extract(run.model, x[j : j + 64].to(dev), wanted) for j in range(0, n, 64)]
-        f = {L: tuple(torch.cat([c[L][k] for c in chunks]).float().cpu() for k in (0, 1))
-             for L in wanted}  # fmt: skip
+        f = {
+            L: tuple(torch.cat([c[L][k] for c in chunks]).float().cpu() for k in (0, 1))
+            for L in wanted
+        }
         images.append((x, y))
         feats.append(f)
 
@@ -327,8 +368,7 @@ def run_viz(tracker: Tracker, run_ids: list[str], n_images: int = 64, layers: st
         spreads.append({L: spread(points[r][L]) for L in wanted})
 
     result = VizResult(out)
-    result.figures += feature_map_figures(runs, *images[0], feats, wanted, channels, n_maps,
-                                          out)  # fmt: skip
+    result.figures += feature_map_figures(runs, *images[0], feats, wanted, channels, n_maps, out)
     for L in wanted:
         result.figures.append(tsne_figure(runs, points, point_labels, L, spreads, out))
     for r, run in enumerate(runs):
@@ -336,8 +376,12 @@ def run_viz(tracker: Tracker, run_ids: list[str], n_images: int = 64, layers: st
         result.labels[run.run_id] = run.label
         tr = tracker.attach(run.run_id)
         tr.log_metrics({f"viz_layer{L}_{k}": v for L in wanted for k, v in spreads[r][L].items()})
-        tr.set_tags({"viz_compared_with": " ".join(o.run_id for o in runs if o is not run),
-                     "viz_time": time.strftime("%Y-%m-%d %H:%M:%S")})  # fmt: skip
+        tr.set_tags(
+            {
+                "viz_compared_with": " ".join(o.run_id for o in runs if o is not run),
+                "viz_time": time.strftime("%Y-%m-%d %H:%M:%S"),
+            }
+        )
         for p in result.figures:
             tr.log_artifact(p, f"viz/{key}")
     return result

@@ -20,9 +20,22 @@ from suite.cli import main
 
 mlflow = pytest.importorskip("mlflow")
 
-TRAIN = ["--set", "data.train_size=64", "--set", "data.val_size=32", "--set", "train.epochs=1",
-         "--set", "train.batch_size=32", "--set", "tracking.system_metrics=false",
-         "--set", "model.depth=1", "--set", "train.amp='fp32'"]  # fmt: skip
+TRAIN = [
+    "--set",
+    "data.train_size=64",
+    "--set",
+    "data.val_size=32",
+    "--set",
+    "train.epochs=1",
+    "--set",
+    "train.batch_size=32",
+    "--set",
+    "tracking.system_metrics=false",
+    "--set",
+    "model.depth=1",
+    "--set",
+    "train.amp='fp32'",
+]
 
 SEARCH = """
 [search]
@@ -71,8 +84,14 @@ def snapshot(uri: str) -> list[tuple]:
     out = []
     for exp in client.search_experiments():
         for r in client.search_runs([exp.experiment_id]):
-            out.append((r.info.run_id, r.info.status, sorted(r.data.metrics.items()),
-                        sorted(r.data.params.items())))  # fmt: skip
+            out.append(
+                (
+                    r.info.run_id,
+                    r.info.status,
+                    sorted(r.data.metrics.items()),
+                    sorted(r.data.params.items()),
+                )
+            )
     return sorted(out)
 
 
@@ -508,8 +527,9 @@ CASES = [
 
 
 @pytest.mark.parametrize(("case", "argv", "words"), CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_one_line_and_harms_nothing(case, argv, words, store, tmp_path, capsys,
-                                                 monkeypatch):  # fmt: skip
+def test_bad_input_is_one_line_and_harms_nothing(
+    case, argv, words, store, tmp_path, capsys, monkeypatch
+):
     uri, run_id, ckpt_dir = store
     monkeypatch.chdir(tmp_path)  # anything written by mistake lands in the temporary folder
     before = snapshot(uri)

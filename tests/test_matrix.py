@@ -10,8 +10,14 @@ from suite.matrix import expand, run_matrix
 from suite.tracking import make_tracker
 
 EXPERIMENTS = sorted((Path(__file__).parent.parent / "experiments").glob("*.toml"))
-TINY = ["data.train_size=128", "data.val_size=64", "train.epochs=1", "train.batch_size=32",
-        "tracking.system_metrics=false", "model.depth=1"]  # fmt: skip
+TINY = [
+    "data.train_size=128",
+    "data.val_size=64",
+    "train.epochs=1",
+    "train.batch_size=32",
+    "tracking.system_metrics=false",
+    "model.depth=1",
+]
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)

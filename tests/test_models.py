@@ -5,7 +5,7 @@ import torch
 
 from suite.cli import main
 from suite.models import Attention, create_model, get_entry, list_models
-from suite.models.summary import count_params
+from suite.models.summary import param_count
 
 NANO = [n for n in list_models() if n.endswith(("nano", "nano_distilled"))]
 BIG = [n for n in list_models() if n not in NANO]
@@ -92,7 +92,7 @@ def test_invalid_combination_names_both_values(kwargs, words):
 def test_pos_embed_switches_remove_the_tables():
     m = create_model("tnt_nano", patch_pos_embed=False, pixel_pos_embed=False)
     assert m.patch_pos is None and m.pixel_pos is None
-    full = count_params("tnt_nano")
+    full = param_count("tnt_nano")
     assert sum(p.numel() for p in m.parameters()) == full - 17 * 96 - 16 * 12
 
 
@@ -108,7 +108,7 @@ PAPER_PARAMS = {
 
 @pytest.mark.parametrize("name", PAPER_PARAMS)
 def test_params_within_1pct_of_paper(name):
-    n = count_params(name) / 1e6
+    n = param_count(name) / 1e6
     assert get_entry(name).paper.params_m == PAPER_PARAMS[name]
     assert abs(n - PAPER_PARAMS[name]) / PAPER_PARAMS[name] < 0.01, n
 
@@ -118,7 +118,7 @@ def test_params_equal_timm_exactly(name):
     timm = pytest.importorskip("timm")
     with torch.device("meta"):
         ref = timm.create_model(get_entry(name).timm_name, pretrained=False)
-    assert count_params(name) == sum(p.numel() for p in ref.parameters())
+    assert param_count(name) == sum(p.numel() for p in ref.parameters())
 
 
 def test_models_cli_lists_registry(capsys):

@@ -19,8 +19,14 @@ from suite.report import build_report
 from suite.search import run_search
 from suite.tracking import make_tracker
 
-TINY = ["data.train_size=128", "data.val_size=64", "train.epochs=2", "train.batch_size=32",
-        "tracking.system_metrics=false", "model.depth=1"]  # fmt: skip
+TINY = [
+    "data.train_size=128",
+    "data.val_size=64",
+    "train.epochs=2",
+    "train.batch_size=32",
+    "tracking.system_metrics=false",
+    "model.depth=1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +34,18 @@ def store(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("report")
     uri = f"sqlite:///{tmp}/mlflow.db"
     m = tmp / "m.toml"
-    m.write_text('[matrix]\nname = "abl"\nmodels = ["tnt_nano"]\nseeds = [0, 1]\n'
-                 '"model.inner_heads" = [1, 2]\n'
-                 f"[train]\nout_dir = '{tmp}/runs'\n[tracking]\nexperiment = 'abl'\n")  # fmt: skip
+    m.write_text(
+        '[matrix]\nname = "abl"\nmodels = ["tnt_nano"]\nseeds = [0, 1]\n'
+        '"model.inner_heads" = [1, 2]\n'
+        f"[train]\nout_dir = '{tmp}/runs'\n[tracking]\nexperiment = 'abl'\n"
+    )
     run_matrix(m, make_tracker(uri), TINY, progress=False)
     s = tmp / "s.toml"
-    s.write_text('[search]\nstudy = "st"\nsampler = "random"\npruner = "none"\nn_trials = 3\n'
-                 '[search.space]\n"model.inner_heads" = { choices = [1, 2, 4] }\n'
-                 f"[train]\nout_dir = '{tmp}/runs'\n[tracking]\nexperiment = 'st'\n")  # fmt: skip
+    s.write_text(
+        '[search]\nstudy = "st"\nsampler = "random"\npruner = "none"\nn_trials = 3\n'
+        '[search.space]\n"model.inner_heads" = { choices = [1, 2, 4] }\n'
+        f"[train]\nout_dir = '{tmp}/runs'\n[tracking]\nexperiment = 'st'\n"
+    )
     run_search(s, TINY, tracking_uri=uri)
     return tmp, uri
 
@@ -75,8 +85,10 @@ def test_report_cli_and_bad_experiment(store, capsys):
     tmp, uri = store
     assert main(["report", "--tracking-uri", uri, "--out", str(tmp / "r2"), "--matrix", "abl"]) == 0
     assert "report.html" in capsys.readouterr().out
-    assert main(["report", "--tracking-uri", uri, "--experiment", "nope",
-                 "--out", str(tmp / "r3")]) == 2  # fmt: skip
+    assert (
+        main(["report", "--tracking-uri", uri, "--experiment", "nope", "--out", str(tmp / "r3")])
+        == 2
+    )
     assert "no finished runs" in capsys.readouterr().err
     assert not (tmp / "r3").exists()
 
@@ -101,11 +113,22 @@ def test_html_renders_in_headless_chromium_with_images(store, tmp_path):
     for data in imgs:  # every image is a real PNG, inlined (the page is self-contained)
         assert base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n"
     shot = tmp_path / "shot.png"
-    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-           "--no-first-run", "--disable-background-networking", "--disable-component-update",
-           "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", "--hide-scrollbars",
-           "--window-size=1200,3000", f"--screenshot={shot}",
-           (rep.out / "report.html").as_uri()]  # fmt: skip
+    cmd = [
+        _chromium(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--hide-scrollbars",
+        "--window-size=1200,3000",
+        f"--screenshot={shot}",
+        (rep.out / "report.html").as_uri(),
+    ]
     subprocess.run(cmd, capture_output=True, timeout=120)
     assert shot.is_file()
     img = Image.open(shot).convert("L")
@@ -116,9 +139,13 @@ def test_html_renders_in_headless_chromium_with_images(store, tmp_path):
 
 def test_ui_serves_the_store_over_rest(store):
     tmp, uri = store
-    proc = subprocess.Popen([sys.executable, "-m", "suite", "ui", "--tracking-uri", uri],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "suite", "ui", "--tracking-uri", uri],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
     try:
         line = proc.stdout.readline()
         url = re.search(r"http://127\.0\.0\.1:\d+", line).group(0)

@@ -45,9 +45,12 @@ def states(study):
 
 
 def test_grid_reproduces_the_grid_exactly(tmp_path):
-    p = write(tmp_path, '[search]\nstudy = "g"\nsampler = "grid"\npruner = "none"\nn_trials = 6\n'
-              '[search.space]\n"model.inner_heads" = { choices = [1, 2, 4] }\n'
-              '"train.lr" = { choices = [1e-3, 2e-3] }\n')  # fmt: skip
+    p = write(
+        tmp_path,
+        '[search]\nstudy = "g"\nsampler = "grid"\npruner = "none"\nn_trials = 6\n'
+        '[search.space]\n"model.inner_heads" = { choices = [1, 2, 4] }\n'
+        '"train.lr" = { choices = [1e-3, 2e-3] }\n',
+    )
     r = run_search(p, tracking_uri=f"sqlite:///{tmp_path}/m.db")
     trials = r.study.get_trials(deepcopy=False)
     seen = sorted((t.params["model.inner_heads"], t.params["train.lr"]) for t in trials)
@@ -58,8 +61,11 @@ def test_grid_reproduces_the_grid_exactly(tmp_path):
 def test_unbuildable_trial_is_pruned_with_reason_and_no_training(tmp_path):
     mlflow = pytest.importorskip("mlflow")
     uri = f"sqlite:///{tmp_path}/m.db"
-    p = write(tmp_path, '[search]\nstudy = "u"\nsampler = "grid"\nn_trials = 2\n'
-              '[search.space]\n"model.inner_heads" = { choices = [2, 5] }\n')  # fmt: skip
+    p = write(
+        tmp_path,
+        '[search]\nstudy = "u"\nsampler = "grid"\nn_trials = 2\n'
+        '[search.space]\n"model.inner_heads" = { choices = [2, 5] }\n',
+    )
     r = run_search(p, tracking_uri=uri)
     by_heads = {t.params["model.inner_heads"]: t for t in r.study.get_trials(deepcopy=False)}
     bad = by_heads[5]
@@ -73,10 +79,13 @@ def test_unbuildable_trial_is_pruned_with_reason_and_no_training(tmp_path):
 
 
 def test_tied_inner_dim_keeps_pixels_times_dim(tmp_path):
-    p = write(tmp_path, '[search]\nstudy = "t"\nsampler = "grid"\npruner = "none"\nn_trials = 2\n'
-              '[search.space]\n"model.pixel_size" = { choices = [1, 4] }\n'
-              '"model.inner_dim" = { tie = "model.pixel_size", keep = "pixels_x_dim" }\n'
-              '"model.inner_heads" = { choices = [1] }\n')  # fmt: skip
+    p = write(
+        tmp_path,
+        '[search]\nstudy = "t"\nsampler = "grid"\npruner = "none"\nn_trials = 2\n'
+        '[search.space]\n"model.pixel_size" = { choices = [1, 4] }\n'
+        '"model.inner_dim" = { tie = "model.pixel_size", keep = "pixels_x_dim" }\n'
+        '"model.inner_heads" = { choices = [1] }\n',
+    )
     r = run_search(p, tracking_uri=f"sqlite:///{tmp_path}/m.db")
     dims = {}
     for t in r.study.get_trials(deepcopy=False):
@@ -87,8 +96,12 @@ def test_tied_inner_dim_keeps_pixels_times_dim(tmp_path):
 
 
 def test_diverging_trial_fails_without_stopping_the_study(tmp_path):
-    p = write(tmp_path, '[search]\nstudy = "d"\nsampler = "grid"\npruner = "none"\nn_trials = 2\n'
-              '[search.space]\n"train.lr" = { choices = [1e-3, 1e30] }\n', epochs=2)  # fmt: skip
+    p = write(
+        tmp_path,
+        '[search]\nstudy = "d"\nsampler = "grid"\npruner = "none"\nn_trials = 2\n'
+        '[search.space]\n"train.lr" = { choices = [1e-3, 1e30] }\n',
+        epochs=2,
+    )
     r = run_search(p, tracking_uri=f"sqlite:///{tmp_path}/m.db")
     by_lr = {t.params["train.lr"]: t for t in r.study.get_trials(deepcopy=False)}
     assert by_lr[1e-3].state == TrialState.COMPLETE
@@ -99,10 +112,13 @@ def test_diverging_trial_fails_without_stopping_the_study(tmp_path):
 def test_two_objectives_give_a_non_dominated_pareto_front(tmp_path, capsys):
     from suite.cli import main
 
-    p = write(tmp_path, '[search]\nstudy = "p"\nobjectives = ["val_top1", "gmacs"]\n'
-              'sampler = "random"\nn_trials = 5\n[search.space]\n'
-              '"model.embed_dim" = { choices = [24, 48, 96] }\n'
-              '"model.depth" = { low = 1, high = 2 }\n')  # fmt: skip
+    p = write(
+        tmp_path,
+        '[search]\nstudy = "p"\nobjectives = ["val_top1", "gmacs"]\n'
+        'sampler = "random"\nn_trials = 5\n[search.space]\n'
+        '"model.embed_dim" = { choices = [24, 48, 96] }\n'
+        '"model.depth" = { low = 1, high = 2 }\n',
+    )
     assert main(["search", str(p), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]) == 0
     assert "Pareto front" in capsys.readouterr().out
     study = optuna.load_study(study_name="p", storage=f"sqlite:///{tmp_path}/optuna.db")
@@ -119,9 +135,12 @@ def test_two_objectives_give_a_non_dominated_pareto_front(tmp_path, capsys):
 def test_two_workers_on_postgres_record_every_trial_once(tmp_path, pg_storage_url):
     mlflow = pytest.importorskip("mlflow")
     uri = f"sqlite:///{tmp_path}/m.db"
-    p = write(tmp_path, '[search]\nstudy = "pg"\nsampler = "random"\npruner = "none"\n'
-              'n_trials = 4\n[search.space]\n"model.inner_heads" = { choices = [1, 2, 4] }\n'
-              '"train.lr" = { low = 1e-4, high = 1e-3, log = true }\n')  # fmt: skip
+    p = write(
+        tmp_path,
+        '[search]\nstudy = "pg"\nsampler = "random"\npruner = "none"\n'
+        'n_trials = 4\n[search.space]\n"model.inner_heads" = { choices = [1, 2, 4] }\n'
+        '"train.lr" = { low = 1e-4, high = 1e-3, log = true }\n',
+    )
     r = run_search(p, storage=pg_storage_url, workers=2, tracking_uri=uri)
     trials = r.study.get_trials(deepcopy=False)
     complete = [t.state for t in trials].count(TrialState.COMPLETE)
@@ -139,11 +158,24 @@ def test_two_workers_on_postgres_record_every_trial_once(tmp_path, pg_storage_ur
 
 def test_sigkilled_worker_trial_is_failed_and_retried(tmp_path):
     storage = f"sqlite:///{tmp_path}/optuna.db"
-    p = write(tmp_path, '[search]\nstudy = "k"\nsampler = "random"\npruner = "none"\n'
-              "n_trials = 2\nheartbeat_interval = 1\ngrace_period = 2\n[search.space]\n"
-              '"train.lr" = { low = 1e-4, high = 1e-3, log = true }\n', epochs=40)  # fmt: skip
-    cmd = [sys.executable, "-m", "suite", "search", str(p), "--storage", storage,
-           "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]  # fmt: skip
+    p = write(
+        tmp_path,
+        '[search]\nstudy = "k"\nsampler = "random"\npruner = "none"\n'
+        "n_trials = 2\nheartbeat_interval = 1\ngrace_period = 2\n[search.space]\n"
+        '"train.lr" = { low = 1e-4, high = 1e-3, log = true }\n',
+        epochs=40,
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "suite",
+        "search",
+        str(p),
+        "--storage",
+        storage,
+        "--tracking-uri",
+        f"sqlite:///{tmp_path}/m.db",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     try:

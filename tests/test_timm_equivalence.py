@@ -36,11 +36,21 @@ def test_official_tnt_checkpoint_names_load():
     """The huawei-noah checkpoint layout (inner_pos as (1, P, c), outer_tokens) loads too."""
     ref = timm.create_model("tnt_s_patch16_224", pretrained=False, depth=1).eval()
     sd = ref.state_dict()
-    renames = {"patch_pos": "outer_pos", "pixel_pos": "inner_pos", "norm1_proj": "proj_norm1",
-               "norm2_proj": "proj_norm2", "pixel_embed": "patch_embed", "norm_in": "inner_norm1",
-               "attn_in": "inner_attn", "norm_mlp_in": "inner_norm2", "mlp_in": "inner_mlp",
-               "norm_out": "outer_norm1", "attn_out": "outer_attn", "norm_mlp": "outer_norm2",
-               "mlp": "outer_mlp"}  # fmt: skip
+    renames = {
+        "patch_pos": "outer_pos",
+        "pixel_pos": "inner_pos",
+        "norm1_proj": "proj_norm1",
+        "norm2_proj": "proj_norm2",
+        "pixel_embed": "patch_embed",
+        "norm_in": "inner_norm1",
+        "attn_in": "inner_attn",
+        "norm_mlp_in": "inner_norm2",
+        "mlp_in": "inner_mlp",
+        "norm_out": "outer_norm1",
+        "attn_out": "outer_attn",
+        "norm_mlp": "outer_norm2",
+        "mlp": "outer_mlp",
+    }
     official = {}
     for k, v in sd.items():
         parts = k.split(".")

@@ -66,9 +66,11 @@ def test_distillation_losses():
     torch.testing.assert_close(hard((cls_out, dist_out), y, teacher), expected)
     soft = Criterion(0.0, DistillConfig(kind="soft", teacher="x", alpha=0.1, tau=3.0))
     kl = torch.nn.functional.kl_div(
-        (dist_out / 3).log_softmax(-1), (teacher / 3).log_softmax(-1), reduction="batchmean",
+        (dist_out / 3).log_softmax(-1),
+        (teacher / 3).log_softmax(-1),
+        reduction="batchmean",
         log_target=True,
-    )  # fmt: skip
+    )
     torch.testing.assert_close(
         soft((cls_out, dist_out), y, teacher), 0.9 * ce(cls_out, y) + 0.1 * 9 * kl
     )
@@ -82,8 +84,14 @@ def test_distillation_losses():
 def test_tnt_nano_learns_and_run_is_fully_tracked(tmp_path):
     mlflow = pytest.importorskip("mlflow")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    cfg = cfg_for(tmp_path, "train.epochs=3", "data.train_size=2000", "data.val_size=500",
-                  "tracking.experiment='t'", "tracking.system_metrics=true")  # fmt: skip
+    cfg = cfg_for(
+        tmp_path,
+        "train.epochs=3",
+        "data.train_size=2000",
+        "data.val_size=500",
+        "tracking.experiment='t'",
+        "tracking.system_metrics=true",
+    )
     result = fit(cfg, make_tracker(uri), progress=False)
     top1 = result.metrics["val_top1"]
     assert top1 > 30.0, top1  # chance is 10%: far above it after 3 epochs
@@ -100,8 +108,17 @@ def test_tnt_nano_learns_and_run_is_fully_tracked(tmp_path):
     hist = client.get_metric_history(result.run_id, "val_top1")
     assert [m.step for m in hist] == [1, 2, 3]
     assert hist[-1].value == pytest.approx(top1)
-    for key in ("train_loss", "val_loss", "val_top5", "epoch_s", "train_img_per_s", "gmacs",
-                "params_m", "lr", "train_loss_step"):  # fmt: skip
+    for key in (
+        "train_loss",
+        "val_loss",
+        "val_top5",
+        "epoch_s",
+        "train_img_per_s",
+        "gmacs",
+        "params_m",
+        "lr",
+        "train_loss_step",
+    ):
         assert key in run.data.metrics, key
     assert run.data.metrics["gmacs"] == pytest.approx(0.0174, rel=0.05)
     (inp,) = run.inputs.dataset_inputs
@@ -114,8 +131,14 @@ def test_tnt_nano_learns_and_run_is_fully_tracked(tmp_path):
 
 
 def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path):
-    sets = ["train.epochs=3", "data.train_size=256", "data.val_size=128", "train.warmup_epochs=1",
-            "model.drop_path_rate=0.1", "data.hflip=true"]  # fmt: skip
+    sets = [
+        "train.epochs=3",
+        "data.train_size=256",
+        "data.val_size=128",
+        "train.warmup_epochs=1",
+        "model.drop_path_rate=0.1",
+        "data.hflip=true",
+    ]
     full = fit(cfg_for(tmp_path / "a", *sets), Tracker(), progress=False)
 
     def stop_after_first(epoch, metrics):
@@ -141,8 +164,12 @@ def test_failed_run_is_marked_failed_with_error(tmp_path):
         raise RuntimeError("boom at epoch end")
 
     with pytest.raises(RuntimeError):
-        fit(cfg_for(tmp_path, "train.epochs=1", "data.train_size=128"), make_tracker(uri),
-            on_epoch=boom, progress=False)  # fmt: skip
+        fit(
+            cfg_for(tmp_path, "train.epochs=1", "data.train_size=128"),
+            make_tracker(uri),
+            on_epoch=boom,
+            progress=False,
+        )
     (run,) = mlflow.MlflowClient(uri).search_runs(["1"])
     assert run.info.status == "FAILED"
     assert "boom at epoch end" in run.data.tags["error"]
@@ -150,9 +177,15 @@ def test_failed_run_is_marked_failed_with_error(tmp_path):
 
 def test_distilled_student_with_checkpoint_teacher(tmp_path):
     teacher = fit(cfg_for(tmp_path / "t", "train.epochs=1"), Tracker(), progress=False)
-    cfg = cfg_for(tmp_path / "s", "train.epochs=1", "model.name='deit_nano_distilled'",
-                  "distill.kind='hard'", f"distill.teacher='{teacher.checkpoint_dir}/best.pt'",
-                  "distill.teacher_model='tnt_nano'", "train.ema=true")  # fmt: skip
+    cfg = cfg_for(
+        tmp_path / "s",
+        "train.epochs=1",
+        "model.name='deit_nano_distilled'",
+        "distill.kind='hard'",
+        f"distill.teacher='{teacher.checkpoint_dir}/best.pt'",
+        "distill.teacher_model='tnt_nano'",
+        "train.ema=true",
+    )
     result = fit(cfg, Tracker(), progress=False)
     assert math.isfinite(result.metrics["train_loss"])
     assert "ema_val_top1" in result.metrics
@@ -161,10 +194,25 @@ def test_distilled_student_with_checkpoint_teacher(tmp_path):
 def test_torchrun_two_cpu_processes_log_one_run(tmp_path):
     mlflow = pytest.importorskip("mlflow")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "29533", "-m", "suite", "train", "--tracking-uri", uri,
-           *[f"--set={s}" for s in SMALL], "--set", "train.epochs=1",
-           "--set", f"train.out_dir='{tmp_path}/runs'"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        "-m",
+        "suite",
+        "train",
+        "--tracking-uri",
+        uri,
+        *[f"--set={s}" for s in SMALL],
+        "--set",
+        "train.epochs=1",
+        "--set",
+        f"train.out_dir='{tmp_path}/runs'",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -181,8 +229,14 @@ def test_compiled_training_keeps_plain_checkpoint_names(tmp_path):
     from suite.models import create_model
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    cfg = cfg_for(tmp_path, "train.compile=true", "train.epochs=1", "model.depth=1",
-                  "data.train_size=128", "data.val_size=64")  # fmt: skip
+    cfg = cfg_for(
+        tmp_path,
+        "train.compile=true",
+        "train.epochs=1",
+        "model.depth=1",
+        "data.train_size=128",
+        "data.val_size=64",
+    )
     r = fit(cfg, make_tracker(uri), progress=False)
     assert math.isfinite(r.metrics["train_loss"])
     ckpt = torch.load(os.path.join(r.checkpoint_dir, "last.pt"), weights_only=True)

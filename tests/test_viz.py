@@ -12,8 +12,15 @@ from suite.tracking import make_tracker
 from suite.train import fit
 from suite.viz import extract, parse_layers, pixel_map, spread
 
-TINY = ["data.train_size=192", "data.val_size=64", "train.epochs=2", "train.batch_size=32",
-        "tracking.system_metrics=false", "model.depth=2", "train.lr=2e-3"]  # fmt: skip
+TINY = [
+    "data.train_size=192",
+    "data.val_size=64",
+    "train.epochs=2",
+    "train.batch_size=32",
+    "tracking.system_metrics=false",
+    "model.depth=2",
+    "train.lr=2e-3",
+]
 
 
 def test_pixel_map_layout_at_first_block_input():
@@ -85,8 +92,10 @@ def trained(tmp_path_factory):
     tracker = make_tracker(uri)
     ids = []
     for model in ("tnt_nano", "vit_nano"):
-        cfg = load_config(None, [f"model.name={model}", f"train.out_dir={tmp}/runs",
-                                 "tracking.experiment=viz", *TINY])  # fmt: skip
+        cfg = load_config(
+            None,
+            [f"model.name={model}", f"train.out_dir={tmp}/runs", "tracking.experiment=viz", *TINY],
+        )
         ids.append(fit(cfg, tracker, progress=False).run_id)
     return tmp, uri, ids
 
@@ -94,14 +103,33 @@ def trained(tmp_path_factory):
 def test_viz_writes_figures_and_logs_spread(trained, capsys):
     tmp, uri, ids = trained
     out = tmp / "figs"
-    rc = main(["viz", *ids, "--images", "24", "--layers", "0,1,2", "--maps", "2",
-               "--out", str(out), "--tracking-uri", uri])  # fmt: skip
+    rc = main(
+        [
+            "viz",
+            *ids,
+            "--images",
+            "24",
+            "--layers",
+            "0,1,2",
+            "--maps",
+            "2",
+            "--out",
+            str(out),
+            "--tracking-uri",
+            uri,
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "mean_pdist" in text and "tnt_nano" in text
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert pngs == ["feature_maps_00.png", "feature_maps_01.png", "tsne_layer00.png",
-                    "tsne_layer01.png", "tsne_layer02.png"]  # fmt: skip
+    assert pngs == [
+        "feature_maps_00.png",
+        "feature_maps_01.png",
+        "tsne_layer00.png",
+        "tsne_layer01.png",
+        "tsne_layer02.png",
+    ]
     for name in pngs:
         im = Image.open(out / name).convert("L")
         w, h = im.size

@@ -1,7 +1,15 @@
 """TNT, ViT and DeiT from one shared set of transformer layers."""
 
 from .layers import Attention, Block, DropPath, Mlp, PatchEmbed, compile_blocks
-from .registry import ModelEntry, PaperRef, create_model, get_entry, list_models, model_knobs
+from .registry import (
+    ModelEntry,
+    PaperRef,
+    create_model,
+    get_entry,
+    list_models,
+    model_img_size,
+    model_knobs,
+)
 from .timm_import import load_timm_state_dict
 from .tnt import TNT, TNTBlock
 from .vit import VisionTransformer
@@ -22,5 +30,6 @@ __all__ = [
     "get_entry",
     "list_models",
     "load_timm_state_dict",
+    "model_img_size",
     "model_knobs",
 ]

@@ -109,6 +109,11 @@ def get_entry(name: str) -> ModelEntry:
         raise ValueError(f"unknown model '{name}'; choose from: {', '.join(_REGISTRY)}") from None
 
 
+def model_img_size(name: str, overrides: dict[str, Any] | None = None) -> int:
+    """The input size of a registered model, after its overrides."""
+    return (overrides or {}).get("img_size", get_entry(name).img_size)
+
+
 def model_knobs(name: str) -> list[str]:
     """The constructor arguments a config may override for this model."""
     return list(inspect.signature(get_entry(name).arch).parameters)

@@ -12,7 +12,7 @@ from suite.errors import UserError
 from .registry import create_model, get_entry, list_models
 
 
-def count_params(name: str, **overrides: Any) -> int:
+def param_count(name: str, **overrides: Any) -> int:
     """Parameter count of a registered model, built on the meta device (no memory, no init)."""
     with torch.device("meta"):
         model = create_model(name, **overrides)
@@ -24,7 +24,7 @@ def models_table(names: list[str] | None = None, overrides: dict[str, Any] | Non
     for name in names or list_models():
         try:
             entry = get_entry(name)
-            n = count_params(name, **(overrides or {}))
+            n = param_count(name, **(overrides or {}))
         except (ValueError, TypeError) as e:
             raise UserError(f"{name}: {e}") from None
         rows.append(

@@ -7,6 +7,8 @@ sequence for the inner transformer; patch tokens as (B, 1 + N, D) with the class
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -56,26 +58,20 @@ class TNTBlock(nn.Module):
         inner_dim: int,
         embed_dim: int,
         num_pixels: int,
+        *,
         inner_heads: int,
         num_heads: int,
         mlp_ratio: float,
         inner_mlp_ratio: float,
-        qkv_bias: bool,
-        drop: float,
-        attn_drop: float,
-        drop_path: float,
+        **common: Any,  # qkv_bias, drop, attn_drop, drop_path: the same for both blocks
     ) -> None:
         super().__init__()
-        self.inner = Block(
-            inner_dim, inner_heads, inner_mlp_ratio, qkv_bias, drop, attn_drop, drop_path, LN_EPS
-        )
+        self.inner = Block(inner_dim, inner_heads, mlp_ratio=inner_mlp_ratio, eps=LN_EPS, **common)
         # LN(P*c) -> Linear(P*c -> D, no bias) -> LN(D), added to the patch tokens without DropPath
         self.proj_norm1 = nn.LayerNorm(num_pixels * inner_dim, eps=LN_EPS)
         self.proj = Linear(num_pixels * inner_dim, embed_dim, bias=False)
         self.proj_norm2 = nn.LayerNorm(embed_dim, eps=LN_EPS)
-        self.outer = Block(
-            embed_dim, num_heads, mlp_ratio, qkv_bias, drop, attn_drop, drop_path, LN_EPS
-        )
+        self.outer = Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, eps=LN_EPS, **common)
 
     def forward(
         self, pixel: torch.Tensor, patch: torch.Tensor
@@ -90,10 +86,9 @@ class TNTBlock(nn.Module):
 
 
 class TNT(nn.Module):
-    family = "tnt"
-
     def __init__(
         self,
+        *,
         img_size: int = 224,
         in_chans: int = 3,
         num_classes: int = 1000,
@@ -133,21 +128,17 @@ class TNT(nn.Module):
         self.patch_pos = nn.Parameter(torch.zeros(1, N + 1, embed_dim)) if patch_pos_embed else None
         self.pos_drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
         dpr = drop_path_rates(drop_path_rate, depth)
+        kw = dict(
+            inner_heads=inner_heads,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            inner_mlp_ratio=inner_mlp_ratio,
+            qkv_bias=qkv_bias,
+            drop=drop_rate,
+            attn_drop=attn_drop_rate,
+        )
         self.blocks = nn.ModuleList(
-            TNTBlock(
-                inner_dim,
-                embed_dim,
-                P,
-                inner_heads,
-                num_heads,
-                mlp_ratio,
-                inner_mlp_ratio,
-                qkv_bias,
-                drop_rate,
-                attn_drop_rate,
-                dpr[i],
-            )
-            for i in range(depth)
+            TNTBlock(inner_dim, embed_dim, P, drop_path=dpr[i], **kw) for i in range(depth)
         )
         self.norm = nn.LayerNorm(embed_dim, eps=LN_EPS)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -156,12 +147,13 @@ class TNT(nn.Module):
             if p is not None:
                 nn.init.trunc_normal_(p, std=0.02)
 
-    def forward_features(
-        self, x: torch.Tensor, return_intermediates: list[int] | None = None
-    ) -> torch.Tensor | tuple[torch.Tensor, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
-        """(B, C, H, W) -> normed patch tokens (B, 1 + N, D); optionally the (pixel, patch)
-        tokens entering the blocks listed in ``return_intermediates`` (0-based; ``depth`` is
-        the last block's output, before the final norm). The forward pass is unchanged."""
+    def no_weight_decay(self) -> set[str]:
+        """Parameters kept out of weight decay besides biases and norms (DeiT, timm)."""
+        return {"cls_token", "patch_pos", "pixel_pos"}
+
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, H, W) -> (pixel tokens (B*N, P, c), patch tokens (B, 1 + N, D)), positions
+        added: what enters the first block."""
         B = x.shape[0]
         pixel = self.pixel_embed(x)  # (B*N, P, c)
         if self.pixel_pos is not None:
@@ -170,16 +162,27 @@ class TNT(nn.Module):
         patch = torch.cat([self.cls_token.expand(B, -1, -1), patch], dim=1)  # (B, 1 + N, D)
         if self.patch_pos is not None:
             patch = patch + self.patch_pos
-        patch = self.pos_drop(patch)
-        inter: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for i, blk in enumerate(self.blocks):
-            if return_intermediates is not None and i in return_intermediates:
-                inter[i] = (pixel, patch)
+        return pixel, self.pos_drop(patch)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> normed patch tokens (B, 1 + N, D)."""
+        pixel, patch = self.embed(x)
+        for blk in self.blocks:
             pixel, patch = blk(pixel, patch)
-        if return_intermediates is not None and len(self.blocks) in return_intermediates:
-            inter[len(self.blocks)] = (pixel, patch)
-        patch = self.norm(patch)
-        return (patch, inter) if return_intermediates is not None else patch
+        return self.norm(patch)
+
+    def forward_intermediates(
+        self, x: torch.Tensor, indices: list[int]
+    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """The (pixel, patch) tokens entering each block in ``indices`` (0-based; ``depth`` is
+        the last block's output, before the final norm), as forward_features computes them."""
+        pixel, patch = self.embed(x)
+        out = {0: (pixel, patch)} if 0 in indices else {}
+        for i, blk in enumerate(self.blocks, start=1):
+            pixel, patch = blk(pixel, patch)
+            if i in indices:
+                out[i] = (pixel, patch)
+        return out
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(x[:, 0])

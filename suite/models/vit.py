@@ -12,10 +12,9 @@ from .layers import Block, PatchEmbed, check_divisible, drop_path_rates, init_we
 
 
 class VisionTransformer(nn.Module):
-    family = "vit"
-
     def __init__(
         self,
+        *,
         img_size: int = 224,
         in_chans: int = 3,
         num_classes: int = 1000,
@@ -47,7 +46,15 @@ class VisionTransformer(nn.Module):
         self.pos_drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
         dpr = drop_path_rates(drop_path_rate, depth)
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, dpr[i])
+            Block(
+                embed_dim,
+                num_heads,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                drop=drop_rate,
+                attn_drop=attn_drop_rate,
+                drop_path=dpr[i],
+            )
             for i in range(depth)
         )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
@@ -62,12 +69,12 @@ class VisionTransformer(nn.Module):
             if p is not None:
                 nn.init.trunc_normal_(p, std=0.02)
 
-    def forward_features(
-        self, x: torch.Tensor, return_intermediates: list[int] | None = None
-    ) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """(B, C, H, W) -> normed tokens (B, prefix + N, D); optionally the tokens entering
-        the blocks listed in ``return_intermediates`` (0-based block index; ``depth`` is the
-        last block's output, before the final norm). The forward pass is unchanged."""
+    def no_weight_decay(self) -> set[str]:
+        """Parameters kept out of weight decay besides biases and norms (DeiT, timm)."""
+        return {"cls_token", "dist_token", "pos_embed"}
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> tokens (B, prefix + N, D), positions added: the first block's input."""
         B = x.shape[0]
         x = self.patch_embed(x)  # (B, N, D)
         prefix = [self.cls_token.expand(B, -1, -1)]
@@ -76,16 +83,25 @@ class VisionTransformer(nn.Module):
         x = torch.cat(prefix + [x], dim=1)
         if self.pos_embed is not None:
             x = x + self.pos_embed
-        x = self.pos_drop(x)
-        inter: dict[int, torch.Tensor] = {}
-        for i, blk in enumerate(self.blocks):
-            if return_intermediates is not None and i in return_intermediates:
-                inter[i] = x
+        return self.pos_drop(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> normed tokens (B, prefix + N, D)."""
+        x = self.embed(x)
+        for blk in self.blocks:
             x = blk(x)
-        if return_intermediates is not None and len(self.blocks) in return_intermediates:
-            inter[len(self.blocks)] = x
-        x = self.norm(x)
-        return (x, inter) if return_intermediates is not None else x
+        return self.norm(x)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: list[int]) -> dict[int, torch.Tensor]:
+        """The tokens entering each block in ``indices`` (0-based; ``depth`` is the last
+        block's output, before the final norm), as forward_features computes them."""
+        x = self.embed(x)
+        out = {0: x} if 0 in indices else {}
+        for i, blk in enumerate(self.blocks, start=1):
+            x = blk(x)
+            if i in indices:
+                out[i] = x
+        return out
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         logits = self.head(x[:, 0])
