@@ -17,7 +17,7 @@ from pathlib import Path
 
 from optuna.trial import TrialState
 
-from suite.search import run_search
+from suite.studies.search import run_search
 
 CONFIG = """
 [search]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from suite.config import load_config
 from suite.tracking import Tracker, make_tracker
-from suite.train import fit
+from suite.training.fit import fit
 
 
 def main() -> None:

@@ -25,9 +25,9 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from suite.config import load_config
-    from suite.engine import NonFiniteLoss
     from suite.tracking import make_tracker
-    from suite.train import dist_env, fit
+    from suite.training.engine import NonFiniteLoss
+    from suite.training.fit import dist_env, fit
 
     cfg = load_config(args.config, args.set)
     uri = args.tracking_uri or cfg.tracking.uri or None
@@ -53,7 +53,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_matrix(args: argparse.Namespace) -> int:
-    from suite.matrix import cells_table, expand, format_summary, run_matrix
+    from suite.studies.matrix import cells_table, expand, format_summary, run_matrix
     from suite.tracking import make_tracker
 
     if args.dry_run:
@@ -72,7 +72,7 @@ def _cmd_matrix(args: argparse.Namespace) -> int:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from suite.search import format_result, run_search
+    from suite.studies.search import format_result, run_search
 
     r = run_search(
         args.config,
@@ -89,7 +89,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from suite.report import build_report
+    from suite.outputs.report import build_report
     from suite.tracking import make_tracker
 
     tracker = make_tracker(args.tracking_uri)
@@ -103,8 +103,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_viz(args: argparse.Namespace) -> int:
+    from suite.outputs.viz import format_result, run_viz
     from suite.tracking import make_tracker
-    from suite.viz import format_result, run_viz
 
     res = run_viz(
         make_tracker(args.tracking_uri),

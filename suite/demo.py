@@ -7,8 +7,8 @@ from importlib import resources
 from pathlib import Path
 
 from suite.errors import UserError
-from suite.matrix import format_summary, run_matrix
-from suite.search import format_result, run_search
+from suite.studies.matrix import format_summary, run_matrix
+from suite.studies.search import format_result, run_search
 from suite.tracking import make_tracker
 
 
@@ -53,8 +53,8 @@ def run_demo(
     print(format_result(s))
 
     # the paper's feature figures: TNT's pixel-level maps and t-SNE beside ViT's (seed 0)
-    from suite.viz import format_result as format_viz
-    from suite.viz import run_viz
+    from suite.outputs.viz import format_result as format_viz
+    from suite.outputs.viz import run_viz
 
     names = r.runs.get("params.model.name")
     pick = []
@@ -65,7 +65,7 @@ def run_demo(
         print("\nfeature maps and t-SNE: tnt_nano against vit_nano")
         print(format_viz(run_viz(tracker, pick, n_images=48, out=root / "viz")))
 
-    from suite.report import build_report
+    from suite.outputs.report import build_report
 
     rep = build_report(tracker, out=root / "report")
     print(f"\nreport:       {rep.out / 'report.html'}  (md, csv, tex, png beside it)")

@@ -196,7 +196,8 @@ class _MlflowRun(Run):
         self.client.log_figure(self.run_id, figure, artifact_file)
 
     def log_dataset(self, info: Any, context: str) -> None:
-        """A ``suite.data.DataInfo`` as an MLflow dataset input: name, digest, source, size."""
+        """A ``DataInfo`` (suite.training.data) as an MLflow dataset input: name, digest,
+        source, size."""
         from mlflow.data.code_dataset_source import CodeDatasetSource
         from mlflow.data.meta_dataset import MetaDataset
         from mlflow.entities import DatasetInput, InputTag

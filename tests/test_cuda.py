@@ -13,10 +13,10 @@ import sys
 import pytest
 import torch
 
-from suite.engine import Criterion, build_optimizer, train_one_epoch
 from suite.models import Attention, create_model
 from suite.models.fastpath import SDPA_MAX_BATCH, sdpa
 from suite.runtime import compile_model
+from suite.training.engine import Criterion, build_optimizer, train_one_epoch
 
 pytestmark = [
     pytest.mark.cuda,
@@ -129,7 +129,7 @@ def test_fit_then_resume_on_cuda(tmp_path):
     relative) and 2 points (top-1 over 128 images): CUDA's atomics reorder sums run to run."""
     from suite.config import load_config
     from suite.tracking import Tracker
-    from suite.train import fit
+    from suite.training.fit import fit
 
     sets = [
         "data.train_size=256",

@@ -10,7 +10,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from suite.config import DataConfig
-from suite.data import (
+from suite.errors import UserError
+from suite.training.data import (
     CIFAR10_MEAN,
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -21,7 +22,6 @@ from suite.data import (
     pair_class,
     synthetic_classes,
 )
-from suite.errors import UserError
 
 # every random transform off: items are the stored images, only scaled and normalised
 PLAIN = dict(random_resized_crop=False, hflip=False)

@@ -327,7 +327,7 @@ def test_failing_checkpoint_write_keeps_the_last_one(tmp_path, monkeypatch, caps
     """Disk full at epoch 2's checkpoint: one line, no temporary file, epoch 1's last.pt
     intact, the run FAILED; a resume then finishes it with each epoch logged once and the
     error tag gone."""
-    from suite import checkpoint
+    from suite.training import checkpoint
 
     uri = f"sqlite:///{tmp_path}/m.db"
     argv = [

@@ -6,7 +6,7 @@ import pytest
 
 from suite.cli import main
 from suite.config import from_dict, load_config
-from suite.matrix import expand, run_matrix
+from suite.studies.matrix import expand, run_matrix
 from suite.tracking import make_tracker
 
 EXPERIMENTS = sorted((Path(__file__).parent.parent / "experiments").glob("*.toml"))

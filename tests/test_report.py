@@ -14,9 +14,9 @@ import urllib.request
 import pytest
 
 from suite.cli import main
-from suite.matrix import run_matrix
-from suite.report import build_report
-from suite.search import run_search
+from suite.outputs.report import build_report
+from suite.studies.matrix import run_matrix
+from suite.studies.search import run_search
 from suite.tracking import make_tracker
 
 TINY = [

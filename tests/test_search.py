@@ -13,7 +13,7 @@ import pytest
 optuna = pytest.importorskip("optuna")
 from optuna.trial import TrialState  # noqa: E402
 
-from suite.search import run_search  # noqa: E402
+from suite.studies.search import run_search  # noqa: E402
 
 TINY = """
 [model]

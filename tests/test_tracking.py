@@ -42,7 +42,7 @@ def test_dataset_record_race_is_retried(tmp_path, monkeypatch):
     from sqlalchemy.exc import IntegrityError
 
     from suite.config import DataConfig
-    from suite.data import build_datasets
+    from suite.training.data import build_datasets
 
     tracker = make_tracker(f"sqlite:///{tmp_path}/m.db")
     _, _, info = build_datasets(DataConfig(train_size=8, val_size=8), 32)

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from suite.config import DistillConfig, load_config
-from suite.engine import Criterion, build_optimizer, build_scheduler
 from suite.tracking import Tracker, make_tracker
-from suite.train import fit
+from suite.training.engine import Criterion, build_optimizer, build_scheduler
+from suite.training.fit import fit
 
 SMALL = [
     "data.train_size=512",
@@ -295,8 +295,8 @@ def test_cuda_out_of_memory_is_one_line_and_run_failed(tmp_path, monkeypatch, ca
     """An OOM (simulated: CPU has none) ends with one line naming train.batch_size, and the
     run is FAILED with the error as a tag."""
     mlflow = pytest.importorskip("mlflow")
-    from suite import train
     from suite.cli import main
+    from suite.training import fit as train
 
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -329,7 +329,7 @@ def test_cuda_out_of_memory_is_one_line_and_run_failed(tmp_path, monkeypatch, ca
 
 
 def test_checkpoint_folders_stay_inside_out_dir_and_are_never_shared(tmp_path):
-    from suite.train import new_checkpoint_dir
+    from suite.training.fit import new_checkpoint_dir
 
     out = tmp_path / "out"
     for name in ("..", "../../etc", "/abs/path", "a/../b", ".hidden"):

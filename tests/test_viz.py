@@ -7,10 +7,10 @@ from PIL import Image
 from suite.cli import main
 from suite.config import load_config
 from suite.models import create_model
-from suite.report import build_report
+from suite.outputs.report import build_report
+from suite.outputs.viz import extract, parse_layers, pixel_map, spread
 from suite.tracking import make_tracker
-from suite.train import fit
-from suite.viz import extract, parse_layers, pixel_map, spread
+from suite.training.fit import fit
 
 TINY = [
     "data.train_size=192",

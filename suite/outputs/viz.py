@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from suite.errors import UserError
 from suite.models import TNT
+from suite.plots import pyplot
 from suite.tracking import Tracker
 
 
@@ -116,10 +117,10 @@ def spread(features: Tensor) -> dict[str, float]:
 
 def load_run(tracker: Tracker, run_id: str, device: torch.device) -> VizRun:
     """The model of a run's best (else last) checkpoint, with its dataset's validation split."""
-    from suite.checkpoint import load_checkpoint, load_weights, model_state
     from suite.config import from_dict
-    from suite.data import build_datasets
     from suite.models import create_model, model_img_size
+    from suite.training.checkpoint import load_checkpoint, load_weights, model_state
+    from suite.training.data import build_datasets
 
     try:
         run = tracker.get_run(run_id)
@@ -182,15 +183,6 @@ def parse_layers(text: str | None, depth: int) -> list[int]:
 # Figures
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def top_channels(fmap: Tensor, k: int) -> list[int]:
     """The k channels whose maps vary most over space (B, C, H, W): the informative ones."""
     var = fmap.flatten(2).var(dim=2).mean(dim=0)  # (C,)
@@ -216,7 +208,7 @@ def feature_map_figures(
 ) -> list[Path]:
     """One PNG per image: rows = layers; columns = the image (``x`` (B, 3, H, W) as the first
     run's transform gives it, class ``y``), then ``channels`` maps per run."""
-    plt = _plt()
+    plt = pyplot()
     chosen = {}  # (run, layer) -> channels, and their normalised maps (B, k, H, W)
     for r, f in enumerate(feats):
         for layer in layers:
@@ -277,7 +269,7 @@ def tsne_figure(
     """t-SNE of each run's patch features at ``layer`` side by side, colored by image class."""
     from sklearn.manifold import TSNE
 
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 4.2), squeeze=False)
     for r, run in enumerate(runs):
         f = points[r][layer].numpy()

@@ -102,9 +102,9 @@ class Checkpointer:
     """The only writer and reader of a run's checkpoints: ``last.pt`` after every epoch,
     ``best.pt`` on a new best top-1, each holding everything ``--resume`` needs.
 
-    ``state`` is a ``suite.engine.TrainState``; ``meta`` the run's fixed entries (model name
-    and constructor arguments, config TOML, run ID). ``enabled`` is False on torchrun's other
-    ranks and with ``train.checkpoint = false``.
+    ``state`` is a ``TrainState`` (suite.training.engine); ``meta`` the run's fixed entries
+    (model name and constructor arguments, config TOML, run ID). ``enabled`` is False on
+    torchrun's other ranks and with ``train.checkpoint = false``.
     """
 
     def __init__(self, folder: Path, meta: dict[str, Any], enabled: bool = True) -> None:

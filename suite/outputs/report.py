@@ -20,8 +20,9 @@ from typing import Any
 import pandas as pd
 
 from suite.config import safe_name
-from suite.matrix import group_runs, varied_columns
 from suite.models import get_entry, list_models
+from suite.plots import pyplot
+from suite.studies.matrix import group_runs, varied_columns
 from suite.tracking import Tracker
 
 # The TNT paper's ablations on TNT-S, ImageNet (shared/reference/paper_tables.md)
@@ -270,21 +271,12 @@ def importances(done: pd.DataFrame, pcols: list[str]) -> pd.DataFrame:
 # Plots
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def scatter_with_front(main: pd.DataFrame, x: str, path: Path, log_x: bool = False) -> Path | None:
     """Top-1 against ``x`` per row, the Pareto frontier drawn through it (Figure 1 style)."""
     d = main[[x, "top-1 mean", "model"]].dropna()
     if d.empty:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for fam, marker, label in (("tnt", "o", "TNT"), ("vit", "s", "ViT"), ("deit", "^", "DeiT")):
         m = d[d["model"].str.startswith(fam)]
@@ -315,7 +307,7 @@ def scatter_with_front(main: pd.DataFrame, x: str, path: Path, log_x: bool = Fal
 def learning_curves(tracker: Tracker, runs: pd.DataFrame, path: Path) -> Path | None:
     if runs.empty:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for model, g in runs.groupby("params.model.name"):
         curves = [tracker.metric_history(rid, "val_top1") for rid in g["run_id"]]
@@ -335,7 +327,7 @@ def learning_curves(tracker: Tracker, runs: pd.DataFrame, path: Path) -> Path | 
 
 def search_plots(tables: dict[str, pd.DataFrame], out: Path) -> dict[str, Path]:
     plots = {}
-    plt = _plt()
+    plt = pyplot()
     for name, t in tables.items():
         if name.endswith("_best") and len(t):
             study = name.removeprefix("search_").removesuffix("_best")

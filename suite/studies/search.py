@@ -9,7 +9,7 @@ The config's ``[search]`` table names the study, objectives, sampler, pruner and
     "model.inner_dim" = { tie = "model.pixel_size", keep = "pixels_x_dim" }   # derived
     pixel = { choices = [{ "model.pixel_size" = 2, "model.inner_dim" = 6 }, ...] }  # tied pairs
 
-Each trial is one training run (``suite.train.fit``) reporting val top-1 every epoch, so the
+Each trial is one training run (``suite.training.fit.fit``) reporting val top-1 every epoch, so the
 pruner stops bad trials early; a combination that cannot be built is PRUNED with its reason
 before any training; a diverging trial FAILS without stopping the study. Storage: any Optuna
 URL; by default an SQLite file beside the MLflow store (one worker) or a journal file (several
@@ -300,8 +300,8 @@ class Objective:
     def __call__(self, trial: Any) -> float | tuple[float, ...]:
         import optuna
 
-        from suite.engine import NonFiniteLoss
-        from suite.train import fit
+        from suite.training.engine import NonFiniteLoss
+        from suite.training.fit import fit
 
         tracker = self.tracker()
         tags = {"kind": "trial", "study": self.scfg.study, "trial": trial.number}
@@ -592,11 +592,11 @@ def _finish(study: Any, scfg: SearchConfig, tracker: Tracker, parent: Any) -> No
 
 
 def _log_plots(study: Any, scfg: SearchConfig, parent: Any) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as ovm
+
+    from suite.plots import pyplot
+
+    plt = pyplot()
 
     target = None if len(scfg.objectives) == 1 else (lambda t: t.values[0])
     name = scfg.objectives[0]

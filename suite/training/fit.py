@@ -2,7 +2,7 @@
 
 ``fit`` reads top to bottom: data, the training state (model, optimizer, schedule, scaler,
 EMA), a resume if asked, then one tracked run: compile, and for each epoch train, evaluate,
-checkpoint (``suite.checkpoint.Checkpointer``) and log. Only rank 0 logs and writes.
+checkpoint (``suite.training.checkpoint.Checkpointer``) and log. Only rank 0 logs and writes.
 """
 
 from __future__ import annotations
@@ -22,20 +22,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from suite.checkpoint import Checkpointer, load_checkpoint, load_weights, model_state
 from suite.config import Config, safe_name, to_toml
-from suite.data import DataInfo, build_datasets, build_mixup
-from suite.engine import (
-    Criterion,
-    TrainState,
-    build_ema,
-    build_optimizer,
-    build_scheduler,
-    evaluate,
-    train_one_epoch,
-)
 from suite.errors import UserError
 from suite.models import create_model, get_entry, model_img_size
+from suite.plots import learning_curves, pyplot
 from suite.runtime import (
     autocast,
     check_precision,
@@ -49,6 +39,17 @@ from suite.runtime import (
     seed_everything,
 )
 from suite.tracking import Run, Tracker, environment_tags, flatten, make_tracker
+from suite.training.checkpoint import Checkpointer, load_checkpoint, load_weights, model_state
+from suite.training.data import DataInfo, build_datasets, build_mixup
+from suite.training.engine import (
+    Criterion,
+    TrainState,
+    build_ema,
+    build_optimizer,
+    build_scheduler,
+    evaluate,
+    train_one_epoch,
+)
 
 
 @dataclass
@@ -565,24 +566,9 @@ def new_checkpoint_dir(out_dir: str | Path, name: str) -> Path:
 def _log_artifacts(run: Run, history: list, ckpt_dir: Path, cfg: Config, model: nn.Module) -> None:
     if not history:
         return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [h["epoch"] for h in history]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
-    a.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
-    a.plot(epochs, [h["val_loss"] for h in history], "o-", label="val")
-    a.set(xlabel="epoch", ylabel="loss", title="loss")
-    a.legend()
-    b.plot(epochs, [h["val_top1"] for h in history], "o-", label="top-1")
-    b.plot(epochs, [h["val_top5"] for h in history], "o-", label="top-5")
-    b.set(xlabel="epoch", ylabel="accuracy (%)", title=f"{cfg.model.name} on {cfg.data.name}")
-    b.legend()
-    fig.tight_layout()
+    fig = learning_curves(history, f"{cfg.model.name} on {cfg.data.name}")
     run.log_figure(fig, "learning_curves.png")
-    plt.close(fig)
+    pyplot().close(fig)
     best = ckpt_dir / "best.pt"
     if best.is_file():
         run.log_artifact(best, "checkpoints")

@@ -321,7 +321,9 @@ def _run_cell(
             pass
         print(f"cell {cell.index} ({cell.run_name}) FAILED: {e}", file=sys.stderr)
         return False
-    from suite.train import fit  # imported on first use: a rerun that skips every cell is fast
+    from suite.training.fit import (
+        fit,  # imported on first use: a rerun that skips every cell is fast
+    )
 
     try:
         result = fit(

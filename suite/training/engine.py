@@ -114,7 +114,7 @@ def _all_reduce(values: list[float], device: torch.device) -> list[float]:
 @dataclass
 class TrainState:
     """Everything a training run carries from step to step and epoch to epoch; what a
-    checkpoint saves (``suite.checkpoint.Checkpointer``)."""
+    checkpoint saves (``suite.training.checkpoint.Checkpointer``)."""
 
     model: nn.Module  # the bare model: its state dict is what checkpoints hold
     optimizer: torch.optim.Optimizer

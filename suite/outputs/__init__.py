@@ -1,0 +1,1 @@
+"""What people read: reports from MLflow, and feature visualisations."""

@@ -1,0 +1,100 @@
+"""The package's layering, as the README's Architecture section states it: every import
+inside ``suite`` (function-level ones included, read with ``ast``) points to a lower layer,
+or stays inside one component package; modules on one level never import each other."""
+
+import ast
+from pathlib import Path
+
+SUITE = Path(__file__).resolve().parents[1] / "suite"
+
+# lowest first; a module may import any module of a lower layer
+LAYERS = [
+    {"suite.errors", "suite.plots"},
+    {"suite.models", "suite.tracking"},
+    {"suite.config"},  # validation builds models on the meta device
+    {"suite.runtime"},
+    {"suite.profile"},
+    {"suite.training"},
+    {"suite.studies.matrix", "suite.studies.search"},
+    {"suite.outputs.report", "suite.outputs.viz"},
+    {"suite.demo"},
+    {"suite.cli"},
+    {"suite.__main__"},
+]
+# namespace packages holding only a docstring
+PACKAGES = {"suite", "suite.studies", "suite.outputs"}
+# packages whose modules work together as one component (they may import each other)
+COMPONENTS = ("suite.models", "suite.training")
+
+
+def unit(module: str) -> str:
+    """The name the layers use for a module: its component package, or itself."""
+    for c in COMPONENTS:
+        if module == c or module.startswith(c + "."):
+            return c
+    return module
+
+
+def layer(module: str) -> int:
+    name = unit(module)
+    for i, names in enumerate(LAYERS):
+        if name in names or name.removesuffix(".__init__") in names:
+            return i
+    raise AssertionError(f"{module} is in no layer: add it to LAYERS and the README")
+
+
+def suite_imports(path: Path, module: str) -> set[str]:
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("suite")}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: resolve against this module's package
+                package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                target = f"{base}.{node.module}" if node.module else base
+            else:
+                target = node.module or ""
+            if target == "suite":  # from suite import x: the submodules named
+                out |= {f"suite.{a.name}" for a in node.names}
+            elif target.startswith("suite"):
+                out.add(target)
+    return out
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for p in SUITE.rglob("*.py"):
+        rel = p.relative_to(SUITE.parent).with_suffix("")
+        name = ".".join(rel.parts).removesuffix(".__init__")
+        found[name] = p
+    return found
+
+
+def test_every_module_has_a_layer():
+    for name in modules():
+        if name not in PACKAGES:
+            layer(name)
+
+
+def test_imports_point_down_or_stay_in_a_component():
+    bad = []
+    for name, path in modules().items():
+        if name in PACKAGES or name.startswith("suite.experiments"):
+            continue
+        for target in suite_imports(path, name):
+            if target == "suite" or unit(target) == unit(name):
+                continue
+            if layer(target) >= layer(name):
+                bad.append(f"{name} imports {target}")
+    assert not bad, "\n".join(sorted(bad))
+
+
+def test_no_mlflow_filters_private_optuna_or_message_matching_outside_their_place():
+    for name, path in modules().items():
+        text = path.read_text()
+        if name != "suite.tracking":
+            assert "import mlflow" not in text and "from mlflow" not in text, name
+            assert "attributes.status" not in text and "tags.kind =" not in text, name
+        assert "_storage." not in text, name
+        assert "in str(e)" not in text, name
