@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from suite.errors import UserError, parse_assignment
 
@@ -18,9 +19,38 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
-    from suite.profile import run_profile_cli
+    import json
+    from dataclasses import asdict
+    from pathlib import Path
 
-    return run_profile_cli(args)
+    from suite.profile import format_table, log_profile_row, profile_models, uncounted_ops_lines
+
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise UserError(f"--json {args.json}: the folder {Path(args.json).parent} does not exist")
+    rows = profile_models(
+        args.models,
+        device=args.device,
+        dtype=args.dtype,
+        img_size=args.img_size,
+        batch_size=args.batch_size,
+        mode=args.mode,
+        compile=args.compile,
+        warmup=args.warmup,
+        steps=args.steps,
+    )
+    print(format_table(rows))
+    print("\n".join(uncounted_ops_lines(rows)))
+    if args.json:
+        Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=2))
+        print(f"wrote {args.json}")
+    if args.log:
+        from suite.tracking import make_tracker
+
+        tracker = make_tracker(args.tracking_uri)
+        for r in rows:
+            log_profile_row(tracker, r)
+        print(f"logged {len(rows)} run(s) to experiment 'profile' at {tracker.uri}")
+    return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -72,19 +102,19 @@ def _cmd_matrix(args: argparse.Namespace) -> int:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from suite.studies.search import format_result, run_search
+    from suite.studies.search import format_search, run_search
 
     r = run_search(
         args.config,
         args.set,
-        args.storage,
-        args.study,
-        args.n_trials,
-        args.timeout,
-        args.workers,
-        args.tracking_uri,
+        storage=args.storage,
+        study_name=args.study,
+        n_trials=args.n_trials,
+        timeout=args.timeout,
+        workers=args.workers,
+        tracking_uri=args.tracking_uri,
     )
-    print(format_result(r))
+    print(format_search(r))
     return 0
 
 
@@ -103,20 +133,20 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_viz(args: argparse.Namespace) -> int:
-    from suite.outputs.viz import format_result, run_viz
+    from suite.outputs.viz import format_viz, run_viz
     from suite.tracking import make_tracker
 
     res = run_viz(
         make_tracker(args.tracking_uri),
         args.run_ids,
-        args.images,
-        args.layers,
-        args.out,
-        args.channels,
-        args.maps,
+        n_images=args.images,
+        layers=args.layers,
+        out=args.out,
+        channels=args.channels,
+        n_maps=args.maps,
         device=args.device,
     )
-    print(format_result(res))
+    print(format_viz(res))
     return 0
 
 
@@ -148,6 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tntbench", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    _add_run_commands(sub)
+    _add_output_commands(sub)
+    return p
+
+
+def _add_run_commands(sub: Any) -> None:
+    """models, train, matrix, search."""
     m = sub.add_parser("models", help="list the model registry with paper reference values")
     m.add_argument("names", nargs="*", metavar="MODEL", help="models to show (default: all)")
     m.add_argument(
@@ -189,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--tracking-uri", default=None)
     se.set_defaults(func=_cmd_search)
 
+
+def _add_output_commands(sub: Any) -> None:
+    """report, viz, ui, demo, profile."""
     rp = sub.add_parser("report", help="tables and plots from MLflow runs, the paper beside them")
     rp.add_argument("--experiment", action="append", help="experiment(s) to read (default: all)")
     rp.add_argument("--matrix", help="only this matrix's cells")
@@ -242,7 +282,6 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--log", action="store_true", help="record each row as an MLflow run")
     pr.add_argument("--tracking-uri", default=None)
     pr.set_defaults(func=_cmd_profile)
-    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:

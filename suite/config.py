@@ -169,6 +169,15 @@ def _build_section(name: str, values: dict[str, Any], source: str) -> Any:
     return cls(**kwargs)
 
 
+def with_values(raw: dict[str, Any], values: dict[str, Any], source: str) -> dict[str, Any]:
+    """A copy of the nested config ``raw`` with dotted keys set (``{"model.depth": 6}``): the
+    one setter behind ``--set``, matrix cells and search trials, checked as ``--set`` is."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for key, value in values.items():
+        _merge(out, key, value, source)
+    return out
+
+
 def _merge(base: dict[str, Any], key: str, value: Any, source: str) -> None:
     section, dot, name = key.partition(".")
     if not dot or not name:
@@ -223,11 +232,8 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 
 
 def apply_sets(raw: dict[str, Any], sets: list[str] | None, source: str = "--set") -> dict:
-    out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
-    for s in sets or []:
-        key, value = parse_assignment(s, "--set")
-        _merge(out, key, value, source)
-    return out
+    """``raw`` with each ``--set KEY=VALUE`` applied."""
+    return with_values(raw, dict(parse_assignment(s, "--set") for s in sets or []), source)
 
 
 def load_config(path: str | Path | None = None, sets: list[str] | None = None) -> Config:
@@ -238,22 +244,38 @@ def load_config(path: str | Path | None = None, sets: list[str] | None = None) -
 def validate(cfg: Config, check_paths: bool = True, check_model: bool = True) -> None:
     """Impossible values, named with the key; the model is built on the meta device to check
     its overrides; with ``check_paths``, data roots and teacher files must exist."""
-    m, d, t, k, tr = cfg.model, cfg.data, cfg.train, cfg.distill, cfg.tracking
     if check_model:
-        import torch
+        _validate_model(cfg.model)
+    _validate_data(cfg.data, check_paths)
+    _validate_train(cfg.train)
+    _validate_distill(cfg.distill, check_paths)
+    tr = cfg.tracking
+    _need(tr.log_every >= 1, "tracking.log_every", tr.log_every, "must be >= 1")
+    if not 0 < len(tr.experiment) <= 500:  # MLflow's limit on experiment names
+        raise UserError(
+            f"tracking.experiment: {len(tr.experiment)} characters; MLflow takes 1 to 500"
+        )
 
-        from suite.models import create_model
 
-        try:  # built on the meta device: every shape check runs, no memory, no init
-            with torch.device("meta"):
-                create_model(m.name, **m.overrides)
-        except (ValueError, TypeError) as e:
-            raise UserError(f"model: {e}") from None
+def _need(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise UserError(f"{key} = {value!r}: {why}")
 
-    def need(ok: bool, key: str, value: Any, why: str) -> None:
-        if not ok:
-            raise UserError(f"{key} = {value!r}: {why}")
 
+def _validate_model(m: ModelConfig) -> None:
+    import torch
+
+    from suite.models import create_model
+
+    try:  # built on the meta device: every shape check runs, no memory, no init
+        with torch.device("meta"):
+            create_model(m.name, **m.overrides)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"model: {e}") from None
+
+
+def _validate_data(d: DataConfig, check_paths: bool) -> None:
+    need = _need
     need(d.name in DATASETS, "data.name", d.name, f"must be one of {', '.join(DATASETS)}")
     need(d.name == "synthetic" or bool(d.root), "data.root", d.root, f"required for {d.name}")
     if check_paths and d.name != "synthetic" and not Path(d.root).is_dir():
@@ -268,6 +290,10 @@ def validate(cfg: Config, check_paths: bool = True, check_model: bool = True) ->
     need(d.mixup >= 0, "data.mixup", d.mixup, "must be >= 0")
     need(d.cutmix >= 0, "data.cutmix", d.cutmix, "must be >= 0")
     need(0 < d.eval_crop_pct <= 1, "data.eval_crop_pct", d.eval_crop_pct, "must be in (0, 1]")
+
+
+def _validate_train(t: TrainConfig) -> None:
+    need = _need
     need(t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1")
     need(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
     need(t.lr >= 0, "train.lr", t.lr, "must be >= 0 (0 = scaled base_lr)")
@@ -295,6 +321,10 @@ def validate(cfg: Config, check_paths: bool = True, check_model: bool = True) ->
         t.device,
         f"must be one of {', '.join(devs)}",
     )
+
+
+def _validate_distill(k: DistillConfig, check_paths: bool) -> None:
+    need = _need
     kinds = ("none", "hard", "soft")
     need(k.kind in kinds, "distill.kind", k.kind, f"must be one of {', '.join(kinds)}")
     if k.kind != "none":
@@ -310,11 +340,6 @@ def validate(cfg: Config, check_paths: bool = True, check_model: bool = True) ->
         )
         if check_paths and not is_uri and not Path(k.teacher).is_file():
             raise MissingPathError(f"distill.teacher = {k.teacher!r}: file not found")
-    need(tr.log_every >= 1, "tracking.log_every", tr.log_every, "must be >= 1")
-    if not 0 < len(tr.experiment) <= 500:  # MLflow's limit on experiment names
-        raise UserError(
-            f"tracking.experiment: {len(tr.experiment)} characters; MLflow takes 1 to 500"
-        )
 
 
 def safe_name(text: str) -> str:

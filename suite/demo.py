@@ -8,7 +8,7 @@ from pathlib import Path
 
 from suite.errors import UserError
 from suite.studies.matrix import format_summary, run_matrix
-from suite.studies.search import format_result, run_search
+from suite.studies.search import format_search, run_search
 from suite.tracking import make_tracker
 
 
@@ -50,11 +50,10 @@ def run_demo(
     s = run_search(
         search_config(), [*s_sets, *(sets or []), *(search_sets or [])], tracking_uri=uri
     )
-    print(format_result(s))
+    print(format_search(s))
 
     # the paper's feature figures: TNT's pixel-level maps and t-SNE beside ViT's (seed 0)
-    from suite.outputs.viz import format_result as format_viz
-    from suite.outputs.viz import run_viz
+    from suite.outputs.viz import format_viz, run_viz
 
     names = r.runs.get("params.model.name")
     pick = []

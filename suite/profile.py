@@ -12,7 +12,6 @@ forward + backward + SGD step (lr 1e-4, momentum 0.9).
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import statistics
 import time
@@ -26,7 +25,7 @@ import torch
 from torch import nn
 
 from suite.errors import UserError
-from suite.models import create_model, get_entry
+from suite.models import create_model, get_entry, model_img_size
 from suite.runtime import (
     DTYPES,
     autocast,
@@ -202,6 +201,7 @@ def time_model(
     model: nn.Module,
     img_size: int,
     batch_size: int,
+    *,
     mode: str,
     dtype: str,
     device: torch.device,
@@ -219,26 +219,7 @@ def time_model(
     model = model.to(device)
     x = torch.randn(batch_size, 3, img_size, img_size, device=device)
     y = torch.randint(0, max(num_classes, 1), (batch_size,), device=device)
-    if mode == "train":
-        model.train()
-        opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-        scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")
-
-        def step(fn: Callable[[torch.Tensor], Any]) -> None:
-            with autocast(device, dtype):
-                loss = _loss(fn(x), y)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-
-    else:
-        model.eval()
-
-        def step(fn: Callable[[torch.Tensor], Any]) -> None:
-            with torch.inference_mode(), autocast(device, dtype):
-                fn(x)
-
+    step = _step(model, x, y, mode, dtype, device)
     # the first call compiles; compile time is reported apart and never counted in throughput
     try:
         c = compile_model(model, resolve_compile(compile, device), step, device)
@@ -265,6 +246,34 @@ def time_model(
         c.mode,
         c.fallback,
     )
+
+
+def _step(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str, dtype: str, device: torch.device
+) -> Callable[[Callable], None]:
+    """One timed step of ``fn`` (the model, or its compiled form): inference under
+    inference_mode, or training (forward, cross-entropy, backward, SGD step)."""
+    if mode != "train":
+        model.eval()
+
+        def infer(fn: Callable[[torch.Tensor], Any]) -> None:
+            with torch.inference_mode(), autocast(device, dtype):
+                fn(x)
+
+        return infer
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")
+
+    def train(fn: Callable[[torch.Tensor], Any]) -> None:
+        with autocast(device, dtype):
+            loss = _loss(fn(x), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+
+    return train
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,6 +316,7 @@ def device_name(device: torch.device) -> str:
 
 def profile_model(
     name: str,
+    *,
     img_size: int | None = None,
     batch_size: int | None = None,
     mode: str = "infer",
@@ -320,30 +330,15 @@ def profile_model(
 ) -> ProfileRow:
     dev = device if isinstance(device, torch.device) else resolve_device(device, key="--device")
     check_precision(dtype, dev, "--dtype")
-    entry = get_entry(name)
-    if img_size is not None:
-        overrides["img_size"] = img_size
-    try:
-        model = create_model(name, **overrides)
-    except ValueError as e:
-        raise UserError(f"{name}: {e}") from None
-    size = overrides.get("img_size", entry.img_size)
+    model, size = _build(name, img_size, overrides)
     total, trainable = count_params(model)
     flops = count_flops(model, size)
     cuda = dev.type == "cuda"
     bs = batch_size or (256 if cuda else 16 if size >= 128 else 64)
-    t = time_model(
-        model,
-        size,
-        bs,
-        mode,
-        dtype,
-        dev,
-        warmup if warmup is not None else (10 if cuda else 3),
-        steps if steps is not None else (40 if cuda else 10),
-        compile,
-        model.num_classes,
-    )
+    warmup = warmup if warmup is not None else (10 if cuda else 3)
+    steps = steps if steps is not None else (40 if cuda else 10)
+    kw = dict(mode=mode, dtype=dtype, device=dev, compile=compile, warmup=warmup, steps=steps)
+    t = time_model(model, size, bs, num_classes=model.num_classes, **kw)
     peak = peak_tflops or matmul_peak_tflops(dev, dtype)
     # model FLOPs: forward = 2 x MACs per image, training = 3 x forward
     achieved = (6 if mode == "train" else 2) * flops.gmacs_fvcore * 1e9 * t.img_per_s / 1e12
@@ -372,6 +367,17 @@ def profile_model(
         mfu_spec=achieved / spec if spec else None,
         unsupported_ops=flops.unsupported,
     )
+
+
+def _build(name: str, img_size: int | None, overrides: dict[str, Any]) -> tuple[nn.Module, int]:
+    """The registered model with its overrides, and its input size."""
+    if img_size is not None:
+        overrides = {**overrides, "img_size": img_size}
+    try:
+        model = create_model(name, **overrides)
+    except ValueError as e:
+        raise UserError(f"{name}: {e}") from None
+    return model, model_img_size(name, overrides)
 
 
 TABLE_COLUMNS = {
@@ -411,57 +417,37 @@ def format_table(rows: list[ProfileRow]) -> str:
     return head + "\n" + body
 
 
-def run_profile_cli(args: Any) -> int:
-    if args.batch_size is not None and args.batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.img_size is not None and args.img_size < 1:
-        raise UserError(f"--img-size must be >= 1, got {args.img_size}")
-    if args.steps is not None and args.steps < 1:
-        raise UserError(f"--steps must be >= 1, got {args.steps}")
-    if args.warmup is not None and args.warmup < 0:
-        raise UserError(f"--warmup must be >= 0, got {args.warmup}")
-    if args.json and not Path(args.json).resolve().parent.is_dir():
-        raise UserError(f"--json {args.json}: the folder {Path(args.json).parent} does not exist")
-    device = resolve_device(args.device, key="--device")
-    check_precision(args.dtype, device, "--dtype")
-    for name in args.models:
+def profile_models(
+    names: list[str], *, device: str, dtype: str, **options: Any
+) -> list[ProfileRow]:
+    """One row per model, on one device and dtype whose peak FLOP/s is measured once.
+    ``options``: profile_model's (img_size, batch_size, mode, compile, warmup, steps)."""
+    for key in ("batch_size", "img_size", "steps"):
+        if options.get(key) is not None and options[key] < 1:
+            raise UserError(f"--{key.replace('_', '-')} must be >= 1, got {options[key]}")
+    if options.get("warmup") is not None and options["warmup"] < 0:
+        raise UserError(f"--warmup must be >= 0, got {options['warmup']}")
+    dev = resolve_device(device, key="--device")
+    check_precision(dtype, dev, "--dtype")
+    for name in names:
         get_entry_or_fail(name)
-    peak = matmul_peak_tflops(device, args.dtype)
-    rows = []
-    for name in args.models:
-        rows.append(
-            profile_model(
-                name,
-                img_size=args.img_size,
-                batch_size=args.batch_size,
-                mode=args.mode,
-                dtype=args.dtype,
-                device=device,
-                compile=args.compile,
-                warmup=args.warmup,
-                steps=args.steps,
-                peak_tflops=peak,
-            )
-        )
-    print(format_table(rows))
+    peak = matmul_peak_tflops(dev, dtype)
+    return [profile_model(n, device=dev, dtype=dtype, peak_tflops=peak, **options) for n in names]
+
+
+def uncounted_ops_lines(rows: list[ProfileRow]) -> list[str]:
+    """What neither FLOP counter counted: a warning for ops that carry multiply-adds."""
+    lines = []
     for r in rows:
         missing = sorted(op for op in r.unsupported_ops if op in MAC_OPS)
         if missing:
-            print(f"WARNING {r.model}: ops with multiply-adds left uncounted: {missing}")
+            lines.append(f"WARNING {r.model}: ops with multiply-adds left uncounted: {missing}")
         rest = sorted(op for op in r.unsupported_ops if op not in MAC_OPS)
         if rest:
-            print(f"{r.model}: not counted (elementwise, no multiply-adds): {', '.join(rest)}")
-    if args.json:
-        Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=2))
-        print(f"wrote {args.json}")
-    if args.log:
-        from suite.tracking import make_tracker
-
-        tracker = make_tracker(args.tracking_uri)
-        for r in rows:
-            log_profile_row(tracker, r)
-        print(f"logged {len(rows)} run(s) to experiment 'profile' at {tracker.uri}")
-    return 0
+            lines.append(
+                f"{r.model}: not counted (elementwise, no multiply-adds): {', '.join(rest)}"
+            )
+    return lines
 
 
 def get_entry_or_fail(name: str) -> None:

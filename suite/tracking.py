@@ -69,6 +69,11 @@ class Run:
 
     def end(self, status: str = "FINISHED") -> None: ...
 
+    def fail(self, error: str, status: str = "FAILED") -> None:
+        """End the run now as FAILED (or KILLED) with ``error`` as a tag; the ``with`` block
+        that opened it then leaves it so."""
+        self.ended = True
+
 
 class Tracker:
     """Starts runs; the no-op tracker returns no-op runs."""
@@ -238,6 +243,11 @@ class _MlflowRun(Run):
         except Exception as e:  # a missing psutil/pynvml must not stop training
             self.set_tags({"system_metrics_error": str(e)[:500]})
 
+    def fail(self, error: str, status: str = "FAILED") -> None:
+        self.set_tags({"error": error[:5000]})
+        self.end(status)
+        self.ended = True
+
     def end(self, status: str = "FINISHED") -> None:
         monitor = getattr(self, "_monitor", None)
         if monitor is not None:
@@ -354,7 +364,8 @@ class MlflowTracker(Tracker):
             run.end(getattr(e, "run_status", "FAILED"))
             raise
         else:
-            run.end("FINISHED")
+            if not getattr(run, "ended", False):
+                run.end("FINISHED")
 
     def get_run(self, run_id: str) -> Any:
         return self.client.get_run(run_id)

@@ -98,3 +98,20 @@ def test_no_mlflow_filters_private_optuna_or_message_matching_outside_their_plac
             assert "attributes.status" not in text and "tags.kind =" not in text, name
         assert "_storage." not in text, name
         assert "in str(e)" not in text, name
+
+
+def test_functions_are_short_and_take_few_positional_arguments():
+    """At most 60 lines and 8 positional parameters (self aside; keyword-only knobs, as model
+    constructors have, are fine)."""
+    long, wide = [], []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = node.end_lineno - node.lineno + 1
+                args = [a.arg for a in node.args.posonlyargs + node.args.args]
+                positional = len([a for a in args if a not in ("self", "cls")])
+                if lines > 60:
+                    long.append(f"{name}.{node.name}: {lines} lines")
+                if positional > 8:
+                    wide.append(f"{name}.{node.name}: {positional} positional parameters")
+    assert not long and not wide, "\n".join(long + wide)

@@ -301,6 +301,7 @@ def tsne_figure(
 def run_viz(
     tracker: Tracker,
     run_ids: list[str],
+    *,
     n_images: int = 64,
     layers: str | None = None,
     out: str | Path | None = None,
@@ -310,16 +311,7 @@ def run_viz(
     device: str = "cpu",
 ) -> VizResult:
     """Feature maps, t-SNE and spread metrics for the runs, on the same validation images."""
-    if n_images < 2:
-        raise UserError(f"--images {n_images}: need at least 2 images")
-    if channels < 1 or n_maps < 0:
-        raise UserError(f"--channels {channels} / --maps {n_maps}: need >= 1 channel, >= 0 maps")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: no CUDA device is available")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"--device {device!r}: expected cpu or cuda[:N]") from None
+    dev = _check_viz_args(n_images, channels, n_maps, device)
     runs = [load_run(tracker, rid, dev) for rid in dict.fromkeys(run_ids)]
     digests = {r.digest for r in runs}
     if len(digests) > 1:
@@ -328,26 +320,12 @@ def run_viz(
             + ", ".join(f"{r.label}: {r.digest}" for r in runs)
             + "); viz compares models on the same images"
         )
-    depth = min(r.depth for r in runs)
-    wanted = parse_layers(layers, depth)
+    wanted = parse_layers(layers, min(r.depth for r in runs))
     key = "-".join(r.run_id[:8] for r in runs)
     out = Path(out) if out else Path("reports") / "viz" / key
     out.mkdir(parents=True, exist_ok=True)
-
-    # the same N validation images for every run (a fixed random sample)
-    n = min(n_images, len(runs[0].val))
-    idx = torch.randperm(len(runs[0].val), generator=torch.Generator().manual_seed(0))[:n]
-    images, feats = [], []  # per run: (x, y), {layer: (map (n, C, H', W'), feats (n, N, D))}
-    for run in runs:
-        xs, ys = zip(*(run.val[int(i)] for i in idx), strict=True)
-        x, y = torch.stack(xs), torch.tensor(ys)
-        chunks = [extract(run.model, x[j : j + 64].to(dev), wanted) for j in range(0, n, 64)]
-        f = {
-            L: tuple(torch.cat([c[L][k] for c in chunks]).float().cpu() for k in (0, 1))
-            for L in wanted
-        }
-        images.append((x, y))
-        feats.append(f)
+    images, feats = _features(runs, n_images, wanted, dev)
+    n = images[0][0].shape[0]
 
     # patch features: every patch token of the N images, a fixed subsample for t-SNE/spread
     points, point_labels, spreads = [], [], []
@@ -363,6 +341,51 @@ def run_viz(
     result.figures += feature_map_figures(runs, *images[0], feats, wanted, channels, n_maps, out)
     for L in wanted:
         result.figures.append(tsne_figure(runs, points, point_labels, L, spreads, out))
+    _record(tracker, runs, spreads, wanted, result, key)
+    return result
+
+
+def _check_viz_args(n_images: int, channels: int, n_maps: int, device: str) -> torch.device:
+    if n_images < 2:
+        raise UserError(f"--images {n_images}: need at least 2 images")
+    if channels < 1 or n_maps < 0:
+        raise UserError(f"--channels {channels} / --maps {n_maps}: need >= 1 channel, >= 0 maps")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA device is available")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device!r}: expected cpu or cuda[:N]") from None
+
+
+def _features(runs: list[VizRun], n_images: int, wanted: list[int], dev: torch.device) -> tuple:
+    """The same N validation images for every run (a fixed random sample): per run (x, y) and
+    {layer: (feature map (n, C, H', W'), patch features (n, N, D))}."""
+    n = min(n_images, len(runs[0].val))
+    idx = torch.randperm(len(runs[0].val), generator=torch.Generator().manual_seed(0))[:n]
+    images, feats = [], []  # per run: (x, y), {layer: (map (n, C, H', W'), feats (n, N, D))}
+    for run in runs:
+        xs, ys = zip(*(run.val[int(i)] for i in idx), strict=True)
+        x, y = torch.stack(xs), torch.tensor(ys)
+        chunks = [extract(run.model, x[j : j + 64].to(dev), wanted) for j in range(0, n, 64)]
+        f = {
+            L: tuple(torch.cat([c[L][k] for c in chunks]).float().cpu() for k in (0, 1))
+            for L in wanted
+        }
+        images.append((x, y))
+        feats.append(f)
+    return images, feats
+
+
+def _record(
+    tracker: Tracker,
+    runs: list[VizRun],
+    spreads: list[dict],
+    wanted: list[int],
+    result: VizResult,
+    key: str,
+) -> None:
+    """Spread metrics, tags and the figures onto each run."""
     for r, run in enumerate(runs):
         result.spread[run.run_id] = spreads[r]
         result.labels[run.run_id] = run.label
@@ -376,10 +399,9 @@ def run_viz(
         )
         for p in result.figures:
             tr.log_artifact(p, f"viz/{key}")
-    return result
 
 
-def format_result(res: VizResult) -> str:
+def format_viz(res: VizResult) -> str:
     lines = [f"{'run':34s} {'layer':>5s} {'mean_pdist':>10s} {'dim_std':>8s}"]
     for rid, by_layer in res.spread.items():
         for L, s in by_layer.items():

@@ -32,7 +32,7 @@ from typing import Any
 
 import pandas as pd
 
-from suite.config import apply_sets, from_dict, read_toml
+from suite.config import apply_sets, from_dict, read_toml, with_values
 from suite.errors import MissingPathError, UserError
 from suite.tracking import Tracker, flatten, process_is_gone
 
@@ -67,11 +67,6 @@ class Cell:
             if k not in ("model.name", "data.name", "train.seed", "data.root")
         ]
         return "/".join([self.model, self.dataset, f"s{self.seed}", *extra])
-
-
-def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
-    section, _, name = key.partition(".")
-    raw.setdefault(section, {})[name] = value
 
 
 def _axes(matrix: dict[str, Any], source: str) -> list[list[dict[str, Any]]]:
@@ -151,9 +146,7 @@ def expand(path: str | Path, sets: list[str] | None = None) -> tuple[str, dict, 
         overrides: dict[str, Any] = {}
         for choice in combo:
             overrides.update(choice)
-        cell_raw = copy.deepcopy(base)
-        for k, v in overrides.items():
-            _set_dotted(cell_raw, k, v)
+        cell_raw = with_values(copy.deepcopy(base), overrides, f"{path}: [matrix]")
         varied = {k: v for k, v in overrides.items() if k in varied_keys}
         cells.append(Cell(i, overrides, varied, cell_raw, config_digest(cell_raw)))
     _check_base(base, cells, str(path))
@@ -224,16 +217,9 @@ def run_matrix(
     experiment = base.get("tracking", {}).get("experiment") or name
     done = finished_digests(tracker, experiment)
     todo = [c for c in cells if c.digest not in done]
-    for c in todo:  # a missing data root or teacher fails the matrix before any work
-        try:
-            from_dict(c.raw, str(path), check_model=False)
-        except MissingPathError:
-            raise
-        except UserError:
-            pass  # the cell alone is impossible: recorded FAILED when its turn comes
+    _check_paths(todo, path)
     parent_id = _parent_run_id(tracker, experiment, name)
     running = unfinished_cells(tracker, experiment, name)
-    failed = 0
     bar = None
     if progress:
         from tqdm import tqdm
@@ -250,30 +236,16 @@ def run_matrix(
     with tracker.run(experiment, f"matrix/{name}", tags, run_id=parent_id) as parent:
         if parent_id is None:
             parent.log_params({"matrix.cells": len(cells), "matrix.config": str(path)})
-        for cell in todo:
-            if bar is not None:
-                bar.set_postfix_str(cell.run_name)
-            run_id, alive = running.get(cell.digest, (None, False))
-            if alive:  # another process is training it right now: it will record it
-                print(
-                    f"cell {cell.index} ({cell.run_name}) is running in another process "
-                    f"(run {run_id}): skipped",
-                    file=sys.stderr,
-                )
-            else:  # a cell cut short by a killed process goes on in its run
-                failed += not _run_cell(
-                    cell,
-                    name,
-                    experiment,
-                    parent.run_id,
-                    tracker,
-                    profile_steps,
-                    continue_run=run_id,
-                )
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
+        failed = _run_cells(
+            todo,
+            running,
+            bar,
+            matrix=name,
+            experiment=experiment,
+            parent_id=parent.run_id,
+            tracker=tracker,
+            profile_steps=profile_steps,
+        )
         runs = cell_runs(tracker, experiment, name)
         summary = summarize(runs)
         if len(summary):
@@ -283,6 +255,58 @@ def run_matrix(
     return MatrixResult(
         name, parent.run_id, len(todo), len(cells) - len(todo), failed, summary, runs
     )
+
+
+def _run_cells(
+    todo: list[Cell],
+    running: dict,
+    bar: Any,
+    *,
+    matrix: str,
+    experiment: str,
+    parent_id: str,
+    tracker: Tracker,
+    profile_steps: int,
+) -> int:
+    """Run the cells left, in order; returns how many failed."""
+    name, failed = matrix, 0
+    for cell in todo:
+        if bar is not None:
+            bar.set_postfix_str(cell.run_name)
+        run_id, alive = running.get(cell.digest, (None, False))
+        if alive:  # another process is training it right now: it will record it
+            print(
+                f"cell {cell.index} ({cell.run_name}) is running in another process "
+                f"(run {run_id}): skipped",
+                file=sys.stderr,
+            )
+        else:  # a cell cut short by a killed process goes on in its run
+            failed += not _run_cell(
+                cell,
+                name,
+                experiment,
+                parent_id,
+                tracker,
+                profile_steps,
+                continue_run=run_id,
+            )
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return failed
+
+
+def _check_paths(cells: list[Cell], path: str | Path) -> None:
+    """A missing data root or teacher is every cell's mistake: it stops the matrix before any
+    work. A cell that is impossible alone is recorded FAILED when its turn comes."""
+    for c in cells:
+        try:
+            from_dict(c.raw, str(path), check_model=False)
+        except MissingPathError:
+            raise
+        except UserError:
+            pass
 
 
 def unfinished_cells(tracker: Tracker, experiment: str, matrix: str) -> dict:
@@ -313,12 +337,9 @@ def _run_cell(
     try:
         cfg = from_dict(raw, f"cell {cell.index}")
     except UserError as e:
-        try:  # record the impossible cell as a FAILED run with its error
-            with tracker.run(experiment, cell.run_name, tags, parent_id) as run:
-                run.log_params({**flatten(raw), **params})
-                raise e
-        except UserError:
-            pass
+        with tracker.run(experiment, cell.run_name, tags, parent_id) as run:
+            run.log_params({**flatten(raw), **params})
+            run.fail(f"UserError: {e}")  # the impossible cell, recorded FAILED with its error
         print(f"cell {cell.index} ({cell.run_name}) FAILED: {e}", file=sys.stderr)
         return False
     from suite.training.fit import (
@@ -362,11 +383,11 @@ def _profile_cell(cfg, run_id: str, tracker: Tracker, steps: int) -> None:
         model,
         size,
         cfg.train.batch_size,
-        "infer",
-        "fp32",
-        device,
-        1,
-        steps,
+        mode="infer",
+        dtype="fp32",
+        device=device,
+        warmup=1,
+        steps=steps,
         compile=cfg.train.compile,
     )
     run = tracker.attach(run_id)

@@ -19,7 +19,6 @@ MLflow: a parent run per study, a child run per trial.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import multiprocessing as mp
@@ -30,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from suite.config import apply_sets, from_dict, read_toml
+from suite.config import apply_sets, from_dict, read_toml, with_values
 from suite.errors import UserError
 from suite.tracking import (
     Tracker,
@@ -190,14 +189,6 @@ def _tied_inner_dim(base: dict[str, Any], chosen: dict[str, Any]) -> int:
     return budget // pixels
 
 
-def _apply(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    raw = copy.deepcopy(base)
-    for k, v in overrides.items():
-        section, _, name = k.partition(".")
-        raw.setdefault(section, {})[name] = v
-    return raw
-
-
 # ---------------------------------------------------------------------------------------------
 # Storage, sampler, pruner
 
@@ -311,7 +302,7 @@ class Objective:
             return math.nan if len(self.scfg.objectives) == 1 else (math.nan,) * 2
         try:
             overrides = sample(trial, self.scfg.space, self.base)
-            raw = _apply(self.base, overrides)
+            raw = with_values(self.base, overrides, f"trial {trial.number}")
             raw.setdefault("tracking", {})["run_name"] = f"{self.scfg.study}/trial-{trial.number}"
             raw["tracking"]["experiment"] = self.experiment()
             cfg = from_dict(raw, f"trial {trial.number}")
@@ -364,17 +355,11 @@ class Objective:
         return before >= self.scfg.n_trials
 
     def _record_unbuildable(self, tracker: Tracker, trial: Any, tags: dict, reason: str) -> None:
-        try:
-            with tracker.run(
-                self.base.get("tracking", {}).get("experiment", self.scfg.study),
-                f"{self.scfg.study}/trial-{trial.number}",
-                {**tags, "optuna_state": "PRUNED", "pruned_reason": reason},
-                self.parent_run_id,
-            ) as run:
-                run.log_params({f"search.{k}": v for k, v in trial.params.items()})
-                raise _Pruned(reason)
-        except _Pruned:
-            pass
+        tags = {**tags, "optuna_state": "PRUNED", "pruned_reason": reason}
+        name = f"{self.scfg.study}/trial-{trial.number}"
+        with tracker.run(self.experiment(), name, tags, self.parent_run_id) as run:
+            run.log_params({f"search.{k}": v for k, v in trial.params.items()})
+            run.fail(f"_Pruned: {reason}", status="KILLED")  # as a pruned trial's run ends
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,6 +376,7 @@ class SearchResult:
 def run_search(
     path: str | Path,
     sets: list[str] | None = None,
+    *,
     storage: str | None = None,
     study_name: str | None = None,
     n_trials: int | None = None,
@@ -400,18 +386,9 @@ def run_search(
 ) -> SearchResult:
     import optuna
 
-    raw = apply_sets(read_toml(path), sets)
-    scfg = parse_search(raw, str(path))
-    if study_name:
-        scfg = SearchConfig(**{**scfg.__dict__, "study": study_name})
-    if n_trials is not None:
-        if n_trials < 1:
-            raise UserError(f"--n-trials must be >= 1, got {n_trials}")
-        scfg = SearchConfig(**{**scfg.__dict__, "n_trials": n_trials})
+    scfg, cfg = _load(path, sets, study_name, n_trials)
     if workers < 1:
         raise UserError(f"--workers must be >= 1, got {workers}")
-    base = {k: v for k, v in raw.items() if k not in ("search", "matrix")}
-    cfg = from_dict(base, str(path))  # the base must be a valid run on its own
     uri = resolve_uri(tracking_uri or cfg.tracking.uri or None)
     storage = storage or default_storage(uri, workers)
     directions = [DIRECTIONS[o] for o in scfg.objectives]
@@ -441,20 +418,40 @@ def run_search(
                     "search.storage": storage,
                 }
             )
-        args = (str(path), sets, storage, scfg, uri, parent.run_id, timeout)
-        if workers == 1:
-            _worker(*args)
-        else:
-            ctx = mp.get_context("spawn")
-            procs = [ctx.Process(target=_worker, args=args) for _ in range(workers)]
-            for p in procs:
-                p.start()
-            for p in procs:
-                p.join()
+        _run_workers((str(path), sets, storage, scfg, uri, parent.run_id, timeout), workers)
         study = optuna.load_study(study_name=scfg.study, storage=make_storage(storage, scfg))
         _finish(study, scfg, tracker, parent)
         _check_something_was_built(study)
     return SearchResult(study, parent.run_id, storage)
+
+
+def _load(
+    path: str | Path, sets: list[str] | None, study_name: str | None, n_trials: int | None
+) -> tuple[SearchConfig, Any]:
+    """The search section, with --study and --n-trials applied, and the base run's Config."""
+    raw = apply_sets(read_toml(path), sets)
+    scfg = parse_search(raw, str(path))
+    if study_name:
+        scfg = SearchConfig(**{**scfg.__dict__, "study": study_name})
+    if n_trials is not None:
+        if n_trials < 1:
+            raise UserError(f"--n-trials must be >= 1, got {n_trials}")
+        scfg = SearchConfig(**{**scfg.__dict__, "n_trials": n_trials})
+    base = {k: v for k, v in raw.items() if k not in ("search", "matrix")}
+    return scfg, from_dict(base, str(path))  # the base must be a valid run on its own
+
+
+def _run_workers(args: tuple, workers: int) -> None:
+    """One worker in this process, or ``workers`` spawned processes on the same study."""
+    if workers == 1:
+        _worker(*args)
+        return
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_worker, args=args) for _ in range(workers)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
 
 
 def _worker(path, sets, storage, scfg: SearchConfig, uri, parent_id, timeout) -> None:
@@ -527,7 +524,7 @@ def _check_something_was_built(study: Any) -> None:
         raise UserError(f"search: no trial could be built from search.space ({reasons[0]})")
 
 
-def format_result(r: SearchResult) -> str:
+def format_search(r: SearchResult) -> str:
     """Trial counts by state, then the best trial or the Pareto front as a table."""
     import pandas as pd
     from optuna.trial import TrialState

@@ -35,7 +35,7 @@ from torch.utils.data import Dataset
 from torchvision import datasets, tv_tensors
 from torchvision.transforms import v2
 
-from suite.config import DataConfig
+from suite.config import DATASETS, DataConfig
 from suite.errors import UserError
 
 SYNTHETIC_MEAN = (0.5, 0.5, 0.5)
@@ -124,6 +124,59 @@ def _square_wave(x: Tensor) -> Tensor:
     return torch.where(torch.cos(x) >= 0, 1.0, -1.0)
 
 
+def _uniform(g: torch.Generator) -> Callable[..., Tensor]:
+    def u(*shape: int, lo: float = 0.0, hi: float = 1.0) -> Tensor:  # uniform in [lo, hi)
+        return lo + (hi - lo) * torch.rand(*shape, generator=g)
+
+    return u
+
+
+def _textures(tex_id: Tensor, n_tex: int, size: int, u: Callable[..., Tensor]) -> Tensor:
+    """(n, S, S) in {-1, +1}: each image's texture kind and period, random phases."""
+    n = tex_id.shape[0]
+    ys = torch.arange(size, dtype=torch.float32).view(1, size, 1)  # (1, S, 1) row index
+    xs = torch.arange(size, dtype=torch.float32).view(1, 1, size)  # (1, 1, S) column index
+    specs = texture_specs(n_tex)
+    kind = torch.tensor([_KINDS.index(specs[t][0]) for t in range(n_tex)])[tex_id]
+    period = torch.tensor([float(specs[t][1]) for t in range(n_tex)])[tex_id].view(n, 1, 1)
+    ph1, ph2 = u(n, 1, 1, hi=2 * math.pi), u(n, 1, 1, hi=2 * math.pi)
+    wy, wx = 2 * math.pi * ys / period, 2 * math.pi * xs / period  # (n, S, 1), (n, 1, S)
+    patterns = torch.stack(
+        [
+            _square_wave(wy + ph1).expand(n, size, size),
+            _square_wave(wx + ph1).expand(n, size, size),
+            _square_wave(wx + ph1) * _square_wave(wy + ph2),
+            # diamonds: u = x + y and w = x - y share parity at integer pixels, so a diagonal
+            # checker needs twice the period along u and w not to collapse into stripes
+            _square_wave((wx + wy) / 2 + ph1) * _square_wave((wx - wy) / 2 + ph2),
+        ]
+    )  # (4, n, S, S)
+    return patterns.gather(0, kind.view(1, n, 1, 1).expand(1, n, size, size))[0]
+
+
+def _layout_mask(lay_id: Tensor, n_lay: int, size: int, u: Callable[..., Tensor]) -> Tensor:
+    """(n, 1, S, S) in {0, 1}: the band (row) and arrangement (one centred block, or a
+    mirrored pair) of each image's blocks, their positions jittered."""
+    n, S = lay_id.shape[0], float(size)
+    ys = torch.arange(size, dtype=torch.float32).view(1, size, 1)
+    xs = torch.arange(size, dtype=torch.float32).view(1, 1, size)
+    band = S / math.ceil(n_lay / 2)
+    row, is_pair = (lay_id // 2).float(), (lay_id % 2).bool()
+    jit = S / 16  # position jitter, px: blocks never sit on the patch grid the same way twice
+    cy = (row + 0.5) * band + u(n, lo=-jit, hi=jit)
+    hh = 0.34 * band * u(n, lo=0.8, hi=1.2)  # half height
+    hw = torch.where(is_pair, S / 8, S / 4) * u(n, lo=0.8, hi=1.2)  # half width
+    cx1 = torch.where(is_pair, 0.2 * S, 0.5 * S) + u(n, lo=-jit, hi=jit)
+    cx2 = torch.where(is_pair, 0.8 * S, 0.5 * S) + u(n, lo=-jit, hi=jit)
+
+    def v(t: Tensor) -> Tensor:  # (n,) -> (n, 1, 1) for broadcasting against (S, S)
+        return t.view(n, 1, 1)
+
+    in_rows = (ys - v(cy)).abs() <= v(hh)  # (n, S, 1)
+    in_cols = ((xs - v(cx1)).abs() <= v(hw)) | ((xs - v(cx2)).abs() <= v(hw))  # (n, 1, S)
+    return (in_rows & in_cols).unsqueeze(1).float()
+
+
 def make_synthetic(
     n: int, size: int, num_classes: int, seed: int, split: int
 ) -> tuple[Tensor, Tensor]:
@@ -144,48 +197,12 @@ def make_synthetic(
     pair = table[labels, pick]  # (n,)
     tex_id, lay_id = pair // n_lay, pair % n_lay
 
-    def u(*shape: int, lo: float = 0.0, hi: float = 1.0) -> Tensor:  # uniform in [lo, hi)
-        return lo + (hi - lo) * torch.rand(*shape, generator=g)
-
+    u = _uniform(g)
+    texture = _textures(tex_id, n_tex, size, u)  # (n, S, S) in {-1, +1}
+    mask = _layout_mask(lay_id, n_lay, size, u)  # (n, 1, S, S) in {0, 1}
     S = float(size)
     ys = torch.arange(size, dtype=torch.float32).view(1, size, 1)  # (1, S, 1) row index
     xs = torch.arange(size, dtype=torch.float32).view(1, 1, size)  # (1, 1, S) column index
-
-    # texture: (n, S, S) in {-1, +1}; period and kind per image, phases random
-    specs = texture_specs(n_tex)
-    kind = torch.tensor([_KINDS.index(specs[t][0]) for t in range(n_tex)])[tex_id]
-    period = torch.tensor([float(specs[t][1]) for t in range(n_tex)])[tex_id].view(n, 1, 1)
-    ph1, ph2 = u(n, 1, 1, hi=2 * math.pi), u(n, 1, 1, hi=2 * math.pi)
-    wy, wx = 2 * math.pi * ys / period, 2 * math.pi * xs / period  # (n, S, 1), (n, 1, S)
-    patterns = torch.stack(
-        [
-            _square_wave(wy + ph1).expand(n, size, size),
-            _square_wave(wx + ph1).expand(n, size, size),
-            _square_wave(wx + ph1) * _square_wave(wy + ph2),
-            # diamonds: u = x + y and w = x - y share parity at integer pixels, so a diagonal
-            # checker needs twice the period along u and w not to collapse into stripes
-            _square_wave((wx + wy) / 2 + ph1) * _square_wave((wx - wy) / 2 + ph2),
-        ]
-    )  # (4, n, S, S)
-    texture = patterns.gather(0, kind.view(1, n, 1, 1).expand(1, n, size, size))[0]
-
-    # layout: the band (row) and arrangement (one centred block, or a mirrored pair) of blocks
-    rows = math.ceil(n_lay / 2)
-    band = S / rows
-    row, is_pair = (lay_id // 2).float(), (lay_id % 2).bool()
-    jit = S / 16  # position jitter, px: blocks never sit on the patch grid the same way twice
-    cy = (row + 0.5) * band + u(n, lo=-jit, hi=jit)
-    hh = 0.34 * band * u(n, lo=0.8, hi=1.2)  # half height
-    hw = torch.where(is_pair, S / 8, S / 4) * u(n, lo=0.8, hi=1.2)  # half width
-    cx1 = torch.where(is_pair, 0.2 * S, 0.5 * S) + u(n, lo=-jit, hi=jit)
-    cx2 = torch.where(is_pair, 0.8 * S, 0.5 * S) + u(n, lo=-jit, hi=jit)
-
-    def v(t: Tensor) -> Tensor:  # (n,) -> (n, 1, 1) for broadcasting against (S, S)
-        return t.view(n, 1, 1)
-
-    in_rows = (ys - v(cy)).abs() <= v(hh)  # (n, S, 1)
-    in_cols = ((xs - v(cx1)).abs() <= v(hw)) | ((xs - v(cx2)).abs() <= v(hw))  # (n, 1, S)
-    mask = (in_rows & in_cols).unsqueeze(1).float()  # (n, 1, S, S)
 
     # colours: a tinted mid-grey background with a random linear gradient; the texture
     # alternates between m + d and m - d around its own mean m (close to, but not the
@@ -490,17 +507,21 @@ def build_datasets(cfg: DataConfig, img_size: int) -> tuple[Dataset, Dataset, Da
     ``img_size`` is the model's input size; every transform ends there. Raises ``UserError``
     for a missing or malformed ``data.root``.
     """
-    builders = {
-        "synthetic": _build_synthetic,
-        "cifar10": _build_cifar,
-        "cifar100": _build_cifar,
-        "imagefolder": _build_imagefolder,
-    }
-    if cfg.name not in builders:
-        raise UserError(f"data.name = {cfg.name!r}: must be one of {', '.join(builders)}")
+    if cfg.name not in BUILDERS:
+        raise UserError(f"data.name = {cfg.name!r}: must be one of {', '.join(BUILDERS)}")
     if cfg.name != "synthetic" and not cfg.root:
         raise UserError(f"data.root = '': required for {cfg.name}")
-    return builders[cfg.name](cfg, img_size)
+    return BUILDERS[cfg.name](cfg, img_size)
+
+
+# one builder per name of config.DATASETS, the list the validator reads
+BUILDERS = {
+    "synthetic": _build_synthetic,
+    "cifar10": _build_cifar,
+    "cifar100": _build_cifar,
+    "imagefolder": _build_imagefolder,
+}
+assert tuple(BUILDERS) == DATASETS, "config.DATASETS and the builders must name the same sets"
 
 
 def build_mixup(

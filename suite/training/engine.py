@@ -135,6 +135,48 @@ class TrainState:
         return improved
 
 
+def forward_loss(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    criterion: Criterion,
+    teacher: nn.Module | None,
+    device: torch.device,
+    amp: str,
+) -> torch.Tensor:
+    """The training loss of a batch under autocast, with the frozen teacher's logits."""
+    with autocast(device, amp):
+        out = model(x)
+        t_logits = None
+        if teacher is not None:
+            with torch.no_grad():
+                t_logits = teacher(x)
+        return criterion(out, y, t_logits)
+
+
+def optimizer_step(
+    model: nn.Module,
+    loss: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    clip_grad: float,
+) -> None:
+    """Backward and one optimizer step; with fp16's grad scaler, gradients are unscaled before
+    clipping and a step with inf/NaN gradients is skipped."""
+    optimizer.zero_grad(set_to_none=True)
+    scaled = scaler is not None and scaler.is_enabled()
+    (scaler.scale(loss) if scaled else loss).backward()
+    if clip_grad > 0:
+        if scaled:
+            scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    if scaled:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable,
@@ -153,11 +195,9 @@ def train_one_epoch(
     on_log: Callable[[int, dict[str, float]], None] | None = None,
     progress: Callable[[int, float], None] | None = None,
 ) -> dict[str, float]:
-    """One pass over ``loader``. Returns train_loss, train_img_per_s, epoch_s, steps.
-
-    Per-step metrics go to ``on_log`` every ``log_every`` steps; the caller buffers them, so
-    logging never runs inside the timed loop. Raises NonFiniteLoss if the loss diverges.
-    """
+    """One pass over ``loader``: train_loss, train_img_per_s, epoch_s, steps. Per-step metrics
+    go to ``on_log`` every ``log_every`` steps (the caller buffers them: no logging inside the
+    timed loop). Raises NonFiniteLoss if the loss diverges."""
     model.train()
     loss_sum = torch.zeros((), device=device)  # summed on device: no sync per step
     seen = steps = 0
@@ -167,26 +207,8 @@ def train_one_epoch(
         y = y.to(device, non_blocking=True)
         if mixup is not None:
             x, y = mixup(x, y)
-        with autocast(device, amp):
-            out = model(x)
-            t_logits = None
-            if teacher is not None:
-                with torch.no_grad():
-                    t_logits = teacher(x)
-            loss = criterion(out, y, t_logits)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None and scaler.is_enabled():
-            scaler.scale(loss).backward()
-            if clip_grad > 0:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            if clip_grad > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-            optimizer.step()
+        loss = forward_loss(model, x, y, criterion, teacher, device, amp)
+        optimizer_step(model, loss, optimizer, scaler, clip_grad)
         scheduler.step()
         if ema is not None:
             ema.update_parameters(model)
