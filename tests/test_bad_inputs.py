@@ -147,6 +147,14 @@ def _search_file(tmp: Path, text: str = SEARCH, **replace: str) -> str:
     return str(_write(tmp / "search.toml", text))
 
 
+def _existing_study(tmp: Path, uri: str) -> str:
+    """An SQLite Optuna storage holding study "s" run over another space (inner_heads 1, 2)."""
+    storage = f"sqlite:///{tmp}/o.db"
+    path = _search_file(tmp, **{"n_trials = 2": "n_trials = 1"})
+    assert main(["search", path, "--tracking-uri", uri, "--storage", storage]) == 0
+    return storage
+
+
 # (id, argv builder, words the one line must contain). Builders get (tmp, uri, run_id, ckpt_dir).
 CASES = [
     # --- train: the config

@@ -19,6 +19,7 @@ MLflow: a parent run per study, a child run per trial.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import multiprocessing as mp
@@ -403,6 +404,7 @@ def run_search(
     )
     if study.metric_names is None:
         study.set_metric_names(list(scfg.objectives))
+    _check_fingerprint(study, scfg, storage)
     tracker = make_tracker(uri)
     experiment = cfg.tracking.experiment
     parent_id = study.user_attrs.get("mlflow_parent_run_id")
@@ -423,6 +425,21 @@ def run_search(
         _finish(study, scfg, tracker, parent)
         _check_something_was_built(study)
     return SearchResult(study, parent.run_id, storage)
+
+
+def _check_fingerprint(study: Any, scfg: SearchConfig, storage: str) -> None:
+    """A study keeps the hash of its space, sampler and objectives: resuming it with others
+    would mix two searches in one, so that is refused."""
+    what = {"space": scfg.space, "sampler": scfg.sampler, "objectives": list(scfg.objectives)}
+    digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+    known = study.user_attrs.get("fingerprint")
+    if known is None:
+        study.set_user_attr("fingerprint", digest[:16])
+    elif known != digest[:16]:
+        raise UserError(
+            f"study '{scfg.study}' already exists in {storage} with another search space, "
+            "sampler or objectives: name a new one with --study NAME"
+        )
 
 
 def _load(
