@@ -377,3 +377,193 @@ def to_toml(d: dict[str, dict[str, Any]]) -> str:
         lines += [f"{json_key(k)} = {val(v)}" for k, v in values.items()]
         lines.append("")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Study sections: [matrix] (a benchmark matrix) and [search] (an Optuna study), typed and
+# checked like the run sections; suite.studies runs them.
+
+MATRIX_AXES = ("name", "models", "datasets", "seeds")  # the [matrix] keys that are not dotted
+
+
+@dataclass(frozen=True)
+class MatrixConfig:
+    """A benchmark matrix: axes of choices ({dotted key: value}); the cells are their product."""
+
+    name: str
+    axes: tuple[tuple[dict[str, Any], ...], ...]
+
+
+def parse_matrix(raw: dict[str, Any], source: str) -> MatrixConfig:
+    m = raw.get("matrix")
+    if not isinstance(m, dict):
+        raise UserError(f"{source}: no [matrix] table")
+    name = m.get("name", Path(source).stem)
+    if not isinstance(name, str) or not name:
+        raise UserError(f"{source}: matrix.name = {name!r} must be a non-empty string")
+    axes = [_named_axis(m, "models", "model", source, required=True)]
+    axes.append(_named_axis(m, "datasets", "data", source, default=["synthetic"]))
+    seeds = m.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(type(s) is int for s in seeds):
+        raise UserError(f"{source}: matrix.seeds must be a non-empty list of integers")
+    axes.append([{"train.seed": s} for s in seeds])
+    for key, values in m.items():
+        if key not in MATRIX_AXES:
+            axes.append(_dotted_axis(key, values, source))
+    return MatrixConfig(name, tuple(tuple(a) for a in axes))
+
+
+def _named_axis(
+    m: dict,
+    key: str,
+    section: str,
+    source: str,
+    required: bool = False,
+    default: list | None = None,
+) -> list[dict[str, Any]]:
+    """matrix.models / matrix.datasets: names, or tables {name = ..., knob = ...}."""
+    values = m.get(key, default)
+    if not isinstance(values, list) or not values:
+        raise UserError(f"{source}: matrix.{key} must be a non-empty list, got {values!r}")
+    out = []
+    for v in values:
+        if isinstance(v, str):
+            out.append({f"{section}.name": v})
+        elif isinstance(v, dict) and isinstance(v.get("name"), str):
+            out.append({f"{section}.{k}": x for k, x in v.items()})
+        else:
+            raise UserError(f"{source}: matrix.{key} entries are names or {{name = ..., ...}}")
+    return out
+
+
+def _dotted_axis(key: str, values: Any, source: str) -> list[dict[str, Any]]:
+    """ "section.key" = [values], or a name = [tables of dotted keys set together]."""
+    if not isinstance(values, list) or not values:
+        raise UserError(f"{source}: matrix.{key} must be a non-empty list, got {values!r}")
+    if all(isinstance(v, dict) for v in values):  # tied keys: one choice sets them all
+        for v in values:
+            for k in v:
+                if "." not in k:
+                    raise UserError(f"{source}: matrix.{key}: '{k}' must be SECTION.KEY")
+        return [dict(v) for v in values]
+    if "." not in key:
+        raise UserError(f"{source}: matrix.{key}: keys are dotted config keys, e.g. model.depth")
+    return [{key: v} for v in values]
+
+
+# the metrics a search may optimise, and in which direction
+OBJECTIVES = {
+    "val_top1": "maximize",
+    "val_top5": "maximize",
+    "val_loss": "minimize",
+    "gmacs": "minimize",
+    "params_m": "minimize",
+}
+SAMPLERS = ("tpe", "random", "grid", "nsga2")
+PRUNERS = ("median", "hyperband", "none")
+
+
+@dataclass(frozen=True)
+class Choices:
+    """A categorical knob: scalars, or tables of dotted keys set together (tied)."""
+
+    values: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class Range:
+    """A numeric knob in [low, high]; integers when both ends are integers."""
+
+    low: float
+    high: float
+    log: bool = False
+    integer: bool = False
+
+
+@dataclass(frozen=True)
+class Tie:
+    """A knob derived from another: model.inner_dim kept so that pixels x dim stays fixed."""
+
+    key: str = "model.pixel_size"
+    keep: str = "pixels_x_dim"
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    study: str
+    objectives: tuple[str, ...] = ("val_top1",)
+    sampler: str = "tpe"
+    pruner: str = "median"
+    n_trials: int = 20
+    seed: int = 0
+    gmacs_budget: float = 0.0  # > 0: constraint GMACs <= budget (trial.set_constraint)
+    heartbeat_interval: int = 10  # s, RDB storages: a silent worker's trial is re-queued
+    grace_period: int = 30
+    max_retry: int = 2
+    space: dict[str, Choices | Range | Tie] = field(default_factory=dict)
+
+
+def parse_search(raw: dict[str, Any], source: str) -> SearchConfig:
+    s = raw.get("search")
+    if not isinstance(s, dict):
+        raise UserError(f"{source}: no [search] table")
+    s = dict(s)
+    space = s.pop("space", None)
+    if not isinstance(space, dict) or not space:
+        raise UserError(f"{source}: [search.space] must list at least one key")
+    objectives = s.pop("objectives", ["val_top1"])
+    objectives = [objectives] if isinstance(objectives, str) else objectives
+    if not objectives or len(objectives) > 2 or any(o not in OBJECTIVES for o in objectives):
+        raise UserError(
+            f"{source}: search.objectives = {objectives!r}: one or two of {', '.join(OBJECTIVES)}"
+        )
+    hints = typing.get_type_hints(SearchConfig)
+    for k, v in s.items():
+        if k not in hints or k == "space":
+            raise UserError(f"{source}: unknown key 'search.{k}' (valid: {', '.join(hints)})")
+        s[k] = _check_type(f"{source}: search.{k}", v, hints[k])
+    cfg = SearchConfig(**{"study": Path(source).stem, **s}, objectives=tuple(objectives))
+    for key, kind, allowed in (("sampler", cfg.sampler, SAMPLERS), ("pruner", cfg.pruner, PRUNERS)):
+        if kind not in allowed:
+            raise UserError(f"{source}: search.{key} = {kind!r}: one of {', '.join(allowed)}")
+    if cfg.n_trials < 1:
+        raise UserError(f"{source}: search.n_trials = {cfg.n_trials}: must be >= 1")
+    specs = {name: _space_spec(name, spec, cfg.sampler, source) for name, spec in space.items()}
+    return dataclasses.replace(cfg, space=specs)
+
+
+def _space_spec(name: str, spec: Any, sampler: str, source: str) -> Choices | Range | Tie:
+    where = f"{source}: search.space.{name}"
+    if not isinstance(spec, dict):
+        raise UserError(f"{where} must be a table such as {{choices = [...]}}")
+    if "choices" in spec:
+        if not isinstance(spec["choices"], list) or not spec["choices"]:
+            raise UserError(f"{where}.choices must be a non-empty list")
+        return Choices(tuple(spec["choices"]))
+    if "tie" in spec:
+        if spec.get("keep") != "pixels_x_dim" or spec["tie"] != "model.pixel_size":
+            raise UserError(
+                f'{where}: supported tie is {{tie = "model.pixel_size", keep = "pixels_x_dim"}}'
+            )
+        return Tie(spec["tie"], spec["keep"])
+    if "low" not in spec or "high" not in spec:
+        raise UserError(f"{where}: give choices, low/high, or tie")
+    low, high, log = spec["low"], spec["high"], spec.get("log", False)
+    if not all(type(x) in (int, float) for x in (low, high)) or not isinstance(log, bool):
+        raise UserError(f"{where}: low and high must be numbers and log true or false")
+    if not low < high:
+        raise UserError(f"{where}: low must be < high")
+    if sampler == "grid":
+        raise UserError(f"{where}: the grid sampler needs choices, not a range")
+    if "." not in name:
+        raise UserError(f"{where}: range keys are dotted config keys, e.g. train.lr")
+    return Range(low, high, log, integer=type(low) is int and type(high) is int)
+
+
+def spec_table(spec: Choices | Range | Tie) -> dict[str, Any]:
+    """A space entry as the TOML table it came from (for logs and fingerprints)."""
+    if isinstance(spec, Choices):
+        return {"choices": list(spec.values)}
+    if isinstance(spec, Tie):
+        return {"tie": spec.key, "keep": spec.keep}
+    return {"low": spec.low, "high": spec.high, "log": spec.log}

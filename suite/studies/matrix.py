@@ -32,11 +32,9 @@ from typing import Any
 
 import pandas as pd
 
-from suite.config import apply_sets, from_dict, read_toml, with_values
+from suite.config import apply_sets, from_dict, parse_matrix, read_toml, with_values
 from suite.errors import MissingPathError, UserError
 from suite.tracking import Tracker, flatten, process_is_gone
-
-RESERVED = {"name", "models", "datasets", "seeds"}
 
 
 @dataclass
@@ -69,59 +67,6 @@ class Cell:
         return "/".join([self.model, self.dataset, f"s{self.seed}", *extra])
 
 
-def _axes(matrix: dict[str, Any], source: str) -> list[list[dict[str, Any]]]:
-    """Each axis is a list of {dotted key: value} choices; cells are their product."""
-
-    def need_list(key: str) -> list:
-        v = matrix.get(key)
-        if not isinstance(v, list) or not v:
-            raise UserError(f"{source}: matrix.{key} must be a non-empty list, got {v!r}")
-        return v
-
-    models = []
-    for m in need_list("models"):
-        if isinstance(m, str):
-            models.append({"model.name": m})
-        elif isinstance(m, dict) and "name" in m:  # a model with its own knobs
-            models.append({f"model.{k}": v for k, v in m.items()})
-        else:
-            raise UserError(f"{source}: matrix.models entries are names or {{name=..., knob=...}}")
-    axes = [models]
-    datasets = []
-    for d in matrix.get("datasets", ["synthetic"]):
-        if isinstance(d, str):
-            datasets.append({"data.name": d})
-        elif isinstance(d, dict) and "name" in d:
-            datasets.append({f"data.{k}": v for k, v in d.items()})
-        else:
-            raise UserError(
-                f"{source}: matrix.datasets entries are names or {{name=..., root=...}}"
-            )
-    axes.append(datasets)
-    seeds = matrix.get("seeds", [0])
-    if not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds) or not seeds:
-        raise UserError(f"{source}: matrix.seeds must be a non-empty list of integers")
-    axes.append([{"train.seed": s} for s in seeds])
-    for key, values in matrix.items():
-        if key in RESERVED:
-            continue
-        if not isinstance(values, list) or not values:
-            raise UserError(f"{source}: matrix.{key} must be a non-empty list, got {values!r}")
-        if all(isinstance(v, dict) for v in values):  # tied keys: one choice sets them all
-            for v in values:
-                for k in v:
-                    if "." not in k:
-                        raise UserError(f"{source}: matrix.{key}: '{k}' must be SECTION.KEY")
-            axes.append([dict(v) for v in values])
-        elif "." in key:
-            axes.append([{key: v} for v in values])
-        else:
-            raise UserError(
-                f"{source}: matrix.{key}: keys are dotted config keys, e.g. model.depth"
-            )
-    return axes
-
-
 def config_digest(raw: dict[str, Any]) -> str:
     """Hash of a cell's resolved config (everything but tracking), seed included."""
     body = {k: v for k, v in raw.items() if k not in ("tracking", "matrix", "search")}
@@ -132,13 +77,9 @@ def expand(path: str | Path, sets: list[str] | None = None) -> tuple[str, dict, 
     """(matrix name, base raw config, cells) from a matrix TOML; every cell's config validated
     lazily (a bad cell fails alone, when it runs)."""
     raw = apply_sets(read_toml(path), sets)
-    matrix = raw.get("matrix")
-    if not isinstance(matrix, dict):
-        raise UserError(f"{path}: no [matrix] table")
-    name = matrix.get("name", Path(path).stem)
+    mcfg = parse_matrix(raw, str(path))
+    name, axes = mcfg.name, mcfg.axes
     base = {k: v for k, v in raw.items() if k != "matrix"}
-    # the base must be valid on its own (first model), so typos fail before any work
-    axes = _axes(matrix, str(path))
     combos = list(itertools.product(*axes))
     varied_keys = {k for axis in axes if len(axis) > 1 for choice in axis for k in choice}
     cells = []

@@ -25,12 +25,23 @@ import math
 import multiprocessing as mp
 import sys
 import time
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from suite.config import apply_sets, from_dict, read_toml, with_values
+from suite.config import (
+    OBJECTIVES,
+    Choices,
+    Range,
+    SearchConfig,
+    Tie,
+    apply_sets,
+    from_dict,
+    parse_search,
+    read_toml,
+    spec_table,
+    with_values,
+)
 from suite.errors import UserError
 from suite.tracking import (
     Tracker,
@@ -41,94 +52,6 @@ from suite.tracking import (
     worker_id,
 )
 
-DIRECTIONS = {
-    "val_top1": "maximize",
-    "val_top5": "maximize",
-    "val_loss": "minimize",
-    "gmacs": "minimize",
-    "params_m": "minimize",
-}
-SAMPLERS = ("tpe", "random", "grid", "nsga2")
-PRUNERS = ("median", "hyperband", "none")
-
-
-@dataclass(frozen=True)
-class SearchConfig:
-    study: str
-    objectives: tuple[str, ...] = ("val_top1",)
-    sampler: str = "tpe"
-    pruner: str = "median"
-    n_trials: int = 20
-    seed: int = 0
-    gmacs_budget: float = 0.0  # > 0: constraint GMACs <= budget (trial.set_constraint)
-    heartbeat_interval: int = 10  # s, RDB storages: a silent worker's trial is re-queued
-    grace_period: int = 30
-    max_retry: int = 2
-    space: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-
-def parse_search(raw: dict[str, Any], source: str) -> SearchConfig:
-    s = raw.get("search")
-    if not isinstance(s, dict):
-        raise UserError(f"{source}: no [search] table")
-    s = dict(s)
-    space = s.pop("space", None)
-    if not isinstance(space, dict) or not space:
-        raise UserError(f"{source}: [search.space] must list at least one key")
-    known = SearchConfig.__dataclass_fields__
-    for k in s:
-        if k not in known or k == "space":
-            raise UserError(f"{source}: unknown key 'search.{k}' (valid: {', '.join(known)})")
-    objectives = s.pop("objectives", ["val_top1"])
-    if isinstance(objectives, str):
-        objectives = [objectives]
-    if not objectives or len(objectives) > 2 or any(o not in DIRECTIONS for o in objectives):
-        raise UserError(
-            f"{source}: search.objectives = {objectives!r}: one or two of {', '.join(DIRECTIONS)}"
-        )
-    for k, v in s.items():  # each value of the type its field has (ints are floats too)
-        want = typing.get_type_hints(SearchConfig)[k]
-        ok = isinstance(v, want) and not (want in (int, float) and isinstance(v, bool))
-        if not ok and not (want is float and isinstance(v, int) and not isinstance(v, bool)):
-            raise UserError(
-                f"{source}: search.{k} = {v!r} must be {want.__name__}, not {type(v).__name__}"
-            )
-    cfg = SearchConfig(
-        study=s.pop("study", Path(source).stem), objectives=tuple(objectives), space=space, **s
-    )
-    for key, kind, allowed in (("sampler", cfg.sampler, SAMPLERS), ("pruner", cfg.pruner, PRUNERS)):
-        if kind not in allowed:
-            raise UserError(f"{source}: search.{key} = {kind!r}: one of {', '.join(allowed)}")
-    if cfg.n_trials < 1:
-        raise UserError(f"{source}: search.n_trials = {cfg.n_trials}: must be >= 1")
-    for name, spec in space.items():
-        _check_spec(name, spec, cfg.sampler, source)
-    return cfg
-
-
-def _check_spec(name: str, spec: Any, sampler: str, source: str) -> None:
-    where = f"{source}: search.space.{name}"
-    if not isinstance(spec, dict):
-        raise UserError(f"{where} must be a table such as {{choices = [...]}}")
-    if "choices" in spec:
-        if not isinstance(spec["choices"], list) or not spec["choices"]:
-            raise UserError(f"{where}.choices must be a non-empty list")
-    elif "tie" in spec:
-        if spec.get("keep") != "pixels_x_dim" or spec["tie"] != "model.pixel_size":
-            raise UserError(
-                f'{where}: supported tie is {{tie = "model.pixel_size", keep = "pixels_x_dim"}}'
-            )
-    elif "low" in spec and "high" in spec:
-        if not spec["low"] < spec["high"]:
-            raise UserError(f"{where}: low must be < high")
-        if sampler == "grid":
-            raise UserError(f"{where}: the grid sampler needs choices, not a range")
-    else:
-        raise UserError(f"{where}: give choices, low/high, or tie")
-    if "choices" not in spec and "tie" not in spec and "." not in name:
-        raise UserError(f"{where}: range keys are dotted config keys, e.g. train.lr")
-
-
 # ---------------------------------------------------------------------------------------------
 # Sampling a trial's config
 
@@ -138,32 +61,30 @@ def _choice_repr(v: Any) -> Any:
     return json.dumps(v, sort_keys=True) if isinstance(v, dict | list) else v
 
 
-def grid_space(space: dict[str, dict[str, Any]]) -> dict[str, list[Any]]:
-    return {k: [_choice_repr(c) for c in s["choices"]] for k, s in space.items() if "choices" in s}
+def grid_space(space: dict[str, Choices | Range | Tie]) -> dict[str, list[Any]]:
+    return {
+        k: [_choice_repr(c) for c in s.values] for k, s in space.items() if isinstance(s, Choices)
+    }
 
 
-def sample(trial: Any, space: dict[str, dict[str, Any]], base: dict[str, Any]) -> dict[str, Any]:
+def sample(trial: Any, space: dict[str, Choices | Range | Tie], base: dict[str, Any]) -> dict:
     """The trial's dotted overrides, derived (tied) keys included."""
     out: dict[str, Any] = {}
     ties = {}
     for name, spec in space.items():
-        if "choices" in spec:
-            v = trial.suggest_categorical(name, [_choice_repr(c) for c in spec["choices"]])
+        if isinstance(spec, Choices):
+            v = trial.suggest_categorical(name, [_choice_repr(c) for c in spec.values])
             value = json.loads(v) if isinstance(v, str) and v[:1] in "{[" else v
             if isinstance(value, dict):  # a tied group
                 out.update(value)
             else:
                 out[name] = value
-        elif "tie" in spec:
+        elif isinstance(spec, Tie):
             ties[name] = spec
-        elif isinstance(spec["low"], int) and isinstance(spec["high"], int):
-            out[name] = trial.suggest_int(
-                name, spec["low"], spec["high"], log=spec.get("log", False)
-            )
+        elif spec.integer:
+            out[name] = trial.suggest_int(name, int(spec.low), int(spec.high), log=spec.log)
         else:
-            out[name] = trial.suggest_float(
-                name, float(spec["low"]), float(spec["high"]), log=spec.get("log", False)
-            )
+            out[name] = trial.suggest_float(name, float(spec.low), float(spec.high), log=spec.log)
     for name in ties:  # inner_dim x pixels kept at the base model's value
         out[name] = _tied_inner_dim(base, out)
     return out
@@ -392,7 +313,7 @@ def run_search(
         raise UserError(f"--workers must be >= 1, got {workers}")
     uri = resolve_uri(tracking_uri or cfg.tracking.uri or None)
     storage = storage or default_storage(uri, workers)
-    directions = [DIRECTIONS[o] for o in scfg.objectives]
+    directions = [OBJECTIVES[o] for o in scfg.objectives]
     _quiet_optuna()
     study = optuna.create_study(
         storage=make_storage(storage, scfg),
@@ -416,7 +337,7 @@ def run_search(
             parent.log_params(
                 {
                     **flatten({"search": {k: v for k, v in scfg.__dict__.items() if k != "space"}}),
-                    "search.space": json.dumps(scfg.space),
+                    "search.space": json.dumps(space_tables(scfg.space)),
                     "search.storage": storage,
                 }
             )
@@ -427,10 +348,15 @@ def run_search(
     return SearchResult(study, parent.run_id, storage)
 
 
+def space_tables(space: dict[str, Choices | Range | Tie]) -> dict[str, dict[str, Any]]:
+    return {k: spec_table(v) for k, v in space.items()}
+
+
 def _check_fingerprint(study: Any, scfg: SearchConfig, storage: str) -> None:
     """A study keeps the hash of its space, sampler and objectives: resuming it with others
     would mix two searches in one, so that is refused."""
-    what = {"space": scfg.space, "sampler": scfg.sampler, "objectives": list(scfg.objectives)}
+    space = space_tables(scfg.space)
+    what = {"space": space, "sampler": scfg.sampler, "objectives": list(scfg.objectives)}
     digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
     known = study.user_attrs.get("fingerprint")
     if known is None:

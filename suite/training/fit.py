@@ -471,13 +471,20 @@ class _progress_bar:
         from tqdm import tqdm
 
         self.batch_size = batch_size
+        # on a terminal only (disable=None): logs and captured output get the epoch lines alone
         self.bar = tqdm(
-            total=total, desc=desc, unit="step", leave=False, file=sys.stderr, dynamic_ncols=True
+            total=total,
+            desc=desc,
+            unit="step",
+            leave=False,
+            file=sys.stderr,
+            dynamic_ncols=True,
+            disable=None,
         )
 
     def __call__(self, step: int, loss: float) -> None:
         self.bar.update(1)
-        if not math.isnan(loss):
+        if not self.bar.disable and not math.isnan(loss):
             rate = self.bar.format_dict.get("rate") or 0.0
             self.bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{rate * self.batch_size:.0f}")
 
