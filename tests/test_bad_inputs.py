@@ -150,7 +150,8 @@ def _search_file(tmp: Path, text: str = SEARCH, **replace: str) -> str:
 def _existing_study(tmp: Path, uri: str) -> str:
     """An SQLite Optuna storage holding study "s" run over another space (inner_heads 1, 2)."""
     storage = f"sqlite:///{tmp}/o.db"
-    path = _search_file(tmp, **{"n_trials = 2": "n_trials = 1"})
+    text = SEARCH.replace("n_trials = 2", "n_trials = 1")
+    path = str(_write(tmp / "first" / "search.toml", text))
     assert main(["search", path, "--tracking-uri", uri, "--storage", storage]) == 0
     return storage
 
@@ -460,6 +461,18 @@ CASES = [
             f"sqlite:///{t}/o.db",
         ],
         ["no trial", "built"],
+    ),
+    (
+        "search-study-with-another-space",
+        lambda t, u, r, c: [
+            "search",
+            _search_file(t, **{"choices = [1, 2]": "choices = [1, 2, 4]"}),
+            "--tracking-uri",
+            u,
+            "--storage",
+            _existing_study(t, u),
+        ],
+        ["already exists", "--study"],
     ),
     (
         "search-zero-workers",
