@@ -327,7 +327,16 @@ class MlflowTracker(Tracker):
             if exp.lifecycle_stage == "deleted":
                 self.client.restore_experiment(exp.experiment_id)
             return exp.experiment_id
-        return self.client.create_experiment(name)
+        return self.client.create_experiment(name, artifact_location=self._artifact_location(name))
+
+    def _artifact_location(self, experiment: str) -> str | None:
+        """On an SQLite store, artifacts go beside the store (``<store dir>/mlruns/...``), not
+        into ``./mlruns`` of whatever folder the command ran in; servers choose their own."""
+        db = _sqlite_path(self.uri)
+        if db is None:
+            return None
+        digest = hashlib.sha256(experiment.encode()).hexdigest()[:12]
+        return (db.resolve().parent / "mlruns" / digest).as_uri()
 
     @contextmanager
     def run(

@@ -76,3 +76,16 @@ def test_silent_server_fails_within_seconds(tmp_path):
         with pytest.raises(UserError, match="unreachable"):
             make_tracker(uri)
         assert time.monotonic() - t0 < 25
+
+
+def test_sqlite_store_keeps_artifacts_beside_it(tmp_path, monkeypatch):
+    """Not in ./mlruns of the folder the command ran in."""
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    tracker = make_tracker(f"sqlite:///{tmp_path}/store/m.db")
+    with tracker.run("e", "r") as run:
+        run.log_text("hello", "note.txt")
+    (r,) = mlflow.MlflowClient(tracker.uri).search_runs(["1"])
+    assert r.info.artifact_uri.startswith((tmp_path / "store" / "mlruns").as_uri())
+    assert list(cwd.iterdir()) == []
