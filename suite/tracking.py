@@ -504,6 +504,10 @@ def open_store(uri: str, make_client: Any) -> Any:
     # mode bits, not os.access: root may write anything, but a file marked read-only is meant so
     if db.exists() and not db.stat().st_mode & 0o222:
         raise UserError(f"tracking store {uri}: the file is read-only")
+    try:  # a new store in a new folder: the folder is made
+        db.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"tracking store {uri}: cannot create {db.parent} ({e.strerror})") from None
     if not os.access(db.parent if str(db.parent) else ".", os.W_OK):
         raise UserError(f"tracking store {uri}: its folder {db.parent} is read-only")
     with FileLock(f"{db}.lock", timeout=120):
