@@ -174,8 +174,36 @@ def _add_set(p: argparse.ArgumentParser) -> None:
     )
 
 
+DESCRIPTION = """\
+TNT Bench: benchmark Transformer iN Transformer (TNT) against ViT and DeiT, reproducibly.
+Train and profile the paper's models, run benchmark matrices and Optuna searches, compare the
+runs in MLflow and write report tables.
+
+examples:
+  tntbench demo                                   the built-in end-to-end job
+  tntbench models                                 the registry, with the paper's figures
+  tntbench train experiments/train_nano.toml --set train.epochs=5
+  tntbench matrix experiments/smoke.toml          run (or resume) a benchmark matrix
+  tntbench search experiments/search_inner_heads.toml --workers 2
+  tntbench report --out reports/smoke             tables and plots from the store
+  tntbench profile tnt_s_patch16_224 deit_small_patch16_224 --mode train --dtype bf16
+  tntbench ui                                     the MLflow UI on the store
+"""
+TRACKING_HELP = (
+    "MLflow store: a URI (sqlite:///x.db, http://host:5000, postgresql://...); default: "
+    "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in this folder"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tntbench", description=__doc__)
+    from suite import __version__
+
+    p = argparse.ArgumentParser(
+        prog="tntbench",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"tntbench {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     _add_run_commands(sub)
@@ -200,15 +228,15 @@ def _add_run_commands(sub: Any) -> None:
     tr.add_argument("config", nargs="?", default=None, help="TOML config (default: built-in)")
     _add_set(tr)
     tr.add_argument("--resume", metavar="RUN_ID_OR_PATH", help="continue a run from its checkpoint")
-    tr.add_argument("--tracking-uri", default=None)
+    tr.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
     tr.set_defaults(func=_cmd_train)
 
     mx = sub.add_parser("matrix", help="run a benchmark matrix (models x datasets x seeds x ...)")
     mx.add_argument("config", help="TOML with a [matrix] table, e.g. experiments/smoke.toml")
     _add_set(mx)
     mx.add_argument("--dry-run", action="store_true", help="print the cells and exit")
-    mx.add_argument("--tracking-uri", default=None)
-    mx.add_argument("--no-progress", action="store_true")
+    mx.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
+    mx.add_argument("--no-progress", action="store_true", help="no progress bar over the cells")
     mx.set_defaults(func=_cmd_matrix)
 
     se = sub.add_parser("search", help="Optuna search over inner heads, patch/pixel size, ...")
@@ -223,7 +251,7 @@ def _add_run_commands(sub: Any) -> None:
     )
     se.add_argument("--timeout", type=float, help="seconds per worker")
     se.add_argument("--workers", type=int, default=1, help="local worker processes on the study")
-    se.add_argument("--tracking-uri", default=None)
+    se.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
     se.set_defaults(func=_cmd_search)
 
 
@@ -234,7 +262,7 @@ def _add_output_commands(sub: Any) -> None:
     rp.add_argument("--matrix", help="only this matrix's cells")
     rp.add_argument("--study", help="only this search study")
     rp.add_argument("--out", help="folder (default: reports/<timestamp>/)")
-    rp.add_argument("--tracking-uri", default=None)
+    rp.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
     rp.set_defaults(func=_cmd_report)
 
     vz = sub.add_parser("viz", help="feature maps and t-SNE of trained runs (TNT beside ViT)")
@@ -245,11 +273,11 @@ def _add_output_commands(sub: Any) -> None:
     vz.add_argument("--maps", type=int, default=4, help="images given feature-map PNGs (default 4)")
     vz.add_argument("--out", help="folder for the PNGs (default reports/viz/<run ids>)")
     vz.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    vz.add_argument("--tracking-uri", default=None)
+    vz.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
     vz.set_defaults(func=_cmd_viz)
 
     ui = sub.add_parser("ui", help="serve the MLflow UI on the local store (loopback)")
-    ui.add_argument("--tracking-uri", default=None)
+    ui.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
     ui.add_argument("--port", type=int, default=0, help="default: a free port")
     ui.set_defaults(func=_cmd_ui)
 
@@ -258,11 +286,26 @@ def _add_output_commands(sub: Any) -> None:
     dm.set_defaults(func=_cmd_demo)
 
     pr = sub.add_parser("profile", help="params, GMACs (fvcore), throughput, latency, memory, MFU")
-    pr.add_argument("models", nargs="+", metavar="MODEL")
-    pr.add_argument("--img-size", type=int, default=None)
-    pr.add_argument("--batch-size", type=int, default=None)
-    pr.add_argument("--mode", choices=["infer", "train"], default="infer")
-    pr.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    pr.add_argument("models", nargs="+", metavar="MODEL", help="registered model names")
+    pr.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
+    pr.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="default: 256 on CUDA, 16 (224 px) or 64 on CPU",
+    )
+    pr.add_argument(
+        "--mode",
+        choices=["infer", "train"],
+        default="infer",
+        help="infer: forward under inference_mode; train: forward, backward, SGD step",
+    )
+    pr.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16", "fp16"],
+        default="fp32",
+        help="fp32, or autocast to bf16/fp16 (fp16: CUDA only)",
+    )
     pr.add_argument(
         "--compile",
         nargs="?",
@@ -273,14 +316,16 @@ def _add_output_commands(sub: Any) -> None:
         help="torch.compile as train.compile does: bare --compile = whole model; auto = whole "
         "model on CUDA, eager on CPU; regional = each block (default: false, eager)",
     )
-    pr.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    pr.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA if present"
+    )
     pr.add_argument(
         "--warmup", type=int, default=None, help="warm-up steps (default: 10 GPU, 3 CPU)"
     )
     pr.add_argument("--steps", type=int, default=None, help="timed steps (default: 40 GPU, 10 CPU)")
     pr.add_argument("--json", metavar="PATH", help="also write the rows as a JSON list")
     pr.add_argument("--log", action="store_true", help="record each row as an MLflow run")
-    pr.add_argument("--tracking-uri", default=None)
+    pr.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
     pr.set_defaults(func=_cmd_profile)
 
 
