@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import suite
 from suite.errors import UserError, parse_assignment
 
 
@@ -196,14 +197,12 @@ TRACKING_HELP = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from suite import __version__
-
     p = argparse.ArgumentParser(
         prog="tntbench",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--version", action="version", version=f"tntbench {__version__}")
+    p.add_argument("--version", action="version", version=f"tntbench {suite.__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     _add_run_commands(sub)
@@ -285,6 +284,10 @@ def _add_output_commands(sub: Any) -> None:
     dm.add_argument("--out", default=None, help="folder for the store (default: ./tntbench-demo)")
     dm.set_defaults(func=_cmd_demo)
 
+    _add_profile_command(sub)
+
+
+def _add_profile_command(sub: Any) -> None:
     pr = sub.add_parser("profile", help="params, GMACs (fvcore), throughput, latency, memory, MFU")
     pr.add_argument("models", nargs="+", metavar="MODEL", help="registered model names")
     pr.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
