@@ -256,15 +256,24 @@ class _MlflowRun(Run):
         self.client.set_terminated(self.run_id, status=status)
 
 
+def _causes(e: BaseException | None) -> Iterator[BaseException]:
+    """``e``, what caused it, and so on, each with SQLAlchemy's wrapped driver error
+    (``.orig``): how MLflow passes a database error on."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        orig = getattr(e, "orig", None)
+        if isinstance(orig, BaseException):
+            yield orig
+        e = e.__cause__ or e.__context__
+
+
 def _is_unique_violation(e: BaseException) -> bool:
     """SQLAlchemy's IntegrityError (SQLite, PostgreSQL), as MLflow passes it on."""
     from sqlalchemy.exc import IntegrityError
 
-    while e is not None:
-        if isinstance(e, IntegrityError):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
+    return any(isinstance(x, IntegrityError) for x in _causes(e))
 
 
 def _is_sqlite_busy(e: BaseException | None) -> bool:
@@ -272,12 +281,9 @@ def _is_sqlite_busy(e: BaseException | None) -> bool:
     import sqlite3
 
     busy = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
-    while e is not None:
-        for x in (e, getattr(e, "orig", None)):
-            if isinstance(x, sqlite3.OperationalError) and x.sqlite_errorcode in busy:
-                return True
-        e = e.__cause__ or e.__context__
-    return False
+    return any(
+        isinstance(x, sqlite3.OperationalError) and x.sqlite_errorcode in busy for x in _causes(e)
+    )
 
 
 class _RetryingClient:
