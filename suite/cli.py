@@ -85,6 +85,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_matrix(args: argparse.Namespace) -> int:
     from suite.studies.matrix import cells_table, expand, format_summary, run_matrix
+    from suite.studies.workers import count_states, run_one_cell, run_queued_matrix, status_table
     from suite.tracking import make_tracker
 
     if args.dry_run:
@@ -92,14 +93,81 @@ def _cmd_matrix(args: argparse.Namespace) -> int:
         print(f"matrix {name}: {len(cells)} cells")
         print(cells_table(cells).to_string(index=False))
         return 0
+    if args.run_cell:  # one cell in this process: what a worker starts under torchrun
+        ok = run_one_cell(
+            args.config,
+            args.set,
+            args.run_cell,
+            tracking_uri=args.tracking_uri,
+            parent_id=args.parent_run,
+            continue_run=args.continue_run,
+        )
+        return 0 if ok else 1
+    expand(args.config, args.set)  # a bad config or --set fails before the store is made
     tracker = make_tracker(args.tracking_uri)
-    r = run_matrix(args.config, tracker, args.set, progress=not args.no_progress)
+    if args.status:
+        table = status_table(args.config, tracker, args.set, args.storage)
+        print(table.to_string(index=False))
+        print(count_states(table))
+        return 0
+    if args.storage or args.workers > 1 or args.gpus_per_cell:
+        r = run_queued_matrix(
+            args.config,
+            tracker,
+            args.set,
+            storage=args.storage,
+            workers=args.workers,
+            gpus_per_cell=args.gpus_per_cell,
+        )
+    else:
+        r = run_matrix(args.config, tracker, args.set, progress=not args.no_progress)
     print(
         f"matrix {r.name}: {r.ran} ran, {r.skipped} skipped (already finished), {r.failed} failed"
     )
     print(format_summary(r.summary))
     print(f"parent run {r.parent_run_id}  tracking {tracker.uri}")
     return min(r.failed, 100)
+
+
+def _matrix_parser(sub: Any) -> None:
+    mx = sub.add_parser("matrix", help="run a benchmark matrix (models x datasets x seeds x ...)")
+    mx.add_argument("config", help="TOML with a [matrix] table, e.g. experiments/smoke.toml")
+    _add_set(mx)
+    mx.add_argument("--dry-run", action="store_true", help="print the cells and exit")
+    mx.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
+    mx.add_argument("--no-progress", action="store_true", help="no progress bar over the cells")
+    mx.add_argument(
+        "--storage",
+        metavar="URL",
+        help="run the cells as a work queue in this Optuna storage (postgresql+psycopg://... "
+        "shared by many machines, sqlite:///... or a .journal file on one); the same command "
+        "on every machine shares the work",
+    )
+    mx.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes on this machine (CPU cores split between them; on CUDA one GPU "
+        "group each); without --storage, a journal file beside the MLflow store",
+    )
+    mx.add_argument(
+        "--gpus-per-cell",
+        type=int,
+        default=0,
+        metavar="K",
+        help="run each cell under torchrun (DDP) on K GPUs (K gloo processes on CPU)",
+    )
+    mx.add_argument(
+        "--status",
+        action="store_true",
+        help="print each cell's state (waiting, running where and since when, finished, "
+        "failed, todo) from MLflow and --storage, and exit",
+    )
+    # what a worker passes to the cell it starts under torchrun; not for users
+    mx.add_argument("--run-cell", metavar="HASH", help=argparse.SUPPRESS)
+    mx.add_argument("--parent-run", help=argparse.SUPPRESS)
+    mx.add_argument("--continue-run", help=argparse.SUPPRESS)
+    mx.set_defaults(func=_cmd_matrix)
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
@@ -230,13 +298,7 @@ def _add_run_commands(sub: Any) -> None:
     tr.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
     tr.set_defaults(func=_cmd_train)
 
-    mx = sub.add_parser("matrix", help="run a benchmark matrix (models x datasets x seeds x ...)")
-    mx.add_argument("config", help="TOML with a [matrix] table, e.g. experiments/smoke.toml")
-    _add_set(mx)
-    mx.add_argument("--dry-run", action="store_true", help="print the cells and exit")
-    mx.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
-    mx.add_argument("--no-progress", action="store_true", help="no progress bar over the cells")
-    mx.set_defaults(func=_cmd_matrix)
+    _matrix_parser(sub)
 
     se = sub.add_parser("search", help="Optuna search over inner heads, patch/pixel size, ...")
     se.add_argument("config", help="TOML with [search] and [search.space] tables")

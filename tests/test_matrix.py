@@ -48,7 +48,7 @@ def test_expand_product_and_tied_keys(tmp_path):
     pairs = {(c.overrides["model.pixel_size"], c.overrides["model.inner_dim"]) for c in cells}
     assert pairs == {(2, 12), (4, 48)}  # tied, not crossed
     assert len({c.digest for c in cells}) == len(cells)
-    assert cells[0].run_name.startswith("tnt_nano/synthetic/s0")
+    assert cells[0].run_name.startswith("tnt_nano s0")
 
 
 def test_dry_run_prints_cells(capsys):
@@ -97,7 +97,8 @@ def test_matrix_runs_resumes_and_records_failures(tmp_path):
     assert row["GMACs"] == pytest.approx(by_status["FINISHED"][0].data.metrics["gmacs"])
     for run in by_status["FINISHED"]:
         assert run.data.metrics["infer_img_per_s"] > 0
-        assert run.data.params["varied.model.inner_heads"] == "2"
+        assert run.data.params["model.inner_heads"] == "2"
+        assert set(run.data.tags["varied"].split(",")) == {"model.inner_heads", "train.seed"}
     # rerun: finished cells are skipped, the impossible ones fail again
     again = run_matrix(p, tracker, TINY, progress=False)
     assert (again.ran, again.skipped, again.failed) == (2, 2, 2)

@@ -170,7 +170,7 @@ def test_ui_serves_the_store_over_rest(store):
                 time.sleep(1)
         assert runs is not None, "the MLflow server did not answer within 90 s"
         names = {r["info"]["run_name"] for r in runs}
-        assert "tnt_nano/synthetic/s0/inner_heads=1" in names and "matrix/abl" in names
+        assert "tnt_nano s0 inner_heads=1" in names and "matrix/abl" in names
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(timeout=30)

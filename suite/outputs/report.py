@@ -102,7 +102,7 @@ def main_table(df: pd.DataFrame) -> pd.DataFrame:
         row["n"] = len(g)
         paper = get_entry(model).paper if model in list_models() else None
         is_paper_config = paper is not None and not any(
-            c.startswith("params.varied.model.") for c in varied
+            c.startswith(("params.model.", "params.varied.model.")) for c in varied
         )
         row["paper params (M)"] = paper.params_m if is_paper_config and paper.params_m else "-"
         row["paper GFLOPs"] = paper.gflops if is_paper_config and paper.gflops else "-"

@@ -43,6 +43,7 @@ from suite.config import (
     with_values,
 )
 from suite.errors import UserError
+from suite.studies.storage import open_storage, quiet_optuna
 from suite.tracking import (
     Tracker,
     flatten,
@@ -124,40 +125,8 @@ def default_storage(tracking_uri: str, workers: int) -> str:
     return f"sqlite:///{folder / 'optuna.db'}"
 
 
-def _quiet_optuna() -> None:
-    import warnings
-
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-
-
 def make_storage(url: str, scfg: SearchConfig) -> Any:
-    import optuna
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-    from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-    _quiet_optuna()
-    if url.endswith(".journal") or url.startswith("journal:"):
-        path = url.removeprefix("journal:")
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(path))
-    if "://" not in url:
-        raise UserError(
-            f"--storage {url}: not an Optuna storage URL (sqlite:///..., "
-            f"postgresql+psycopg://..., or a path ending in .journal)"
-        )
-    try:
-        return RDBStorage(
-            url,
-            heartbeat_interval=scfg.heartbeat_interval,
-            grace_period=scfg.grace_period,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(scfg.max_retry),
-            engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
-        )
-    except (optuna.exceptions.StorageInternalError, ImportError, Exception) as e:
-        raise UserError(f"--storage {url}: cannot open ({type(e).__name__}: {e})") from None
+    return open_storage(url, scfg.heartbeat_interval, scfg.grace_period, scfg.max_retry)
 
 
 def make_sampler(scfg: SearchConfig) -> Any:
@@ -314,7 +283,7 @@ def run_search(
     uri = resolve_uri(tracking_uri or cfg.tracking.uri or None)
     storage = storage or default_storage(uri, workers)
     directions = [OBJECTIVES[o] for o in scfg.objectives]
-    _quiet_optuna()
+    quiet_optuna()
     study = optuna.create_study(
         storage=make_storage(storage, scfg),
         study_name=scfg.study,
@@ -402,7 +371,7 @@ def _worker(path, sets, storage, scfg: SearchConfig, uri, parent_id, timeout) ->
     import optuna
     from optuna.trial import TrialState
 
-    _quiet_optuna()
+    quiet_optuna()
     raw = apply_sets(read_toml(path), sets)
     base = {k: v for k, v in raw.items() if k not in ("search", "matrix")}
     cfg = from_dict(base, str(path))
