@@ -124,7 +124,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from suite.tracking import make_tracker
 
     tracker = make_tracker(args.tracking_uri)
+    what = ", ".join(args.experiment or ["all experiments"])
+    print(f"report: reading runs of {what} from {tracker.uri} ...", file=sys.stderr, flush=True)
     rep = build_report(tracker, args.experiment, args.matrix, args.study, args.out)
+    print(f"report: wrote {rep.out.resolve()}", file=sys.stderr, flush=True)
     print(
         f"report: {rep.out.resolve()}  ({len(rep.tables)} tables, {len(rep.plots)} plots; "
         f"open {rep.out.resolve() / 'report.html'})"

@@ -24,3 +24,14 @@ def test_every_option_of_every_command_has_help():
                 missing.append(f"{name} {a.option_strings or a.dest}")
     assert not missing, missing
     assert parser.description.startswith("TNT Bench") and "examples:" in parser.description
+
+
+def test_report_says_what_it_reads_before_an_error(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path}/m.db"
+    assert (
+        main(["report", "--experiment", "e1", "--out", str(tmp_path / "r"), "--tracking-uri", uri])
+        == 2
+    )
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == f"report: reading runs of e1 from {uri} ..."
+    assert len(err) == 2 and err[1].startswith("tntbench report: error: ")

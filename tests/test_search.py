@@ -233,3 +233,18 @@ def test_one_line_per_trial_with_its_state_and_counts_by_state(tmp_path, capsys)
             assert line.endswith(")")  # the reason: not divisible, or the loss is nan
     assert sorted(t.state.name for t in trials) == ["COMPLETE", "FAIL", "PRUNED", "PRUNED"]
     assert "study l: 1 complete, 2 pruned, 1 failed\n" in out
+    # the report on that store says what it reads and where it wrote (stderr), around its work
+    rep = tmp_path / "rep"
+    argv = [
+        "report",
+        "--study",
+        "l",
+        "--out",
+        str(rep),
+        "--tracking-uri",
+        f"sqlite:///{tmp_path}/m.db",
+    ]
+    assert main(argv) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == f"report: reading runs of all experiments from sqlite:///{tmp_path}/m.db ..."
+    assert err[-1] == f"report: wrote {rep.resolve()}"
