@@ -278,7 +278,13 @@ def _add_output_commands(sub: Any) -> None:
     vz.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
     vz.set_defaults(func=_cmd_viz)
 
-    ui = sub.add_parser("ui", help="serve the MLflow UI on the local store (loopback)")
+    ui = sub.add_parser(
+        "ui",
+        help="serve the MLflow UI on the store (loopback)",
+        description="Serve the MLflow UI (mlflow server, loopback) on a tracking store until "
+        "Ctrl-C or SIGTERM. The store: --tracking-uri, else $MLFLOW_TRACKING_URI, else "
+        "sqlite:///mlflow.db in this folder (the one train, matrix and search write by default).",
+    )
     ui.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
     ui.add_argument("--port", type=int, default=0, help="default: a free port")
     ui.set_defaults(func=_cmd_ui)
