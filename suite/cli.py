@@ -79,7 +79,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             f"params {m['params_m']:.2f}M  GMACs {m['gmacs']:.3f}"
         )
         if tracker.uri:
-            print(f"tracking: {tracker.uri}  (mlflow ui --backend-store-uri {tracker.uri})")
+            print(f"tracking: {tracker.uri}  (tntbench ui --tracking-uri {tracker.uri})")
     return 0
 
 
@@ -163,8 +163,10 @@ def _cmd_ui(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from suite.demo import run_demo
+    from suite.demo import TINY_SEARCH_SETS, TINY_SETS, run_demo
 
+    if args.tiny:
+        return run_demo(args.out, TINY_SETS, TINY_SEARCH_SETS)
     return run_demo(args.out)
 
 
@@ -291,6 +293,8 @@ def _add_output_commands(sub: Any) -> None:
 
     dm = sub.add_parser("demo", help="the built-in end-to-end job: smoke matrix into a fresh store")
     dm.add_argument("--out", default=None, help="folder for the store (default: ./tntbench-demo)")
+    # every stage on the smallest settings, for tests (hidden)
+    dm.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     dm.set_defaults(func=_cmd_demo)
 
     _add_profile_command(sub)
