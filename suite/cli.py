@@ -15,8 +15,26 @@ def _cmd_models(args: argparse.Namespace) -> int:
     from suite.models.summary import models_table
 
     overrides = dict(parse_assignment(s, "--set") for s in args.set)
-    print(models_table(args.names or None, overrides).to_string(index=False))
+    counted = bool(args.names) or args.gmacs
+    table = models_table(args.names or None, overrides, _gmacs if counted else None)
+    print(table.to_string(index=False))
+    if not counted:
+        print("(GMACs: name the models, or --gmacs for all; seconds each)", file=sys.stderr)
     return 0
+
+
+def _gmacs(name: str, **overrides: Any) -> float:
+    """fvcore GMACs of one image at the model's size; weights left uninitialised (the count
+    does not depend on them), which saves most of the building time."""
+    import torch
+
+    from suite.models import create_model, model_img_size
+    from suite.profile import count_flops
+
+    with torch.device("meta"):
+        model = create_model(name, **overrides)
+    model = model.to_empty(device="cpu")
+    return count_flops(model, model_img_size(name, overrides)).gmacs_fvcore
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
@@ -225,6 +243,11 @@ def _add_run_commands(sub: Any) -> None:
         default=[],
         metavar="KNOB=VALUE",
         help="override a constructor argument, e.g. --set inner_heads=2",
+    )
+    m.add_argument(
+        "--gmacs",
+        action="store_true",
+        help="count GMACs (fvcore) for every model too; the models named are always counted",
     )
     m.set_defaults(func=_cmd_models)
 
