@@ -8,8 +8,7 @@ import subprocess
 import sys
 
 import pytest
-
-from tests.conftest import CHECKOUT, checkout_state
+from conftest import CHECKOUT, checkout_state
 
 TINY = ["model.name='tnt_nano'", "model.depth=1", "data.train_size=64", "data.val_size=32"]
 TINY += ["train.epochs=1", "train.batch_size=32", "tracking.system_metrics=false"]
