@@ -15,8 +15,26 @@ def _cmd_models(args: argparse.Namespace) -> int:
     from suite.models.summary import models_table
 
     overrides = dict(parse_assignment(s, "--set") for s in args.set)
-    print(models_table(args.names or None, overrides).to_string(index=False))
+    counted = bool(args.names) or args.gmacs
+    table = models_table(args.names or None, overrides, _gmacs if counted else None)
+    print(table.to_string(index=False))
+    if not counted:
+        print("(GMACs: name the models, or --gmacs for all; seconds each)", file=sys.stderr)
     return 0
+
+
+def _gmacs(name: str, **overrides: Any) -> float:
+    """fvcore GMACs of one image at the model's size; weights left uninitialised (the count
+    does not depend on them), which saves most of the building time."""
+    import torch
+
+    from suite.models import create_model, model_img_size
+    from suite.profile import count_flops
+
+    with torch.device("meta"):
+        model = create_model(name, **overrides)
+    model = model.to_empty(device="cpu")
+    return count_flops(model, model_img_size(name, overrides)).gmacs_fvcore
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
@@ -79,7 +97,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             f"params {m['params_m']:.2f}M  GMACs {m['gmacs']:.3f}"
         )
         if tracker.uri:
-            print(f"tracking: {tracker.uri}  (mlflow ui --backend-store-uri {tracker.uri})")
+            print(f"tracking: {tracker.uri}  (tntbench ui --tracking-uri {tracker.uri})")
     return 0
 
 
@@ -192,7 +210,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from suite.tracking import make_tracker
 
     tracker = make_tracker(args.tracking_uri)
+    what = ", ".join(args.experiment or ["all experiments"])
+    print(f"report: reading runs of {what} from {tracker.uri} ...", file=sys.stderr, flush=True)
     rep = build_report(tracker, args.experiment, args.matrix, args.study, args.out)
+    print(f"report: wrote {rep.out.resolve()}", file=sys.stderr, flush=True)
     print(
         f"report: {rep.out.resolve()}  ({len(rep.tables)} tables, {len(rep.plots)} plots; "
         f"open {rep.out.resolve() / 'report.html'})"
@@ -228,8 +249,10 @@ def _cmd_ui(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from suite.demo import run_demo
+    from suite.demo import TINY_SEARCH_SETS, TINY_SETS, run_demo
 
+    if args.tiny:
+        return run_demo(args.out, TINY_SETS, TINY_SEARCH_SETS)
     return run_demo(args.out)
 
 
@@ -289,6 +312,11 @@ def _add_run_commands(sub: Any) -> None:
         metavar="KNOB=VALUE",
         help="override a constructor argument, e.g. --set inner_heads=2",
     )
+    m.add_argument(
+        "--gmacs",
+        action="store_true",
+        help="count GMACs (fvcore) for every model too; the models named are always counted",
+    )
     m.set_defaults(func=_cmd_models)
 
     tr = sub.add_parser("train", help="train one model from a TOML config, tracked in MLflow")
@@ -337,13 +365,21 @@ def _add_output_commands(sub: Any) -> None:
     vz.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
     vz.set_defaults(func=_cmd_viz)
 
-    ui = sub.add_parser("ui", help="serve the MLflow UI on the local store (loopback)")
+    ui = sub.add_parser(
+        "ui",
+        help="serve the MLflow UI on the store (loopback)",
+        description="Serve the MLflow UI (mlflow server, loopback) on a tracking store until "
+        "Ctrl-C or SIGTERM. The store: --tracking-uri, else $MLFLOW_TRACKING_URI, else "
+        "sqlite:///mlflow.db in this folder (the one train, matrix and search write by default).",
+    )
     ui.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
     ui.add_argument("--port", type=int, default=0, help="default: a free port")
     ui.set_defaults(func=_cmd_ui)
 
     dm = sub.add_parser("demo", help="the built-in end-to-end job: smoke matrix into a fresh store")
     dm.add_argument("--out", default=None, help="folder for the store (default: ./tntbench-demo)")
+    # every stage on the smallest settings, for tests (hidden)
+    dm.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     dm.set_defaults(func=_cmd_demo)
 
     _add_profile_command(sub)

@@ -1,4 +1,5 @@
-"""Benchmark matrix: expansion, resumability, failures, summary equal to MLflow, demo."""
+"""Benchmark matrix: expansion, resumability, failures, summary equal to MLflow (the demo:
+tests/test_demo.py)."""
 
 from pathlib import Path
 
@@ -111,18 +112,3 @@ def test_matrix_cli_exit_code_counts_failures(tmp_path, capsys):
     argv = ["matrix", str(p), "--tracking-uri", f"sqlite:///{tmp_path}/m.db", "--no-progress"]
     assert main(argv + [f"--set={s}" for s in TINY]) == 1
     assert "1 failed" in capsys.readouterr().out
-
-
-def test_demo_runs_into_a_fresh_store(tmp_path, capsys):
-    from suite.demo import run_demo
-
-    assert run_demo(str(tmp_path / "demo"), TINY + ["matrix.seeds=[0]"], ["search.n_trials=2"]) == 0
-    out = capsys.readouterr().out
-    assert (tmp_path / "demo" / "mlflow.db").is_file()
-    assert "mlflow ui --backend-store-uri" in out
-    for model in ("tnt_nano", "vit_nano", "deit_nano_distilled"):
-        assert model in out
-    assert "study pixel_patch" in out and "best trial" in out
-    assert "feature maps and t-SNE" in out and "mean_pdist" in out
-    assert list((tmp_path / "demo" / "viz").glob("tsne_layer*.png"))
-    assert list((tmp_path / "demo" / "report").glob("viz_*_tsne_layer*.png"))

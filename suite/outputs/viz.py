@@ -13,6 +13,7 @@ Layer L means the tokens after block L (layer 0: the embeddings entering block 1
 from __future__ import annotations
 
 import math
+import sys
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -312,7 +313,10 @@ def run_viz(
 ) -> VizResult:
     """Feature maps, t-SNE and spread metrics for the runs, on the same validation images."""
     dev = _check_viz_args(n_images, channels, n_maps, device)
-    runs = [load_run(tracker, rid, dev) for rid in dict.fromkeys(run_ids)]
+    runs = []
+    for rid in dict.fromkeys(run_ids):
+        _say(f"loading {rid} ...")
+        runs.append(load_run(tracker, rid, dev))
     digests = {r.digest for r in runs}
     if len(digests) > 1:
         raise UserError(
@@ -324,6 +328,7 @@ def run_viz(
     key = "-".join(r.run_id[:8] for r in runs)
     out = Path(out) if out else Path("reports") / "viz" / key
     out.mkdir(parents=True, exist_ok=True)
+    _say(f"features of {min(n_images, len(runs[0].val))} images, layers {wanted} ...")
     images, feats = _features(runs, n_images, wanted, dev)
     n = images[0][0].shape[0]
 
@@ -338,11 +343,19 @@ def run_viz(
         spreads.append({L: spread(points[r][L]) for L in wanted})
 
     result = VizResult(out)
+    _say(f"writing feature maps to {out} ...")
     result.figures += feature_map_figures(runs, *images[0], feats, wanted, channels, n_maps, out)
     for L in wanted:
+        _say(f"t-SNE layer {L} ...")
         result.figures.append(tsne_figure(runs, points, point_labels, L, spreads, out))
+    _say(f"writing metrics and {len(result.figures)} figures to the runs ...")
     _record(tracker, runs, spreads, wanted, result, key)
     return result
+
+
+def _say(stage: str) -> None:
+    """A stage line on stderr, so a long viz never goes quiet."""
+    print(f"viz: {stage}", file=sys.stderr, flush=True)
 
 
 def _check_viz_args(n_images: int, channels: int, n_maps: int, device: str) -> torch.device:

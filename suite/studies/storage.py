@@ -49,6 +49,8 @@ def open_storage(url: str, heartbeat_interval: int, grace_period: int, max_retry
             f"--storage {url}: not an Optuna storage URL (sqlite:///..., "
             f"postgresql+psycopg://..., or a path ending in .journal)"
         )
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":  # a new folder is made
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     try:
         # Optuna builds a new database's schema on first open: two processes doing that at
         # once collide (a unique violation in PostgreSQL's catalog), so one at a time
