@@ -16,6 +16,7 @@ LAYERS = [
     {"suite.profile"},
     {"suite.training"},
     {"suite.studies.matrix", "suite.studies.search"},
+    {"suite.outputs.report_format", "suite.outputs.report_plots"},
     {"suite.outputs.report", "suite.outputs.viz"},
     {"suite.demo"},
     {"suite.cli"},
