@@ -2,13 +2,12 @@
 
 Reads the runs of the chosen experiments into pandas and writes, to one folder: Markdown, CSV
 (with run IDs), LaTeX (booktabs) and one self-contained HTML page (plots inlined), plus PNG
-plots; the folder is also logged as the artifacts of a ``report`` run.
+plots; the folder is also logged as the artifacts of a ``report`` run. The tables here hold
+numbers; ``report_format`` writes them for readers, ``report_plots`` draws the figures.
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import math
 import re
 import shutil
@@ -21,16 +20,7 @@ import pandas as pd
 
 from suite.config import SearchConfig, safe_name
 from suite.models import get_entry, list_models
-from suite.outputs.report_format import (
-    figure_title,
-    mask_uri,
-    one_value,
-    present,
-    stamp,
-    to_html,
-    to_latex,
-    to_markdown,
-)
+from suite.outputs.report_format import mask_uri, one_value, stamp, write_pages
 from suite.outputs.report_plots import (
     accuracy_figure,
     history_figure,
@@ -433,48 +423,9 @@ def run_link(rep: Report, uri: str) -> Any:
     return link
 
 
-STYLE = (
-    "body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}"
-    "table{border-collapse:collapse;font-size:13px;margin-bottom:.4em}"
-    "td,th{border:1px solid #ccc;padding:3px 7px}th{background:#eee;text-align:left}"
-    "td.num{text-align:right;font-variant-numeric:tabular-nums}td.ids{font-family:monospace}"
-    "p.note{font-size:12px;color:#555;margin:.2em 0 1.2em}dl.stamp{display:grid;"
-    "grid-template-columns:max-content auto;gap:2px 12px;font-size:13px}dt{color:#666}"
-    "dd{margin:0;font-family:monospace}img{max-width:100%;border:1px solid #ddd}"
-)
-
-
 def write_outputs(rep: Report, tracking_uri: str) -> None:
-    """report.md, report.tex, report.html (self-contained) and one CSV per table (raw numbers,
-    full run IDs, for whoever computes further)."""
-    link = run_link(rep, tracking_uri)
-    md = ["# TNT Bench report", "", *(f"- **{k}**: {v}" for k, v in rep.header.items()), ""]
-    stamp_html = "".join(
-        f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in rep.header.items()
-    )
-    body = [f"<h1>TNT Bench report</h1><dl class='stamp'>{stamp_html}</dl>"]
-    tex = ["% needs \\usepackage{booktabs}"]
-    for name, df in rep.tables.items():
-        df.to_csv(rep.out / f"{name}.csv", index=False)
-        shown = present(df)
-        caption = df.attrs.get("caption", name.replace("_", " "))
-        md += [f"## {caption}", "", to_markdown(shown), ""]
-        tex.append(to_latex(shown, caption))
-        body.append(f"<h2>{html.escape(caption)}</h2>" + to_html(shown, link))
-    for stem, p in rep.plots.items():
-        title = figure_title(stem)
-        md += [f"## {title}", "", f"![{title}]({p.name})", ""]
-        data = base64.b64encode(p.read_bytes()).decode()
-        body.append(
-            f"<h2>{html.escape(title)}</h2>"
-            f'<img alt="{html.escape(title)}" src="data:image/png;base64,{data}">'
-        )
-    (rep.out / "report.md").write_text("\n".join(md))
-    (rep.out / "report.tex").write_text("\n\n".join(tex) + "\n")
-    (rep.out / "report.html").write_text(
-        f"<!doctype html><html><head><meta charset='utf-8'><title>TNT Bench report</title>"
-        f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>"
-    )
+    """report.md, report.tex, report.html (self-contained) and one CSV per table."""
+    write_pages(rep.out, rep.tables, rep.plots, rep.header, run_link(rep, tracking_uri))
 
 
 def _out_folder(out: str | Path | None) -> tuple[Path, bool]:

@@ -8,6 +8,7 @@ for Markdown, HTML and LaTeX alike. Imports nothing from the report (a layer bel
 
 from __future__ import annotations
 
+import base64
 import html
 import math
 import re
@@ -323,3 +324,56 @@ def stamp(runs: pd.DataFrame, uri: str) -> dict[str, str]:
         "device": one_value(runs, "tags.device_name"),
         "dtype": one_value(runs, "tags.amp"),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# The pages
+
+
+STYLE = (
+    "body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}"
+    "table{border-collapse:collapse;font-size:13px;margin-bottom:.4em}"
+    "td,th{border:1px solid #ccc;padding:3px 7px}th{background:#eee;text-align:left}"
+    "td.num{text-align:right;font-variant-numeric:tabular-nums}td.ids{font-family:monospace}"
+    "p.note{font-size:12px;color:#555;margin:.2em 0 1.2em}dl.stamp{display:grid;"
+    "grid-template-columns:max-content auto;gap:2px 12px;font-size:13px}dt{color:#666}"
+    "dd{margin:0;font-family:monospace}img{max-width:100%;border:1px solid #ddd}"
+)
+
+
+def write_pages(
+    out: Path,
+    tables: dict[str, pd.DataFrame],
+    plots: dict[str, Path],
+    header: dict[str, str],
+    link: Callable[[str], str | None],
+) -> None:
+    """report.md, report.tex, report.html (self-contained, plots inlined) and one CSV per
+    table (raw numbers and full run IDs, for whoever computes further)."""
+    md = ["# TNT Bench report", "", *(f"- **{k}**: {v}" for k, v in header.items()), ""]
+    stamp_html = "".join(
+        f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in header.items()
+    )
+    body = [f"<h1>TNT Bench report</h1><dl class='stamp'>{stamp_html}</dl>"]
+    tex = ["% needs \\usepackage{booktabs}"]
+    for name, df in tables.items():
+        df.to_csv(out / f"{name}.csv", index=False)
+        shown = present(df)
+        caption = df.attrs.get("caption", name.replace("_", " "))
+        md += [f"## {caption}", "", to_markdown(shown), ""]
+        tex.append(to_latex(shown, caption))
+        body.append(f"<h2>{html.escape(caption)}</h2>" + to_html(shown, link))
+    for stem, p in plots.items():
+        title = figure_title(stem)
+        md += [f"## {title}", "", f"![{title}]({p.name})", ""]
+        data = base64.b64encode(p.read_bytes()).decode()
+        body.append(
+            f"<h2>{html.escape(title)}</h2>"
+            f'<img alt="{html.escape(title)}" src="data:image/png;base64,{data}">'
+        )
+    (out / "report.md").write_text("\n".join(md))
+    (out / "report.tex").write_text("\n\n".join(tex) + "\n")
+    (out / "report.html").write_text(
+        f"<!doctype html><html><head><meta charset='utf-8'><title>TNT Bench report</title>"
+        f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>"
+    )
