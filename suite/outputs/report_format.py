@@ -232,7 +232,8 @@ def to_latex(s: Shown, caption: str) -> str:
         cells = [f"\\textbf{{{_tex(t)}}}" if b else _tex(t) for t, b in row]
         lines.append(" & ".join(cells) + " \\\\")
     lines += ["\\bottomrule", "\\end{tabular}"]
-    lines += [f"\\\\[2pt]\\footnotesize {_tex(n.replace(chr(92), ''))}" for n in s.notes]
+    # below the tabular, inside the float: a new paragraph (a bare line break there is an error)
+    lines += [f"\\par\\footnotesize {_tex(n.replace(chr(92), ''))}" for n in s.notes]
     return "\n".join([*lines, "\\end{table}"])
 
 
