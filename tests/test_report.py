@@ -357,7 +357,10 @@ def test_importances_only_from_ten_complete_trials(tmp_path):
                 "search",
                 f"{study}/trial-{i}",
                 {"val_top1": 50.0 + 5 * (i % 3) + (i % 2) * 0.1, "gmacs": 0.1 + 0.01 * i},
-                params={"search.model.inner_heads": i % 3, "search.train.lr": ["a", "b"][i % 2]},
+                params={
+                    "search.model.inner_heads": i % 3,
+                    "search.train.lr": [0.0007895415835283402, 2.5e-3][i % 2],
+                },
                 tags={"kind": "trial", "study": study, "trial": i},
             )
     # a pruned trial ends KILLED (no optuna_state tag when pruned during training)
@@ -374,6 +377,9 @@ def test_importances_only_from_ten_complete_trials(tmp_path):
     assert "search_ten_importances" in rep.plots
     assert "search_nine_importances" not in rep.tables
     md = (rep.out / "report.md").read_text()
+    # searched floats come back from MLflow as strings: rounded all the same
+    _assert_rounded(_md_cells(md))
+    assert "| 0.000790 |" in md and "| 0.00250 |" in md and "0.00078954" not in md
     assert "study nine: 9 complete, 1 pruned" in md and "study ten: 10 complete" in md
     assert "at least 10 completed trials; this search has 9" in md
     assert "this search has 10" not in md

@@ -82,9 +82,24 @@ def formatter(col: str) -> Callable[[Any], str]:
         return percent
     if col == "importance":
         return lambda x: "-" if _missing(x) else f"{float(x):.2f}"
-    return lambda x: fixed(x) if isinstance(x, float | int) and not isinstance(x, bool) else (
-        "-" if _missing(x) else str(x)
-    )  # fmt: skip
+    return _any
+
+
+def _any(x: Any) -> str:
+    """Numbers to 3 significant digits, MLflow params included: they come back as strings
+    ("0.0007895415835283402" for a searched lr); integers and words stay as they are."""
+    if _missing(x):
+        return "-"
+    if isinstance(x, bool):
+        return str(x)
+    if isinstance(x, int):
+        return str(x)
+    if isinstance(x, float):
+        return fixed(x)
+    text = str(x)
+    if re.fullmatch(r"[-+]?(\d+\.\d*|\.\d+|\d+(\.\d*)?[eE][-+]?\d+)", text.strip()):
+        return fixed(float(text))
+    return text
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,14 @@ from suite.plots import pyplot
 FAMILIES = (("tnt", "o", "TNT"), ("vit", "s", "ViT"), ("deit", "^", "DeiT"))
 
 
+def family_style(model: str) -> tuple[str, str]:
+    """(color, marker) of the model's family: TNT, ViT and DeiT look the same in every figure."""
+    for i, (fam, marker, _) in enumerate(FAMILIES):
+        if model.startswith(fam):
+            return f"C{i}", marker
+    return "C3", "D"
+
+
 def pareto(df: pd.DataFrame, maximise: str, minimise: str) -> pd.DataFrame:
     """Rows no other row beats on both (higher ``maximise``, lower ``minimise``)."""
     keep = []
@@ -49,7 +57,11 @@ def accuracy_figure(main: pd.DataFrame, x: str, log_x: bool = False) -> Any | No
         m = d[d["model"].str.startswith(fam)]
         if m.empty:
             continue
-        ax.errorbar(m[x], m["top-1 mean"], yerr=m["std"], fmt=marker, capsize=3, ms=6, label=label)
+        color = family_style(fam)[0]
+        ax.errorbar(
+            m[x], m["top-1 mean"], yerr=m["std"], fmt=marker, color=color, capsize=3, ms=6,
+            label=label,
+        )  # fmt: skip
         for _, r in m.iterrows():
             ax.annotate(
                 r["model"], (r[x], r["top-1 mean"]), fontsize=7, xytext=(4, 4),
@@ -82,8 +94,9 @@ def learning_curves_figure(curves: dict[str, list[list[tuple[int, float]]]]) -> 
         points = pd.DataFrame([p for c in runs for p in c], columns=["epoch", "top1"])
         g = points.groupby("epoch")["top1"]
         mean, std = g.mean(), g.std(ddof=1).fillna(0.0)
+        color, marker = family_style(model)
         ax.errorbar(
-            mean.index, mean.values, yerr=std.values, fmt="o-", capsize=3,
+            mean.index, mean.values, yerr=std.values, fmt=f"{marker}-", color=color, capsize=3,
             label=f"{model} (n={len(runs)})",
         )  # fmt: skip
         drawn = True
