@@ -19,6 +19,7 @@ LAYERS = [
     {"suite.studies.queue"},
     {"suite.studies.matrix", "suite.studies.search"},
     {"suite.studies.workers"},
+    {"suite.outputs.report_format", "suite.outputs.report_plots"},
     {"suite.outputs.report", "suite.outputs.viz"},
     {"suite.demo"},
     {"suite.cli"},
