@@ -369,3 +369,16 @@ def test_status_shows_todo_running_and_finished(tmp_path, capsys):
     assert main([*argv, "--status"]) == 0
     out = capsys.readouterr().out
     assert out.strip().endswith("2 finished")
+    # a report while a group is short of its seeds (one cell's run gone, as if still running)
+    from suite.outputs.report import build_report
+    from suite.studies.matrix import cell_runs as finished_cells
+    from suite.studies.matrix import format_summary, summarize
+
+    tracker = make_tracker(uri)
+    done = finished_cells(tracker, "q", "q")
+    mlflow.MlflowClient(uri).delete_run(done["run_id"].iloc[0])
+    rep = build_report(tracker, ["q"], "q", None, tmp_path / "rep")
+    md = (rep.out / "report.md").read_text()
+    assert "1 of 2" in md and "a partial group" in md
+    summary = summarize(finished_cells(tracker, "q", "q"), seeds=2)
+    assert "1 (partial)" in format_summary(summary)

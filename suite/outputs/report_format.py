@@ -32,7 +32,8 @@ BEST = {
     "infer peak MB": "min",
 }
 # raw columns the reader does not see as such (merged into another, or read for marks)
-HIDDEN = {"timing_noisy", "top-1 std", "top-5 std", "run_ids"}
+HIDDEN = {"timing_noisy", "top-1 std", "top-5 std", "run_ids", "n planned"}
+PARTIAL_NOTE = "n of N: a partial group (its matrix is still running, or some seeds failed)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,6 +170,13 @@ def present(df: pd.DataFrame) -> Shown:
             cells.loc[noisy & cells[c].ne("-"), c] += "*"
         if timing and noisy.any():
             notes.append(NOISY_NOTE)
+    if "n planned" in df and "n" in cells:
+        planned = pd.to_numeric(df["n planned"], errors="coerce")
+        partial = planned.notna() & (pd.to_numeric(df["n"], errors="coerce") < planned)
+        for i in df.index[partial]:
+            cells.loc[i, "n"] = f"{int(df.loc[i, 'n'])} of {int(planned[i])}"
+        if partial.any():
+            notes.append(PARTIAL_NOTE)
     ids = [str(v).split() for v in df["run_ids"]] if "run_ids" in df else []
     if ids:
         cells["runs"] = [" ".join(i[:8] for i in row) for row in ids]

@@ -45,6 +45,7 @@ class Cell:
     varied: dict[str, Any]  # the subset that varies across the matrix (for params and tables)
     raw: dict[str, Any] = field(default_factory=dict)  # base config with overrides applied
     digest: str = ""
+    seeds: int = 1  # how many seeds the matrix has: a group with fewer runs is partial
 
     @property
     def model(self) -> str:
@@ -94,6 +95,9 @@ def expand(path: str | Path, sets: list[str] | None = None) -> tuple[str, dict, 
         cell_raw = with_values(copy.deepcopy(base), overrides, f"{path}: [matrix]")
         varied = {k: v for k, v in overrides.items() if k in varied_keys}
         cells.append(Cell(i, overrides, varied, cell_raw, config_digest(cell_raw)))
+    seeds = len({c.seed for c in cells})
+    for c in cells:
+        c.seeds = seeds
     _check_base(base, cells, str(path))
     return name, base, cells
 
@@ -317,6 +321,7 @@ def run_cell(
         "cell": cell.index,
         "varied": ",".join(cell.varied),
         "dataset": cell.dataset,
+        "matrix_seeds": cell.seeds,
     }
     params: dict[str, Any] = {}
     raw = copy.deepcopy(cell.raw)
