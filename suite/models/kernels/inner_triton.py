@@ -28,6 +28,9 @@ import triton.language as tl
 
 # the largest padded channel and pixel counts a tile keeps in registers; larger shapes decline
 MAX_PADDED_DIM = 64
+# Triton 3.8's interpreter multiplies bf16 dot operands wrongly (garbage for tl.dot on two
+# bf16 tiles), so under it low-precision dots run on the rounded values in fp32
+_INTERPRETED = tl.constexpr(bool(triton.knobs.runtime.interpret))
 HIDDEN_CHUNK = 32  # HB: MLP hidden channels per step
 TILE_ROWS = {16: 64, 32: 64, 64: 32}  # rows (sequences x padded pixels) per program, by CP
 
@@ -67,6 +70,8 @@ def _mm(a, b, DT: tl.constexpr):
     """a @ b (2D or batched 3D) on operands cast to DT, fp32 result."""
     if DT == tl.float32:  # noqa: SIM300 (DT is a constexpr: its == knows dtypes)
         out = tl.dot(a.to(DT), b.to(DT), input_precision="ieee")
+    elif _INTERPRETED:  # operands rounded to DT, products and sums in fp32: what the GPU does
+        out = tl.dot(a.to(DT).to(tl.float32), b.to(DT).to(tl.float32), input_precision="ieee")
     else:
         out = tl.dot(a.to(DT), b.to(DT))
     return out
