@@ -201,3 +201,15 @@ def test_flop_counters_count_the_same_macs_with_either_kernel():
     assert fv_triton.gmacs_fvcore == fv_triton.gmacs_torch == fv_torch.gmacs_fvcore
     assert fv_torch.gmacs_fvcore == fv_torch.gmacs_torch
     assert "tntbench::inner_block" not in fv_triton.unsupported
+
+
+def test_torch_compile_traces_the_op_in_one_graph():
+    block = _block(12, 2)
+    x = torch.randn(3, 16, 12)
+    compiled = torch.compile(lambda t: inner_op.inner_forward(block, t, "triton"), fullgraph=True)
+    ref = _grads(block, x, block)
+    got = _grads(block, x, compiled)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-5)
+    for name, g in ref[2].items():
+        torch.testing.assert_close(got[2][name], g, rtol=1e-4, atol=1e-4, msg=name)
