@@ -154,14 +154,17 @@ def triton_ratios(res: dict, args, device: torch.device, state: dict, size: dict
     """Issue 18's figures for the rows with the Triton inner kernel."""
     out = {}
     macs = tnt_macs(size)
+    peaks = {d: matmul_peak_tflops(device, d) for d in {k.split()[1] for k in res}}
     for key, r in res.items():
+        mode, dtype = key.split()
         for row in ("ours tnt triton", "ours tnt triton compiled"):
             if row not in r:
                 continue
             label = row.removeprefix("ours tnt ")
             out[f"{key}: ours {label} / timm TNT-S"] = r[row] / r["timm tnt"]
-            peak = matmul_peak_tflops(device, key.split()[1])
-            out[f"{key}: MFU ours {label}"] = 6 * macs * r[row] / (peak * 1e12)
+            # model FLOP/s as tntbench profile counts them: 2 per MAC, training 3x the forward
+            flops = (6 if mode == "train" else 2) * macs * r[row]
+            out[f"{key}: MFU ours {label}"] = flops / (peaks[dtype] * 1e12)
             deit = "ours deit compiled" if row.endswith("compiled") else "ours deit"
             out[f"{key}: FLOP-normalised TNT-S/DeiT-S (ours {label})"] = (
                 r[row] * PAPER_GFLOPS["tnt"] / (r[deit] * PAPER_GFLOPS["deit"])

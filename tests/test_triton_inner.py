@@ -125,10 +125,12 @@ def test_model_switch_triton_equals_torch_logits_and_grads():
         torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_auto_is_torch_on_cpu_and_the_default():
+def test_auto_is_torch_on_cpu_and_the_default(monkeypatch):
     block, x = _block(12, 2), torch.randn(2, 16, 12)
     assert not use_triton("auto", block, x) and not use_triton("torch", block, x)
     assert use_triton("triton", block, x)
+    monkeypatch.setattr(inner_op, "AUTO_PICKS_TRITON", True)  # once H100 figures say so
+    assert not use_triton("auto", block, x)  # still CUDA only
     assert all(b.inner_kernel == "auto" for b in create_model("tnt_nano").blocks)
 
 

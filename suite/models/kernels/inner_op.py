@@ -15,6 +15,7 @@ parameters flat in fp32 (``kernels.inner_triton.param_offsets``).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import os
@@ -77,6 +78,11 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def _stochastic(block: Block) -> bool:
     """Dropout or stochastic depth in this block that would act in training."""
     drops = (m.p for m in block.modules() if isinstance(m, DropPath | nn.Dropout))
@@ -108,7 +114,7 @@ def use_triton(setting: str, block: Block, x: torch.Tensor) -> bool:
             f"model.inner_kernel = 'triton' runs on CUDA ({dev} here; on CPU only under "
             "TRITON_INTERPRET=1, for tests): use 'auto' or 'torch'"
         )
-    if dev != "meta" and importlib.util.find_spec("triton") is None:
+    if dev != "meta" and not _triton_installed():
         raise UserError("model.inner_kernel = 'triton': the triton package is not installed")
     if (block.training and _stochastic(block)) or _compute_dtype(x) not in DTYPES:
         return False
