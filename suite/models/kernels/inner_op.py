@@ -15,7 +15,6 @@ parameters flat in fp32 (``kernels.inner_triton.param_offsets``).
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import math
 import os
@@ -36,6 +35,7 @@ AUTO_PICKS_TRITON = False
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_PADDED_DIM = 64  # the kernel's largest padded pixel count and inner dim (inner_triton)
 _KERNEL_MODULE = "suite.models.kernels.inner_triton"
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None  # looked up, not imported
 
 
 def _kernels():
@@ -78,11 +78,6 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.cache
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
 def _stochastic(block: Block) -> bool:
     """Dropout or stochastic depth in this block that would act in training."""
     drops = (m.p for m in block.modules() if isinstance(m, DropPath | nn.Dropout))
@@ -114,7 +109,7 @@ def use_triton(setting: str, block: Block, x: torch.Tensor) -> bool:
             f"model.inner_kernel = 'triton' runs on CUDA ({dev} here; on CPU only under "
             "TRITON_INTERPRET=1, for tests): use 'auto' or 'torch'"
         )
-    if dev != "meta" and not _triton_installed():
+    if dev != "meta" and not _TRITON_INSTALLED:
         raise UserError("model.inner_kernel = 'triton': the triton package is not installed")
     if (block.training and _stochastic(block)) or _compute_dtype(x) not in DTYPES:
         return False
