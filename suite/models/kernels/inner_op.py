@@ -94,14 +94,15 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 def use_triton(setting: str, block: Block, x: torch.Tensor) -> bool:
     """Whether this call of ``block`` on ``x`` (S, P, C) goes to the Triton op.
 
-    "torch": never. "auto": only with ``AUTO_PICKS_TRITON``, on CUDA. "triton": wherever it
+    "torch": never. "auto": only with ``AUTO_PICKS_TRITON``, on CUDA with triton installed
+    (PyTorch otherwise, silently). "triton": wherever it
     can run (CUDA; CPU under TRITON_INTERPRET=1; meta/fake tensors, which only trace shapes),
     else a UserError; in every case the kernel declines, and PyTorch runs, where dropout or
     stochastic depth would act (training) or the dtype is not fp32/bf16/fp16."""
     if setting == "torch" or (setting == "auto" and not AUTO_PICKS_TRITON):
         return False
     dev = x.device.type
-    if setting == "auto" and dev != "cuda":
+    if setting == "auto" and (dev != "cuda" or not _TRITON_INSTALLED):
         return False
     runs_here = dev in ("cuda", "meta") or (dev == "cpu" and interpreted())
     if setting == "triton" and not runs_here:

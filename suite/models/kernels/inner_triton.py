@@ -26,13 +26,15 @@ import torch
 import triton
 import triton.language as tl
 
-# the largest padded channel and pixel counts a tile keeps in registers; larger shapes decline
-MAX_PADDED_DIM = 64
 # Triton 3.8's interpreter multiplies bf16 dot operands wrongly (garbage for tl.dot on two
 # bf16 tiles), so under it low-precision dots run on the rounded values in fp32
 _INTERPRETED = tl.constexpr(bool(triton.knobs.runtime.interpret))
 HIDDEN_CHUNK = 32  # HB: MLP hidden channels per step
-TILE_ROWS = {16: 64, 32: 64, 64: 32}  # rows (sequences x padded pixels) per program, by CP
+# rows (sequences x padded pixels) per program, by CP; CP and PP are at most 64
+# (inner_op.MAX_PADDED_DIM declines larger shapes before they get here). Guesses until an H100
+# run tunes them: about 2k fp32 values per (R, CP) tile keeps the backward's live tiles in
+# registers at 4 warps
+TILE_ROWS = {16: 64, 32: 64, 64: 32}
 
 
 def param_offsets(c: int, hidden: int) -> tuple[int, ...]:
