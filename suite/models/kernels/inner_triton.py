@@ -22,13 +22,16 @@ fc1 w, fc1 b, fc2 w, fc2 b, total).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 # Triton 3.8's interpreter multiplies bf16 dot operands wrongly (garbage for tl.dot on two
 # bf16 tiles), so under it low-precision dots run on the rounded values in fp32
-_INTERPRETED = tl.constexpr(bool(triton.knobs.runtime.interpret))
+# (the variable as @triton.jit reads it below; triton.knobs is only in triton >= 3.4)
+_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 HIDDEN_CHUNK = 32  # HB: MLP hidden channels per step
 # rows (sequences x padded pixels) per program, by CP; CP and PP are at most 64
 # (inner_op.MAX_PADDED_DIM declines larger shapes before they get here). Guesses until an H100
