@@ -9,6 +9,13 @@ from typing import NoReturn
 import pytest
 import torch
 
+# Triton reads TRITON_INTERPRET when it is first imported (and when @triton.jit decorates):
+# without CUDA, its CPU interpreter runs the Triton kernels (tests/test_triton_inner.py). On
+# CUDA machines triton compiles for the GPU as usual (tests/test_cuda.py runs the kernels).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 CHECKOUT = Path(__file__).resolve().parents[1]
 # ignored paths that tools write (caches, environments, builds): everything else that appears,
 # ignored or not (./mlruns, ./mlflow.db, ./runs, reports/...), is a test writing into the checkout
