@@ -70,6 +70,11 @@ def cli(*argv: str, env: dict | None = None, cwd: Path | None = None) -> subproc
     )
 
 
+def matrix(cfg: Path, uri: str, *extra: str, **kw) -> subprocess.Popen:
+    """``tntbench matrix CFG --tracking-uri URI ...`` as a subprocess."""
+    return cli("matrix", str(cfg), "--tracking-uri", uri, *extra, **kw)
+
+
 def finish(proc: subprocess.Popen, timeout: float = 420) -> str:
     try:
         out, _ = proc.communicate(timeout=timeout)
@@ -144,19 +149,7 @@ def test_two_workers_on_postgres_match_one_worker(tmp_path, pg_databases):
     cfg = write_matrix(tmp_path)
     uri = f"sqlite:///{tmp_path}/two.db"
     t0 = time.monotonic()
-    out = finish(
-        cli(
-            "matrix",
-            str(cfg),
-            "--tracking-uri",
-            uri,
-            "--storage",
-            storage,
-            "--workers",
-            "2",
-            cwd=tmp_path,
-        )
-    )
+    out = finish(matrix(cfg, uri, "--storage", storage, "--workers", "2", cwd=tmp_path))
     two_s = time.monotonic() - t0
     assert "6 ran, 0 skipped" in out and "0 failed" in out
     two = assert_each_cell_once(uri, storage, 6)
@@ -167,15 +160,7 @@ def test_two_workers_on_postgres_match_one_worker(tmp_path, pg_databases):
     ref_uri = f"sqlite:///{tmp_path}/one.db"
     t0 = time.monotonic()
     finish(
-        cli(
-            "matrix",
-            str(cfg),
-            "--tracking-uri",
-            ref_uri,
-            "--no-progress",
-            env={**ENV, "OMP_NUM_THREADS": threads},
-            cwd=tmp_path,
-        )
+        matrix(cfg, ref_uri, "--no-progress", env={**ENV, "OMP_NUM_THREADS": threads}, cwd=tmp_path)
     )
     one_s = time.monotonic() - t0
     one = {r.data.tags["cell_hash"]: r for r in cell_runs(ref_uri)}
@@ -188,19 +173,7 @@ def test_two_workers_on_postgres_match_one_worker(tmp_path, pg_databases):
     # timing is for benchmarks/bench_matrix_workers.py to judge; shown here for the log
     print(f"6 cells: 2 workers {two_s:.0f} s, 1 process {one_s:.0f} s")
     # a rerun on the same storage finds everything done: nothing runs twice
-    again = finish(
-        cli(
-            "matrix",
-            str(cfg),
-            "--tracking-uri",
-            uri,
-            "--storage",
-            storage,
-            "--workers",
-            "2",
-            cwd=tmp_path,
-        )
-    )
+    again = finish(matrix(cfg, uri, "--storage", storage, "--workers", "2", cwd=tmp_path))
     assert "0 ran, 6 skipped" in again
     assert_each_cell_once(uri, storage, 6)
 
@@ -274,17 +247,7 @@ def test_kill9_one_of_two_workers_resumes_its_cell(tmp_path, pg_databases):
         tmp_path, models='["tnt_nano", "vit_nano"]', seeds="[0]", train_size=384, epochs=3
     )
     uri = f"sqlite:///{tmp_path}/m.db"
-    proc = cli(
-        "matrix",
-        str(cfg),
-        "--tracking-uri",
-        uri,
-        "--storage",
-        storage,
-        "--workers",
-        "2",
-        cwd=tmp_path,
-    )
+    proc = matrix(cfg, uri, "--storage", storage, "--workers", "2", cwd=tmp_path)
 
     def a_cell_past_its_first_checkpoint():
         # the suite's own client: it waits for the store the command may still be creating
@@ -321,19 +284,7 @@ def test_gpus_per_cell_runs_a_cell_under_torchrun(tmp_path):
     cfg = write_matrix(tmp_path, models='["vit_nano"]', seeds="[0]")
     uri = f"sqlite:///{tmp_path}/m.db"
     storage = str(tmp_path / "q.journal")
-    finish(
-        cli(
-            "matrix",
-            str(cfg),
-            "--tracking-uri",
-            uri,
-            "--storage",
-            storage,
-            "--gpus-per-cell",
-            "2",
-            cwd=tmp_path,
-        )
-    )
+    finish(matrix(cfg, uri, "--storage", storage, "--gpus-per-cell", "2", cwd=tmp_path))
     (run,) = cell_runs(uri)
     assert run.info.status == "FINISHED"
     assert run.data.tags["world_size"] == "2" and run.data.params["global_batch"] == "64"
