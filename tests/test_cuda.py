@@ -223,7 +223,7 @@ def test_fit_then_resume_on_cuda(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         fit(cfg, Tracker(), on_epoch=stop, progress=False)
     resumed = fit(
-        cfg, Tracker(), resume=str(tmp_path / "b" / "tnt_nano_synthetic_s0"), progress=False
+        cfg, Tracker(), resume=str(tmp_path / "b" / "tnt_nano_s0"), progress=False
     )
     assert len(resumed.history) == 2
     for key in ("train_loss", "val_loss"):

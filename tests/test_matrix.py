@@ -100,6 +100,14 @@ def test_matrix_runs_resumes_and_records_failures(tmp_path):
         assert run.data.metrics["infer_img_per_s"] > 0
         assert run.data.params["model.inner_heads"] == "2"
         assert set(run.data.tags["varied"].split(",")) == {"model.inner_heads", "train.seed"}
+    # the parent's collapsed row says it already: per group mean (and std) top-1 and img/s
+    parent = client.get_run(r.parent_run_id)
+    means = parent.data.metrics
+    assert means["val_top1_mean/tnt_nano inner_heads 2"] == round(row["top-1 mean"], 2)
+    assert means["val_top1_std/tnt_nano inner_heads 2"] == round(row["top-1 std"], 2)
+    assert means["train_img_per_s_mean/tnt_nano inner_heads 2"] == round(row["train img/s"])
+    assert "tnt_nano" in parent.data.tags["mlflow.note.content"]
+    assert parent.data.params["matrix.n_seeds"] == "2"
     # rerun: finished cells are skipped, the impossible ones fail again
     again = run_matrix(p, tracker, TINY, progress=False)
     assert (again.ran, again.skipped, again.failed) == (2, 2, 2)

@@ -148,7 +148,7 @@ def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path):
     cfg = cfg_for(tmp_path / "b", *sets)
     with pytest.raises(KeyboardInterrupt):
         fit(cfg, Tracker(), on_epoch=stop_after_first, progress=False)
-    ckpt = tmp_path / "b" / "runs" / "tnt_nano_synthetic_s0"
+    ckpt = tmp_path / "b" / "runs" / "tnt_nano_s0"
     assert torch.load(ckpt / "last.pt", weights_only=True)["epoch"] == 1
     resumed = fit(cfg, Tracker(), resume=str(ckpt), progress=False)
     assert len(resumed.history) == 3

@@ -144,7 +144,7 @@ def main_table(df: pd.DataFrame) -> pd.DataFrame:
             acc = _num(g, f"metrics.val_top{k[-1]}")
             row[f"{k} mean"], row[f"{k} std"] = acc.mean(), _std(acc)
         row["n"] = len(g)
-        row["n planned"] = _num(g, "tags.matrix_seeds").max()  # a matrix's seeds; else NaN
+        row["n planned"] = _num(g, "tags.matrix_n_seeds").max()  # a matrix's seeds; else NaN
         row["device / dtype"] = f"{one_value(g, 'tags.device_name')} / {one_value(g, 'tags.amp')}"
         paper_columns(row, g, paper_config)
         row["timing_noisy"] = _noisy(g)

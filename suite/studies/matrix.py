@@ -164,7 +164,7 @@ def open_parent(
         return known
     with tracker.run(experiment, f"matrix/{name}", {"kind": "matrix", "matrix": name}) as parent:
         seeds = len({c.seed for c in cells})
-        params = {"matrix.cells": len(cells), "matrix.seeds": seeds, "matrix.config": str(path)}
+        params = {"matrix.cells": len(cells), "matrix.n_seeds": seeds, "matrix.config": str(path)}
         parent.log_params(params)
     return parent.run_id
 
@@ -184,6 +184,8 @@ def finish_parent(
         parent.log_text(format_summary(summary), "summary.txt")
         parent.log_text(summary.to_csv(index=False), "summary.csv")
         parent.log_metrics(summary_metrics(summary))
+        # the run page's description: the summary, readable without opening an artifact
+        parent.set_tags({"mlflow.note.content": f"```\n{format_summary(summary)}\n```"})
     parent.log_metrics({"cells_failed": failed, "cells_done": len(wanted & got)})
     return summary, runs, failed
 
@@ -321,7 +323,7 @@ def run_cell(
         "cell": cell.index,
         "varied": ",".join(cell.varied),
         "dataset": cell.dataset,
-        "matrix_seeds": cell.seeds,
+        "matrix_n_seeds": cell.seeds,
     }
     params: dict[str, Any] = {}
     raw = copy.deepcopy(cell.raw)
@@ -464,8 +466,9 @@ def summarize(runs: pd.DataFrame, seeds: int | None = None) -> pd.DataFrame:
 
 
 def summary_metrics(summary: pd.DataFrame) -> dict[str, float]:
-    """Per group, its mean top-1 and img/s under stable names (``val_top1_mean/tnt_nano``,
-    ``train_img_per_s_mean/tnt_nano inner_heads 2``), for the parent run."""
+    """Per group, its top-1 (mean, std over seeds) and img/s under stable names
+    (``val_top1_mean/tnt_nano``, ``train_img_per_s_mean/tnt_nano inner_heads 2``), rounded as
+    they are read (accuracy to 2 decimals, img/s to integers), for the parent run."""
     out = {}
     fixed = {
         "top-1 mean",
@@ -483,9 +486,11 @@ def summary_metrics(summary: pd.DataFrame) -> dict[str, float]:
             parts.append(str(r["dataset"]))
         parts += [f"{k.split('.')[-1]} {r[k]}" for k in keys]
         label = re.sub(r"[^\w\-. /]", "-", " ".join(parts))
-        out[f"val_top1_mean/{label}"] = float(r["top-1 mean"])
+        out[f"val_top1_mean/{label}"] = round(float(r["top-1 mean"]), 2)
+        out[f"val_top1_std/{label}"] = round(float(r["top-1 std"]), 2)
         for m in ("train_img_per_s", "infer_img_per_s"):
-            out[f"{m}_mean/{label}"] = float(r[SUMMARY_METRICS[m]])
+            v = float(r[SUMMARY_METRICS[m]])
+            out[f"{m}_mean/{label}"] = float(round(v)) if v == v else v
     return {k: v for k, v in out.items() if v == v}  # NaN (not measured) left out
 
 
