@@ -23,19 +23,26 @@ from typing import Any
 import psutil
 import torch
 
-# Thresholds. Quiet runs measured on this project's 2-core CPU box (torch 2.14, 2 threads;
-# 20 runs of each of tnt_nano and vit_nano, batch 64 and batch 4, infer and train, 10 steps,
-# kept only when other processes used < 0.1 core): p90/p10 at most 1.19 (median 1.05), and
-# other processes' use 0.00-0.08 cores. Loaded by two `while True: pass` processes: p90/p10
-# up to 3.4 and other processes at 0.9-1.1 cores, with img/s 2-6x lower.
-SPREAD_LIMIT = 1.5  # p90 / p10 of the step times: quiet <= 1.19, a margin above it
-# others may take this share of the cores the timing needs before it counts as disturbed:
-# quiet <= 0.08 of 2 cores (0.04 share); two burners take ~1 of 2 (0.5 share)
-OTHER_CPU_SHARE = 0.25
+# Thresholds, from 102 windows of 3-10 timed steps of tnt_nano and vit_nano (infer and train,
+# batch 64/16/4, CPU, 2 threads) measured on this project's 2-core box on 2026-11-27 while three
+# other engineers ran their tests on it (load average 2-17: a truly idle box was never seen;
+# `benchmarks/timing_noise_calibration.py` re-measures). Per window: p90/p10, the cores other
+# processes used, and the median against the best median of that model/mode/batch:
+#   others < 0.2 core (29 windows):   p90/p10 1.15-1.73, median 1.00-1.6x the best
+#   others 0.2-0.5 core (24 windows): p90/p10 1.19-4.0, up to 1.8x slow
+#   others >= 0.9 core (32 windows):  p90/p10 1.02-140, median 13x slow (up to 410x)
+# Idle daemons here (kdamond, the VM agent) use < 0.02 core.
+SPREAD_LIMIT = 2.0  # p90/p10: the least disturbed windows reached 1.73 (a 4 ms-step one 1.59)
+# others may take this share of the cores the timing needs before it counts as disturbed: with
+# 2 threads on 2 cores 0.2 core, 10x the idle daemons, where windows were already up to 1.8x
+# slow; a steady load barely spreads the steps (p90/p10 1.02 at 13x slow), so this rule is the
+# one that catches it
+OTHER_CPU_SHARE = 0.1
 # the spread of fewer steps says little (p10 and p90 are then the min and max)
 MIN_SPREAD_STEPS = 5
-# other processes' CPU over a window shorter than this is below /proc/stat's 10 ms ticks x cores
-MIN_LOAD_WINDOW_S = 0.2
+# /proc/stat and a process's CPU times count in 10 ms ticks: over a short window the measured
+# use of others is uncertain by about (cores + 1) x 2 ticks, allowed on top of the limit
+TICK_S = 0.01
 RETRIES = 2  # re-timings of a disturbed window before it is reported as noisy
 RETRY_PAUSE_S = 0.5  # lets a short burst of other work pass before timing again
 
@@ -111,14 +118,17 @@ def noise_reason(
 
     Disturbed when the step times spread (p90/p10 above ``SPREAD_LIMIT``, judged from
     ``MIN_SPREAD_STEPS`` steps on) or when other processes took more than ``OTHER_CPU_SHARE``
-    of the ``need_cores`` this timing uses, beyond the cores it leaves free.
+    of the ``need_cores`` this timing uses, beyond the cores it leaves free (plus what the
+    10 ms tick counters cannot tell apart over a ``window_s`` this short).
     """
     reasons = []
     if n_steps >= MIN_SPREAD_STEPS and p10_s > 0 and p90_s / p10_s > SPREAD_LIMIT:
         reasons.append(f"p90/p10 = {p90_s / p10_s:.1f} (limit {SPREAD_LIMIT})")
     spare = max(cores - need_cores, 0.0)
-    if window_s >= MIN_LOAD_WINDOW_S and other_cpu > spare + OTHER_CPU_SHARE * need_cores:
-        reasons.append(f"other processes used {other_cpu:.1f} of {cores} cores")
+    slack = 2 * TICK_S * (cores + 1) / window_s if window_s > 0 else math.inf
+    limit = spare + OTHER_CPU_SHARE * need_cores + slack
+    if other_cpu > limit:
+        reasons.append(f"other processes used {other_cpu:.1f} of {cores} cores (limit {limit:.2f})")
     return "; ".join(reasons)
 
 

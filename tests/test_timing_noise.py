@@ -26,37 +26,43 @@ MS = 1e-3
 
 
 def test_quiet_figures_are_not_noisy():
-    # a quiet run as measured here (p90/p10 <= 1.19, others <= 0.08 of 2 cores)
+    # the least disturbed windows measured here: p90/p10 up to 1.73, others up to 0.19 core
     assert noise.noise_reason(48 * MS, 57 * MS, 10, 0.08, cores=2, need_cores=2) == ""
+    assert noise.noise_reason(30 * MS, 52 * MS, 10, 0.19, 2, 2, window_s=0.5) == ""
     assert noise.noise_reason(48 * MS, 48 * MS, 10, 0.0, cores=2, need_cores=2) == ""
 
 
 def test_spread_names_its_ratio_and_limit():
     r = noise.noise_reason(10 * MS, 34 * MS, 10, 0.0, cores=2, need_cores=2)
-    assert r == "p90/p10 = 3.4 (limit 1.5)"
+    assert r == "p90/p10 = 3.4 (limit 2.0)"
 
 
 def test_other_processes_name_their_cores():
     r = noise.noise_reason(10 * MS, 11 * MS, 10, 1.7, cores=2, need_cores=2)
-    assert r == "other processes used 1.7 of 2 cores"
+    assert r == "other processes used 1.7 of 2 cores (limit 0.20)"
     both = noise.noise_reason(10 * MS, 34 * MS, 10, 1.7, cores=2, need_cores=2)
-    assert both == "p90/p10 = 3.4 (limit 1.5); other processes used 1.7 of 2 cores"
+    assert both == "p90/p10 = 3.4 (limit 2.0); other processes used 1.7 of 2 cores (limit 0.20)"
+    # a steady load barely spreads the steps (p90/p10 1.02 at 13x slow was seen): load decides
+    assert noise.noise_reason(10 * MS, 10.2 * MS, 10, 0.3, cores=2, need_cores=2) != ""
 
 
 def test_others_on_spare_cores_do_not_disturb():
     # a GPU timing keeps one core busy: 10 of 16 cores used by others leaves it alone
     assert noise.noise_reason(1 * MS, 1.05 * MS, 40, 10.0, cores=16, need_cores=1) == ""
     assert noise.noise_reason(1 * MS, 1.05 * MS, 40, 15.5, cores=16, need_cores=1) != ""
-    # 2 threads on 8 cores: others may use 6 cores and half of one more
-    assert noise.noise_reason(1 * MS, 1 * MS, 10, 6.4, cores=8, need_cores=2) == ""
-    assert noise.noise_reason(1 * MS, 1 * MS, 10, 6.6, cores=8, need_cores=2) != ""
+    # 2 threads on 8 cores: others may use the 6 spare cores and a tenth of the 2 needed
+    assert noise.noise_reason(1 * MS, 1 * MS, 10, 6.1, cores=8, need_cores=2) == ""
+    assert noise.noise_reason(1 * MS, 1 * MS, 10, 6.3, cores=8, need_cores=2) != ""
 
 
 def test_few_steps_and_short_windows_are_not_judged_on_what_they_cannot_show():
-    # 3 steps: p10 and p90 are the min and max; a 50 ms window: /proc/stat ticks are 10 ms
+    # 3 steps: p10 and p90 are the min and max
     assert noise.noise_reason(10 * MS, 40 * MS, 3, 0.0, cores=2, need_cores=2) == ""
-    assert noise.noise_reason(10 * MS, 10 * MS, 10, 1.9, 2, 2, window_s=0.05) == ""
-    assert noise.noise_reason(10 * MS, 10 * MS, 10, 1.9, 2, 2, window_s=0.5) != ""
+    # 10 ms ticks: over 50 ms, 1.3 cores of others is within what the counters cannot resolve
+    assert noise.noise_reason(10 * MS, 10 * MS, 10, 1.3, 2, 2, window_s=0.05) == ""
+    assert noise.noise_reason(10 * MS, 10 * MS, 10, 1.3, 2, 2, window_s=0.5) == (
+        "other processes used 1.3 of 2 cores (limit 0.32)"
+    )
 
 
 def test_percentile_is_nearest_rank():
@@ -69,7 +75,7 @@ def test_metrics_reason_applies_the_rule_to_logged_metrics():
     w = noise.Window([10 * MS] * 9 + [50 * MS], noise.Conditions(1.0, 1.5, 2, 0.1, 0.2))
     m = noise.window_metrics(w)
     assert m["timing_p10_ms"] == pytest.approx(10) and m["timing_other_cpu"] == 1.5
-    assert noise.metrics_reason(m, need=2) == "other processes used 1.5 of 2 cores"
+    assert noise.metrics_reason(m, need=2) == "other processes used 1.5 of 2 cores (limit 0.26)"
     assert noise.metrics_reason({"train_loss": 1.0}, need=2) == ""
 
 
@@ -96,11 +102,11 @@ def test_a_disturbed_window_is_timed_again_and_a_clean_one_kept():
 
 
 def test_still_disturbed_after_the_retries_is_noisy_with_the_reason():
-    w = _windows((12, 3.0), (10, 2.0), (11, 4.0), (10, 1.0))
+    w = _windows((12, 3.0), (10, 2.5), (11, 4.0), (10, 1.0))
     m = noise.measure(w, torch.device("cpu"), retries=2, pause_s=0)
     assert m.noisy and len(m.attempts) == 3  # bounded: the clean 4th window is never timed
     assert m.kept is m.attempts[1]  # the fastest: disturbance only slows
-    assert m.reason == "p90/p10 = 2.0 (limit 1.5) (still after 2 re-timings)"
+    assert m.reason == "p90/p10 = 2.5 (limit 2.0) (still after 2 re-timings)"
 
 
 def test_repeats_give_the_median_of_their_medians_and_notice_disagreement():
@@ -111,7 +117,7 @@ def test_repeats_give_the_median_of_their_medians_and_notice_disagreement():
     assert c.step_s == pytest.approx(11 * MS) and c.reason == ""
     assert [r["step_ms"] for r in c.repeats] == pytest.approx([10, 12, 11])
     c = noise.combine([fixed(10), fixed(30), fixed(11)])
-    assert c.reason == "repeats' medians max/min = 3.0 (limit 1.5)"
+    assert c.reason == "repeats' medians max/min = 3.0 (limit 2.0)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,7 +182,7 @@ def test_repeat_must_be_positive(capsys):
 
 
 def _noisy(row):
-    reason = "p90/p10 = 3.4 (limit 1.5); other processes used 1.7 of 2 cores"
+    reason = "p90/p10 = 3.4 (limit 2.0); other processes used 1.7 of 2 cores (limit 0.20)"
     return replace(ProfileRow(**row), timing_noisy=True, timing_noisy_reason=reason)
 
 
@@ -190,8 +196,8 @@ def test_a_noisy_figure_is_starred_with_a_footnote(repeated):
     lines = text.splitlines()
     assert f"{row['img_per_s']:.1f}*" in lines[2] and "*" not in lines[3]
     assert lines[-1] == (
-        "* vit_nano: timing disturbed, do not trust it: p90/p10 = 3.4 (limit 1.5); "
-        "other processes used 1.7 of 2 cores"
+        "* vit_nano: timing disturbed, do not trust it: p90/p10 = 3.4 (limit 2.0); "
+        "other processes used 1.7 of 2 cores (limit 0.20)"
     )
 
 
@@ -207,7 +213,7 @@ def test_a_logged_noisy_run_carries_the_tag_and_the_conditions(repeated, tmp_pat
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["profile"], order_by=["start_time ASC"])
     noisy, clean = runs.iloc[0], runs.iloc[1]
-    assert noisy["tags.timing_noisy"].startswith("p90/p10 = 3.4")
+    assert noisy["tags.timing_noisy"].startswith("p90/p10 = 3.4 (limit 2.0)")
     assert pd.isna(clean["tags.timing_noisy"])
     for key in ("timing_p10_ms", "timing_p90_ms", "timing_other_cpu", "load_avg_1m"):
         assert clean[f"metrics.{key}"] == pytest.approx(row["conditions"][key]), key
