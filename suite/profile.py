@@ -28,7 +28,11 @@ from suite.runtime import (
     count_params,
     resolve_device,
 )
+
+# peak_memory_mb and time_model are imported from here by fit and the matrix: re-exported
 from suite.timing import Timing, sync, time_model
+from suite.timing import peak_memory_mb as peak_memory_mb
+from suite.timing import reset_peak_memory as reset_peak_memory
 
 # ---------------------------------------------------------------------------------------------
 # FLOPs
