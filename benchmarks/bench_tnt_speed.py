@@ -23,6 +23,15 @@ Targets (issue 13, CUDA): ours/timm TNT-S eager bf16 >= 1.25, ours compiled (as
 TNT-S >= 1.1 in fp32 and bf16 (no regression from the CPU work, issue 9).
 ``--img-size``/``--depth`` shrink both sides alike (for a smoke run; the targets mean 224/12).
 
+``--inner-kernel torch,triton`` adds our TNT-S with ``model.inner_kernel = "triton"`` (the fused
+Triton inner block, issue 18) as rows "ours tnt triton" (eager, every mode and dtype) and
+"ours tnt triton compiled" (where ``--compile`` compiles), same weights. Targets (issue 18,
+CUDA, train bf16): FLOP-normalised TNT-S/DeiT-S >= 0.8 (both compiled), TNT-S MFU >= 12% (6 x
+MACs x img/s over the measured bf16 matmul peak, as ``tntbench profile``), >= 3.5x timm eager
+TNT-S, and the same training step through either kernel: loss agreement (1 - relative
+difference) and the cosine of all parameter gradients >= 0.99. Triton rows need CUDA (or
+TRITON_INTERPRET=1, which only tests should set); elsewhere they are skipped with the reason.
+
     python benchmarks/bench_tnt_speed.py [--batch-size 16] [--steps 4] [--dtypes fp32,bf16]
 """
 
@@ -38,6 +47,8 @@ import torch
 import torch.nn.functional as F
 
 from suite.models import create_model, load_timm_state_dict
+from suite.models.kernels.inner_op import interpreted
+from suite.profile import matmul_peak_tflops
 from suite.runtime import compile_model, resolve_precision
 
 PAPER_GFLOPS = {"tnt": 5.2, "deit": 4.6}  # TNT paper Table 3 (TNT-S, DeiT-S)
@@ -84,7 +95,8 @@ def bench(models: dict, args, device, dtype: str, train: bool) -> dict[str, floa
 
 
 def compile_ours(name, state, size, args, device, dtype, train):
-    """Our model compiled as ``args.compile`` says; its first step (the compile) timed apart."""
+    """Our model compiled as ``args.compile`` says; its first step (the compile) timed apart.
+    ``size``: create_model's overrides (img_size, depth, and inner_kernel for triton rows)."""
     m = create_model(name, **size).to(device)
     m.load_state_dict(state)
     m.train(train)
@@ -97,6 +109,73 @@ def compile_ours(name, state, size, args, device, dtype, train):
     return c.fn, c.compile_s
 
 
+def triton_skip_reason(device: torch.device) -> str:
+    """Why the Triton rows cannot run here ("" when they can)."""
+    if device.type == "cuda" or (device.type == "cpu" and interpreted()):
+        return ""
+    return f"the Triton inner kernel runs on CUDA ({device.type} here, TRITON_INTERPRET unset)"
+
+
+def tnt_macs(size: dict) -> float:
+    """Our TNT-S's forward multiply-adds per image, by FlopCounterMode on the meta device (the
+    figure ``tntbench profile`` computes MFU from; the same with either inner kernel)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = create_model(NAMES["tnt"], **size)
+        x = torch.zeros(1, 3, size["img_size"], size["img_size"])
+    with FlopCounterMode(display=False) as fc:
+        model(x)
+    return fc.get_total_flops() / 2
+
+
+def step_agreement(state: dict, size: dict, device: torch.device, dtype: str) -> dict:
+    """One training step of our TNT-S through each inner kernel, same weights and batch:
+    1 - |loss difference| / |loss|, and the cosine between the two sets of gradients."""
+    torch.manual_seed(1)
+    x = torch.randn(4, 3, size["img_size"], size["img_size"], device=device)
+    y = torch.randint(0, 1000, (4,), device=device)
+    losses, grads = [], []
+    for kernel in ("torch", "triton"):
+        m = create_model(NAMES["tnt"], inner_kernel=kernel, **size).to(device).train()
+        m.load_state_dict(state)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            loss = F.cross_entropy(m(x), y)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten().float() for p in m.parameters()]))
+    return {
+        "loss agreement": 1 - abs(losses[0] - losses[1]) / abs(losses[0]),
+        "gradient cosine": F.cosine_similarity(grads[0], grads[1], dim=0).item(),
+    }
+
+
+def triton_ratios(res: dict, args, device: torch.device, state: dict, size: dict) -> dict:
+    """Issue 18's figures for the rows with the Triton inner kernel."""
+    out = {}
+    macs = tnt_macs(size)
+    peaks = {d: matmul_peak_tflops(device, d) for d in {k.split()[1] for k in res}}
+    for key, r in res.items():
+        mode, dtype = key.split()
+        for row in ("ours tnt triton", "ours tnt triton compiled"):
+            if row not in r:
+                continue
+            label = row.removeprefix("ours tnt ")
+            out[f"{key}: ours {label} / timm TNT-S"] = r[row] / r["timm tnt"]
+            # model FLOP/s as tntbench profile counts them: 2 per MAC, training 3x the forward
+            flops = (6 if mode == "train" else 2) * macs * r[row]
+            out[f"{key}: MFU ours {label}"] = flops / (peaks[dtype] * 1e12)
+            deit = "ours deit compiled" if row.endswith("compiled") else "ours deit"
+            out[f"{key}: FLOP-normalised TNT-S/DeiT-S (ours {label})"] = (
+                r[row] * PAPER_GFLOPS["tnt"] / (r[deit] * PAPER_GFLOPS["deit"])
+            )
+    for dtype in args.dtypes.split(","):
+        if f"train {dtype}" in res:
+            for k, v in step_agreement(state, size, device, dtype).items():
+                out[f"train {dtype}: triton/torch step {k}"] = v
+    return out
+
+
 def targets_for(device: torch.device, default_dtype: str) -> dict[str, float]:
     if device.type == "cuda":  # issue 13
         return {
@@ -104,6 +183,12 @@ def targets_for(device: torch.device, default_dtype: str) -> dict[str, float]:
             "train bf16: ours compiled / timm TNT-S": 2.4,
             "train bf16: ours/timm DeiT-S": 1.0,
             "train fp32: ours/timm DeiT-S": 1.0,
+            # issue 18: the fused Triton inner block (rows present with --inner-kernel triton)
+            "train bf16: FLOP-normalised TNT-S/DeiT-S (ours triton compiled)": 0.8,
+            "train bf16: MFU ours triton compiled": 0.12,
+            "train bf16: ours triton compiled / timm TNT-S": 3.5,
+            "train bf16: triton/torch step loss agreement": 0.99,
+            "train bf16: triton/torch step gradient cosine": 0.99,
         }
     return {  # issue 9's CPU targets; issue 13: no CPU regression below 1.1
         "train fp32: ours/timm TNT-S": 1.1,
@@ -135,6 +220,11 @@ def main() -> None:
     ap.add_argument("--compile-dtypes", default="bf16", help="dtypes timed compiled")
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--depth", type=int, default=12)
+    ap.add_argument(
+        "--inner-kernel",
+        default="torch",
+        help="our TNT-S's inner kernels to time: torch, or torch,triton (adds the Triton rows)",
+    )
     ap.add_argument("--json", help="write all figures here")
     args = ap.parse_args()
     device = torch.device(
@@ -151,12 +241,22 @@ def main() -> None:
         models[f"timm {fam}"] = ref.to(device)
         ours = load_timm_state_dict(create_model(name, **size), ref.state_dict())
         models[f"ours {fam}"] = ours.to(device)
+    kernels = args.inner_kernel.split(",")
+    triton_skipped = triton_skip_reason(device) if "triton" in kernels else ""
+    if triton_skipped:
+        print(f"triton rows skipped: {triton_skipped}")
+        kernels.remove("triton")
+    tnt_state = models["ours tnt"].state_dict()
+    if "triton" in kernels:
+        fused = create_model(NAMES["tnt"], inner_kernel="triton", **size)
+        fused.load_state_dict(tnt_state)
+        models["ours tnt triton"] = fused.to(device)
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(
         f"device {dev_name}  threads {torch.get_num_threads()}  batch {args.batch_size}  "
         f"img {args.img_size}  depth {args.depth}  torch {torch.__version__}  "
         f"timm {timm.__version__}  ours default dtype {default_dtype}"
-        f"  compile {args.compile or 'off'}"
+        f"  compile {args.compile or 'off'}  inner kernels {','.join(kernels)}"
     )
     res: dict[str, dict[str, float]] = {}
     compile_s: dict[str, float] = {}
@@ -175,6 +275,13 @@ def main() -> None:
                     fn, secs = compile_ours(name, state, size, args, device, dtype, mode == "train")
                     timed[f"ours {fam} compiled"] = fn
                     compile_s[f"ours {fam} compiled {key}"] = secs
+                if "triton" in kernels:
+                    tri = {**size, "inner_kernel": "triton"}
+                    fn, secs = compile_ours(
+                        NAMES["tnt"], tnt_state, tri, args, device, dtype, mode == "train"
+                    )
+                    timed["ours tnt triton compiled"] = fn
+                    compile_s[f"ours tnt triton compiled {key}"] = secs
             res[key] = bench(timed, args, device, dtype, mode == "train")
             row = "  ".join(f"{k} {v:7.1f}" for k, v in res[key].items())
             print(f"{key:12s} img/s  {row}", flush=True)
@@ -202,9 +309,12 @@ def main() -> None:
             ratios[f"{mode}: ours default ({default_dtype}) / timm TNT-S fp32"] = (
                 res[f"{mode} {default_dtype}"]["ours tnt"] / res[f"{mode} fp32"]["timm tnt"]
             )
+    if "triton" in kernels:
+        ratios.update(triton_ratios(res, args, device, tnt_state, size))
     # the targets are about TNT-S and DeiT-S as published (224 px, depth 12): none for smoke runs
     full_size = (args.img_size, args.depth) == (224, 12)
     targets = targets_for(device, default_dtype) if full_size else {}
+    targets = {k: v for k, v in targets.items() if "triton" not in k or k in ratios}
     print("\nratios")
     missed = []
     for k, v in ratios.items():
@@ -230,6 +340,8 @@ def main() -> None:
                     "targets": targets,
                     "missed": missed,
                     "compile_s": compile_s,
+                    "inner_kernels": kernels,
+                    "triton_skipped": triton_skipped,
                 },
                 f,
                 indent=2,

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The suite's GPU check, one command on a GPU machine without network (issue 13):
 #   1. the CUDA tests (tests/test_cuda.py);
-#   2. benchmarks/bench_tnt_speed.py --batch-size 128 --dtypes bf16,fp32 --compile;
+#   2. benchmarks/bench_tnt_speed.py --batch-size 128 --dtypes bf16,fp32 --compile, with the
+#      fused Triton inner block's rows (--inner-kernel torch,triton; issue 18's targets);
 #   3. tntbench profile, train and infer, bf16, for TNT-S/B and DeiT-S/B;
 #   4. a 2-epoch tracked tntbench train on synthetic CIFAR-sized data (MLflow system metrics,
 #      the GPU's included), as the default run goes (train.compile = auto: compiled on CUDA).
-# Each step is bounded by a timeout (together 8 minutes); a step that fails or times out is
+# Each step is bounded by a timeout (together about 10 minutes); a step that fails or times out is
 # recorded and the rest still run. Results go to reports/gpu/<device>/: each step's log, JSON,
 # and a README.md table (benchmarks/gpu_report.py). The exit status is the number of failed steps.
 #
@@ -79,13 +80,15 @@ step() {
 }
 
 if [[ $smoke == 1 ]]; then  # the same steps, tiny
-    bench=(--img-size 32 --depth 1 --batch-size 2 --steps 1 --warmup 1)
+    bench=(--img-size 32 --depth 1 --batch-size 2 --steps 1 --warmup 1 --inner-kernel torch)
+    echo "== bench_tnt_speed: no Triton rows in a CPU smoke run (the kernel needs CUDA; its" \
+         "CPU checks are tests/test_triton_inner.py under TRITON_INTERPRET=1)"
     big=(tnt_nano deit_nano) prof=(--device cpu --dtype fp32 --batch-size 2 --warmup 1 --steps 2)
     prof_train=() prof_infer=()
     train=(--set data.train_size=64 --set data.val_size=32 --set train.batch_size=32
            --set train.device=\'cpu\' --set model.depth=1)
 else
-    bench=(--batch-size 128 --steps 10 --warmup 3)
+    bench=(--batch-size 128 --steps 10 --warmup 3 --inner-kernel torch,triton)
     big=(tnt_s_patch16_224 tnt_b_patch16_224 deit_small_patch16_224 deit_base_patch16_224)
     prof=(--device cuda --dtype bf16 --warmup 3 --steps 10)
     prof_train=(--batch-size 128) prof_infer=(--batch-size 256)
@@ -93,9 +96,9 @@ else
            --set data.workers=6 --set train.device=\'cuda\')
 fi
 
-step cuda_tests 110 "$py" -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider \
+step cuda_tests 150 "$py" -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider \
     --junitxml "$out/cuda_tests.xml"
-step bench_tnt_speed 180 "$py" benchmarks/bench_tnt_speed.py --dtypes bf16,fp32 --compile \
+step bench_tnt_speed 260 "$py" benchmarks/bench_tnt_speed.py --dtypes bf16,fp32 --compile \
     "${bench[@]}" --json "$out/bench_tnt_speed.json"
 step profile_train 50 "$py" -m suite profile "${big[@]}" --mode train "${prof[@]}" \
     "${prof_train[@]}" --json "$out/profile_train.json"

@@ -104,7 +104,7 @@ def main() -> None:
             ],
         )
         targets = bench.get("targets", {})
-        lines += ["", "Ratios (targets from issue 13 on CUDA, issue 9 on CPU):", ""]
+        lines += ["", "Ratios (targets from issues 13 and 18 on CUDA, issue 9 on CPU):", ""]
         lines += table(
             ["ratio", "value", "target"],
             [

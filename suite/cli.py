@@ -15,8 +15,26 @@ def _cmd_models(args: argparse.Namespace) -> int:
     from suite.models.summary import models_table
 
     overrides = dict(parse_assignment(s, "--set") for s in args.set)
-    print(models_table(args.names or None, overrides).to_string(index=False))
+    counted = bool(args.names) or args.gmacs
+    table = models_table(args.names or None, overrides, _gmacs if counted else None)
+    print(table.to_string(index=False))
+    if not counted:
+        print("(GMACs: name the models, or --gmacs for all; seconds each)", file=sys.stderr)
     return 0
+
+
+def _gmacs(name: str, **overrides: Any) -> float:
+    """fvcore GMACs of one image at the model's size; weights left uninitialised (the count
+    does not depend on them), which saves most of the building time."""
+    import torch
+
+    from suite.models import create_model, model_img_size
+    from suite.profile import count_flops
+
+    with torch.device("meta"):
+        model = create_model(name, **overrides)
+    model = model.to_empty(device="cpu")
+    return count_flops(model, model_img_size(name, overrides)).gmacs_fvcore
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
@@ -80,12 +98,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
             f"params {m['params_m']:.2f}M  GMACs {m['gmacs']:.3f}"
         )
         if tracker.uri:
-            print(f"tracking: {tracker.uri}  (mlflow ui --backend-store-uri {tracker.uri})")
+            print(f"tracking: {tracker.uri}  (tntbench ui --tracking-uri {tracker.uri})")
     return 0
 
 
 def _cmd_matrix(args: argparse.Namespace) -> int:
     from suite.studies.matrix import cells_table, expand, format_summary, run_matrix
+    from suite.studies.workers import count_states, run_one_cell, run_queued_matrix, status_table
     from suite.tracking import make_tracker
 
     if args.dry_run:
@@ -93,14 +112,81 @@ def _cmd_matrix(args: argparse.Namespace) -> int:
         print(f"matrix {name}: {len(cells)} cells")
         print(cells_table(cells).to_string(index=False))
         return 0
+    if args.run_cell:  # one cell in this process: what a worker starts under torchrun
+        ok = run_one_cell(
+            args.config,
+            args.set,
+            args.run_cell,
+            tracking_uri=args.tracking_uri,
+            parent_id=args.parent_run,
+            continue_run=args.continue_run,
+        )
+        return 0 if ok else 1
+    expand(args.config, args.set)  # a bad config or --set fails before the store is made
     tracker = make_tracker(args.tracking_uri)
-    r = run_matrix(args.config, tracker, args.set, progress=not args.no_progress)
+    if args.status:
+        table = status_table(args.config, tracker, args.set, args.storage)
+        print(table.to_string(index=False))
+        print(count_states(table))
+        return 0
+    if args.storage or args.workers > 1 or args.gpus_per_cell:
+        r = run_queued_matrix(
+            args.config,
+            tracker,
+            args.set,
+            storage=args.storage,
+            workers=args.workers,
+            gpus_per_cell=args.gpus_per_cell,
+        )
+    else:
+        r = run_matrix(args.config, tracker, args.set, progress=not args.no_progress)
     print(
         f"matrix {r.name}: {r.ran} ran, {r.skipped} skipped (already finished), {r.failed} failed"
     )
     print(format_summary(r.summary))
     print(f"parent run {r.parent_run_id}  tracking {tracker.uri}")
     return min(r.failed, 100)
+
+
+def _matrix_parser(sub: Any) -> None:
+    mx = sub.add_parser("matrix", help="run a benchmark matrix (models x datasets x seeds x ...)")
+    mx.add_argument("config", help="TOML with a [matrix] table, e.g. experiments/smoke.toml")
+    _add_set(mx)
+    mx.add_argument("--dry-run", action="store_true", help="print the cells and exit")
+    mx.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
+    mx.add_argument("--no-progress", action="store_true", help="no progress bar over the cells")
+    mx.add_argument(
+        "--storage",
+        metavar="URL",
+        help="run the cells as a work queue in this Optuna storage (postgresql+psycopg://... "
+        "shared by many machines, sqlite:///... or a .journal file on one); the same command "
+        "on every machine shares the work",
+    )
+    mx.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes on this machine (CPU cores split between them; on CUDA one GPU "
+        "group each); without --storage, a journal file beside the MLflow store",
+    )
+    mx.add_argument(
+        "--gpus-per-cell",
+        type=int,
+        default=0,
+        metavar="K",
+        help="run each cell under torchrun (DDP) on K GPUs (K gloo processes on CPU)",
+    )
+    mx.add_argument(
+        "--status",
+        action="store_true",
+        help="print each cell's state (waiting, running where and since when, finished, "
+        "failed, todo) from MLflow and --storage, and exit",
+    )
+    # what a worker passes to the cell it starts under torchrun; not for users
+    mx.add_argument("--run-cell", metavar="HASH", help=argparse.SUPPRESS)
+    mx.add_argument("--parent-run", help=argparse.SUPPRESS)
+    mx.add_argument("--continue-run", help=argparse.SUPPRESS)
+    mx.set_defaults(func=_cmd_matrix)
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
@@ -125,7 +211,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from suite.tracking import make_tracker
 
     tracker = make_tracker(args.tracking_uri)
+    what = ", ".join(args.experiment or ["all experiments"])
+    print(f"report: reading runs of {what} from {tracker.uri} ...", file=sys.stderr, flush=True)
     rep = build_report(tracker, args.experiment, args.matrix, args.study, args.out)
+    print(f"report: wrote {rep.out.resolve()}", file=sys.stderr, flush=True)
     print(
         f"report: {rep.out.resolve()}  ({len(rep.tables)} tables, {len(rep.plots)} plots; "
         f"open {rep.out.resolve() / 'report.html'})"
@@ -161,8 +250,10 @@ def _cmd_ui(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from suite.demo import run_demo
+    from suite.demo import TINY_SEARCH_SETS, TINY_SETS, run_demo
 
+    if args.tiny:
+        return run_demo(args.out, TINY_SETS, TINY_SEARCH_SETS)
     return run_demo(args.out)
 
 
@@ -222,6 +313,11 @@ def _add_run_commands(sub: Any) -> None:
         metavar="KNOB=VALUE",
         help="override a constructor argument, e.g. --set inner_heads=2",
     )
+    m.add_argument(
+        "--gmacs",
+        action="store_true",
+        help="count GMACs (fvcore) for every model too; the models named are always counted",
+    )
     m.set_defaults(func=_cmd_models)
 
     tr = sub.add_parser("train", help="train one model from a TOML config, tracked in MLflow")
@@ -231,13 +327,7 @@ def _add_run_commands(sub: Any) -> None:
     tr.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
     tr.set_defaults(func=_cmd_train)
 
-    mx = sub.add_parser("matrix", help="run a benchmark matrix (models x datasets x seeds x ...)")
-    mx.add_argument("config", help="TOML with a [matrix] table, e.g. experiments/smoke.toml")
-    _add_set(mx)
-    mx.add_argument("--dry-run", action="store_true", help="print the cells and exit")
-    mx.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
-    mx.add_argument("--no-progress", action="store_true", help="no progress bar over the cells")
-    mx.set_defaults(func=_cmd_matrix)
+    _matrix_parser(sub)
 
     se = sub.add_parser("search", help="Optuna search over inner heads, patch/pixel size, ...")
     se.add_argument("config", help="TOML with [search] and [search.space] tables")
@@ -276,13 +366,21 @@ def _add_output_commands(sub: Any) -> None:
     vz.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
     vz.set_defaults(func=_cmd_viz)
 
-    ui = sub.add_parser("ui", help="serve the MLflow UI on the local store (loopback)")
+    ui = sub.add_parser(
+        "ui",
+        help="serve the MLflow UI on the store (loopback)",
+        description="Serve the MLflow UI (mlflow server, loopback) on a tracking store until "
+        "Ctrl-C or SIGTERM. The store: --tracking-uri, else $MLFLOW_TRACKING_URI, else "
+        "sqlite:///mlflow.db in this folder (the one train, matrix and search write by default).",
+    )
     ui.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
     ui.add_argument("--port", type=int, default=0, help="default: a free port")
     ui.set_defaults(func=_cmd_ui)
 
     dm = sub.add_parser("demo", help="the built-in end-to-end job: smoke matrix into a fresh store")
     dm.add_argument("--out", default=None, help="folder for the store (default: ./tntbench-demo)")
+    # every stage on the smallest settings, for tests (hidden)
+    dm.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     dm.set_defaults(func=_cmd_demo)
 
     _add_profile_command(sub)

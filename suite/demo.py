@@ -11,6 +11,18 @@ from suite.studies.matrix import format_summary, run_matrix
 from suite.studies.search import format_search, run_search
 from suite.tracking import make_tracker
 
+# the smallest settings that still run every stage (matrix, search, viz, report): tests
+TINY_SETS = [
+    "data.train_size=128",
+    "data.val_size=64",
+    "train.epochs=1",
+    "train.batch_size=32",
+    "tracking.system_metrics=false",
+    "model.depth=1",
+    "matrix.seeds=[0]",
+]
+TINY_SEARCH_SETS = ["search.n_trials=2"]
+
 
 def smoke_config() -> Path:
     """The smoke matrix shipped inside the package (experiments/smoke.toml)."""
@@ -69,5 +81,5 @@ def run_demo(
     rep = build_report(tracker, out=root / "report")
     print(f"\nreport:       {rep.out / 'report.html'}  (md, csv, tex, png beside it)")
     print(f"\nresults:      {root}  (MLflow store {uri}, checkpoints {root / 'runs'})")
-    print(f"open the UI:  mlflow ui --backend-store-uri {uri} --port 5000")
+    print(f"open the UI:  tntbench ui --tracking-uri {uri}")
     return min(r.failed, 100)

@@ -22,6 +22,7 @@ from torch import nn
 
 from suite.errors import UserError
 from suite.models import create_model, get_entry, model_img_size
+from suite.models.kernels import inner_block_macs, register_flop_formulas
 from suite.runtime import (
     DTYPES,
     check_precision,
@@ -60,6 +61,12 @@ def _sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
     return 2 * math.prod(batch) * n * key_shape[-2] * (dh + value_shape[-1])
 
 
+def _inner_block_macs_jit(inputs: list[Any], outputs: list[Any]) -> int:
+    """fvcore handle for TNT's fused inner block (``tntbench::inner_block``): the MACs of the
+    PyTorch inner Block it replaces, from x (S, P, C) and the flat parameter vector."""
+    return inner_block_macs(_shape(inputs[0]), math.prod(_shape(inputs[1])))
+
+
 def _zero(inputs: list[Any], outputs: list[Any]) -> int:
     return 0
 
@@ -76,6 +83,7 @@ MAC_OPS = {
     "aten::_convolution",
     "aten::conv2d",
     "aten::scaled_dot_product_attention",
+    "tntbench::inner_block",
 }
 
 
@@ -93,6 +101,7 @@ def count_flops(model: nn.Module, img_size: int, in_chans: int = 3) -> FlopCount
         from fvcore.nn import FlopCountAnalysis
     from torch.utils.flop_counter import FlopCounterMode
 
+    register_flop_formulas()  # TNT's fused inner block, where inner_kernel picks it
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -100,6 +109,7 @@ def count_flops(model: nn.Module, img_size: int, in_chans: int = 3) -> FlopCount
     try:
         fca = FlopCountAnalysis(model, x)
         fca.set_op_handle("aten::scaled_dot_product_attention", _sdpa_macs_jit)
+        fca.set_op_handle("tntbench::inner_block", _inner_block_macs_jit)
         # norms are elementwise, not multiply-adds: drop fvcore's rough 5/element estimate so
         # both counters measure the same thing (it is <0.5% of TNT-S/DeiT-S either way).
         # A zero handle, since fvcore 0.1.5's set_op_handle(name, None) keeps the default one.

@@ -461,39 +461,71 @@ class MlflowTracker(Tracker):
         )
 
 
+class _Stop(Exception):
+    """SIGTERM arrived while the UI ran."""
+
+
 def serve_ui(uri: str | None = None, port: int = 0, host: str = "127.0.0.1") -> int:
-    """Run ``mlflow server`` on the store (loopback, a free port by default) until Ctrl-C."""
+    """Run ``mlflow server`` on the store (loopback, a free port by default) until Ctrl-C or
+    SIGTERM, which stop the server's whole process group (its own session) too."""
+    import signal
     import socket
     import subprocess
-    import sys
+    import threading
 
     uri = resolve_uri(uri)
     if not port:
         with socket.socket() as s:
             s.bind((host, 0))
             port = s.getsockname()[1]
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--backend-store-uri",
-        uri,
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri]
+    cmd += ["--host", host, "--port", str(port), "--workers", "1"]
     print(f"MLflow UI for {uri} at http://{host}:{port}  (Ctrl-C stops it)", flush=True)
-    proc = subprocess.Popen(cmd)
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise _Stop(signum)
+
+    sigs = (signal.SIGTERM, signal.SIGINT)
+    main = threading.current_thread() is threading.main_thread()
+    old = [signal.getsignal(s) for s in sigs] if main else []
+    if main:
+        signal.signal(signal.SIGTERM, on_term)
+    # its own session: a terminal's Ctrl-C reaches only us, and we stop the whole group
+    proc = subprocess.Popen(cmd, start_new_session=True)
     try:
         return proc.wait()
-    except KeyboardInterrupt:
-        proc.terminate()
-        proc.wait(timeout=30)
+    except (KeyboardInterrupt, _Stop):
         return 0
+    finally:
+        for s in sigs if main else ():  # a second Ctrl-C must not cut the clean-up short
+            signal.signal(s, signal.SIG_IGN)
+        _stop_group(proc)
+        for s, h in zip(sigs if main else (), old, strict=True):
+            signal.signal(s, h)
+
+
+def _stop_group(proc: Any, grace: float = 10.0) -> None:
+    """SIGTERM to the process group of ``proc`` (a session leader), SIGKILL after ``grace``."""
+    import signal
+    import subprocess
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:  # the group is gone
+            break
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            continue
+        try:  # the leader ended: its group's other members get the grace period too
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline:
+                os.killpg(proc.pid, 0)
+                time.sleep(0.1)
+        except ProcessLookupError:
+            break
+    proc.wait()
 
 
 def open_store(uri: str, make_client: Any) -> Any:

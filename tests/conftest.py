@@ -1,9 +1,61 @@
 import os
+import shutil
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 from typing import NoReturn
 
 import pytest
 import torch
+
+# Triton reads TRITON_INTERPRET when it is first imported (and when @triton.jit decorates):
+# without CUDA, its CPU interpreter runs the Triton kernels (tests/test_triton_inner.py). On
+# CUDA machines triton compiles for the GPU as usual (tests/test_cuda.py runs the kernels).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+# ignored paths that tools write (caches, environments, builds): everything else that appears,
+# ignored or not (./mlruns, ./mlflow.db, ./runs, reports/...), is a test writing into the checkout
+TOOL_PATHS = [".tox", ".venv", ".pytest_cache", ".ruff_cache", "build", "dist", "wheelhouse"]
+TOOL_GLOBS = ["**/__pycache__/**", "**/*.egg-info/**"]
+
+
+def checkout_state(root: Path = CHECKOUT) -> set[str] | None:
+    """``git status`` lines of ``root``, ignored files included (tool caches aside); None when
+    it is not a git checkout or git is missing."""
+    if shutil.which("git") is None or not (root / ".git").exists():
+        return None
+    spec = [f":(exclude){p}" for p in TOOL_PATHS] + [f":(exclude,glob){g}" for g in TOOL_GLOBS]
+    cmd = ["git", "-C", str(root), "status", "--porcelain", "--ignored", "--untracked-files=all"]
+    done = subprocess.run([*cmd, "--", ".", *spec], capture_output=True, text=True)
+    return set(done.stdout.splitlines()) if done.returncode == 0 else None
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_BEFORE] = checkout_state()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the session when a test wrote into the checkout (a path new in git status)."""
+    before = session.config.stash.get(_BEFORE, None)
+    after = checkout_state() if before is not None else None
+    new = sorted((after or set()) - (before or set()))
+    if not new:
+        return
+    msg = f"tests wrote into the checkout {CHECKOUT} (new in git status):\n  " + "\n  ".join(new)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.ensure_newline()
+        reporter.write_line(msg, red=True, bold=True)
+    else:
+        print(msg, file=sys.stderr)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+_BEFORE = pytest.StashKey[set[str] | None]()
 
 
 @pytest.fixture(autouse=True)

@@ -124,6 +124,76 @@ def test_tnt_with_fused_inner_attention_past_the_cap():
     torch.testing.assert_close(fused, written, atol=5e-2, rtol=5e-2)
 
 
+def _rel_err(got, ref):
+    return ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
+@pytest.mark.parametrize(
+    ("dim", "heads", "dtype"),
+    [
+        (12, 2, torch.bfloat16),
+        (24, 4, torch.float32),
+        (24, 4, torch.bfloat16),
+        (40, 4, torch.bfloat16),
+    ],
+)
+def test_triton_inner_block_matches_the_torch_block(dim, heads, dtype):
+    """The fused Triton inner block on TNT-Ti/S/B's inner shapes, 1,001 sequences of 16 pixels
+    (a masked last tile): output, input gradient and every weight gradient against the fp32
+    PyTorch Block on the same (rounded) input. Tolerances: max error / max |reference|."""
+    pytest.importorskip("triton")
+    from suite.models import Block
+    from suite.models.kernels.inner_op import flat_params, inner_block
+
+    block = Block(dim, heads, qkv_bias=False, eps=1e-5).to(CUDA)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    x = torch.randn(1001, 16, dim, device=CUDA).to(dtype)
+    dy = torch.randn(x.shape, device=CUDA)
+    results = []
+    for fused in (False, True):
+        block.zero_grad()
+        xi = (x if fused else x.float()).detach().requires_grad_()
+        out = inner_block(xi, flat_params(block), heads, 1e-5) if fused else block(xi)
+        out.backward(dy.to(out.dtype))
+        results.append((out, xi.grad, [p.grad.clone() for p in block.parameters()]))
+    (ref, ref_dx, ref_dw), (got, got_dx, got_dw) = results
+    tol, wtol = (1e-4, 1e-4) if dtype == torch.float32 else (2e-2, 5e-2)
+    assert got.dtype == got_dx.dtype == dtype
+    assert _rel_err(got, ref) < tol and _rel_err(got_dx, ref_dx) < tol
+    assert all(_rel_err(g, r) < wtol for g, r in zip(got_dw, ref_dw, strict=True))
+
+
+def test_tnt_with_the_triton_inner_kernel_trains_and_compiles_like_torch():
+    """inner_kernel = "triton" vs "torch", same weights: one bf16 autocast training step
+    (loss, gradient cosine), and the whole model compiled (fp32 logits)."""
+    pytest.importorskip("triton")
+    torch.manual_seed(0)
+    ref, fused = (
+        create_model("tnt_s_patch16_224", depth=2, inner_kernel=k).to(CUDA)
+        for k in ("torch", "triton")
+    )
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 3, 224, 224, device=CUDA)
+    y = torch.randint(0, 1000, (4,), device=CUDA)
+    losses, grads = [], []
+    for m in (ref, fused):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(m(x), y)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten().float() for p in m.parameters()]))
+    assert abs(losses[0] - losses[1]) < 1e-2 * abs(losses[0])
+    assert torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0) > 0.99
+    ref.eval()
+    fused.eval()
+    with torch.no_grad():
+        c = compile_model(fused, "whole", lambda fn: fn(x), CUDA)
+        assert c.mode == "whole" and not c.fallback
+        torch.testing.assert_close(c.fn(x), ref(x), atol=1e-3, rtol=1e-3)
+
+
 def test_fit_then_resume_on_cuda(tmp_path):
     """Resume on CUDA continues the run; metrics equal an uninterrupted run within 1e-3 (loss,
     relative) and 2 points (top-1 over 128 images): CUDA's atomics reorder sums run to run."""

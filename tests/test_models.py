@@ -136,6 +136,7 @@ def test_models_cli_lists_registry(capsys):
         (["models", "tnt_nano", "--set", "inner_heads=5"], ["inner_dim=12", "inner_heads=5"]),
         (["models", "tnt_nano", "--set", "depth=two"], ["depth='two'", "int"]),
         (["models", "no_such_model"], ["unknown model 'no_such_model'"]),
+        (["models", "tnt_nano", "--set", "inner_kernel=cuda"], ["model.inner_kernel = 'cuda'"]),
     ],
 )
 def test_models_cli_wrong_knob_is_one_line(argv, words, capsys):

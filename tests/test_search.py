@@ -204,3 +204,47 @@ def test_sigkilled_worker_trial_is_failed_and_retried(tmp_path):
     assert len(failed) == 1
     retried = [t for t in s.get_trials() if t.system_attrs.get("failed_trial") == failed[0].number]
     assert retried and retried[0].state == TrialState.COMPLETE
+
+
+def test_one_line_per_trial_with_its_state_and_counts_by_state(tmp_path, capsys):
+    """Each trial prints a stderr line as it ends (number, short params, Optuna state, top-1 or
+    the reason); the summary counts trials by state: complete, pruned, failed."""
+    from suite.cli import main
+
+    p = write(
+        tmp_path,
+        '[search]\nstudy = "l"\nsampler = "grid"\nn_trials = 3\n[search.space]\n'
+        '"model.inner_heads" = { choices = [2, 5] }\n"train.lr" = { choices = [1e-3, 1e30] }\n',
+        epochs=2,
+    )
+    assert main(["search", str(p), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]) == 0
+    out, err = capsys.readouterr()
+    lines = [x for x in err.splitlines() if x.startswith("trial ")]
+    study = optuna.load_study(study_name="l", storage=f"sqlite:///{tmp_path}/optuna.db")
+    trials = study.get_trials()
+    assert len(lines) == len(trials) == 4
+    for t, line in zip(trials, lines, strict=True):
+        lr = "1.0e-3" if t.params["train.lr"] == 1e-3 else "1.0e+30"
+        assert line.startswith(f"trial {t.number}  inner_heads={t.params['model.inner_heads']} ")
+        assert f"lr={lr}  {t.state.name}" in line
+        if t.state == TrialState.COMPLETE:
+            assert line.endswith(f"top-1 {t.value:.3g}")
+        else:
+            assert line.endswith(")")  # the reason: not divisible, or the loss is nan
+    assert sorted(t.state.name for t in trials) == ["COMPLETE", "FAIL", "PRUNED", "PRUNED"]
+    assert "study l: 1 complete, 2 pruned, 1 failed\n" in out
+    # the report on that store says what it reads and where it wrote (stderr), around its work
+    rep = tmp_path / "rep"
+    argv = [
+        "report",
+        "--study",
+        "l",
+        "--out",
+        str(rep),
+        "--tracking-uri",
+        f"sqlite:///{tmp_path}/m.db",
+    ]
+    assert main(argv) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == f"report: reading runs of all experiments from sqlite:///{tmp_path}/m.db ..."
+    assert err[-1] == f"report: wrote {rep.resolve()}"

@@ -98,7 +98,7 @@ def test_tnt_nano_learns_and_run_is_fully_tracked(tmp_path):
     client = mlflow.MlflowClient(uri)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
-    assert run.info.run_name == "tnt_nano/synthetic/s0"
+    assert run.info.run_name == "tnt_nano s0"
     p, tags = run.data.params, run.data.tags
     assert p["model.name"] == "tnt_nano" and p["train.epochs"] == "3"
     assert p["data.name"] == "synthetic" and float(p["lr_effective"]) == 1e-3

@@ -120,7 +120,12 @@ def test_viz_writes_figures_and_logs_spread(trained, capsys):
         ]
     )
     assert rc == 0
-    text = capsys.readouterr().out
+    text, err = capsys.readouterr()
+    stages = [f"viz: loading {ids[0]} ...", f"viz: loading {ids[1]} ...", "viz: features of 24 "]
+    stages += [f"viz: t-SNE layer {L} ..." for L in (0, 1, 2)] + ["viz: writing metrics"]
+    at = [err.find(s) for s in stages]  # every stage on stderr, in order; none on stdout
+    assert -1 not in at and at == sorted(at), err
+    assert "viz:" not in text
     assert "mean_pdist" in text and "tnt_nano" in text
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert pngs == [
@@ -164,8 +169,9 @@ def test_viz_writes_figures_and_logs_spread(trained, capsys):
 def test_viz_errors_are_one_line(trained, capsys):
     tmp, uri, ids = trained
     assert main(["viz", "0" * 32, "--tracking-uri", uri]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("tntbench viz: error: run 0000") and err.count("\n") == 1
+    err = capsys.readouterr().err  # the stage it reached, then one error line
+    assert err == f"viz: loading {'0' * 32} ...\n" + err.splitlines()[1] + "\n"
+    assert err.splitlines()[1].startswith("tntbench viz: error: run 0000")
     assert main(["viz", ids[0], "--layers", "9", "--tracking-uri", uri]) == 2
     assert "--layers '9'" in capsys.readouterr().err
     assert main(["viz", ids[0], "--device", "tpu", "--tracking-uri", uri]) == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pandas as pd
@@ -19,7 +20,14 @@ def param_count(name: str, **overrides: Any) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def models_table(names: list[str] | None = None, overrides: dict[str, Any] | None = None):
+def models_table(
+    names: list[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+    gmacs: Callable[..., float] | None = None,
+) -> pd.DataFrame:
+    """One row per model: params (ours, the paper's), the paper's GFLOPs and top-1; with
+    ``gmacs(name, **overrides)`` (an fvcore count at the model's img size) a "GMACs" column
+    beside the paper's figure."""
     rows = []
     for name in names or list_models():
         try:
@@ -27,17 +35,15 @@ def models_table(names: list[str] | None = None, overrides: dict[str, Any] | Non
             n = param_count(name, **(overrides or {}))
         except (ValueError, TypeError) as e:
             raise UserError(f"{name}: {e}") from None
-        rows.append(
-            {
-                "model": name,
-                "family": entry.family,
-                "img": entry.img_size
-                if not overrides
-                else overrides.get("img_size", entry.img_size),
-                "params (M)": round(n / 1e6, 2),
-                "paper params (M)": entry.paper.params_m,
-                "paper GFLOPs": entry.paper.gflops,
-                "paper top-1": entry.paper.top1,
-            }
-        )
+        row = {
+            "model": name,
+            "family": entry.family,
+            "img": (overrides or {}).get("img_size", entry.img_size),
+            "params (M)": round(n / 1e6, 2),
+            "paper params (M)": entry.paper.params_m,
+        }
+        if gmacs is not None:
+            row["GMACs (fvcore)"] = f"{gmacs(name, **(overrides or {})):.3f}"
+        row |= {"paper GFLOPs": entry.paper.gflops, "paper top-1": entry.paper.top1}
+        rows.append(row)
     return pd.DataFrame(rows).astype(object).where(lambda d: d.notna(), "-")

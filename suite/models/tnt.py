@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fastpath import Linear
+from .kernels.inner_op import check_inner_kernel, inner_forward
 from .layers import Block, check_divisible, check_input, drop_path_rates, init_weights
 
 LN_EPS = 1e-5  # the official code and timm's TNT use nn.LayerNorm's default
@@ -63,10 +64,14 @@ class TNTBlock(nn.Module):
         num_heads: int,
         mlp_ratio: float,
         inner_mlp_ratio: float,
+        inner_kernel: str = "auto",
         **common: Any,  # qkv_bias, drop, attn_drop, drop_path: the same for both blocks
     ) -> None:
         super().__init__()
         self.inner = Block(inner_dim, inner_heads, mlp_ratio=inner_mlp_ratio, eps=LN_EPS, **common)
+        # "auto" | "triton" | "torch": whether self.inner runs as the fused Triton kernel
+        # (suite.models.kernels.inner_op.use_triton decides per call)
+        self.inner_kernel = inner_kernel
         # LN(P*c) -> Linear(P*c -> D, no bias) -> LN(D), added to the patch tokens without DropPath
         self.proj_norm1 = nn.LayerNorm(num_pixels * inner_dim, eps=LN_EPS)
         self.proj = Linear(num_pixels * inner_dim, embed_dim, bias=False)
@@ -76,7 +81,7 @@ class TNTBlock(nn.Module):
     def forward(
         self, pixel: torch.Tensor, patch: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        pixel = self.inner(pixel)  # (B*N, P, c)
+        pixel = inner_forward(self.inner, pixel, self.inner_kernel)  # (B*N, P, c)
         B, N1, _ = patch.shape
         # (B*N, P, c) -> (B, N, P*c): a view, each patch's pixels flattened pixel-major
         delta = self.proj_norm2(self.proj(self.proj_norm1(pixel.reshape(B, N1 - 1, -1))))
@@ -107,6 +112,7 @@ class TNT(nn.Module):
         drop_path_rate: float = 0.0,
         patch_pos_embed: bool = True,
         pixel_pos_embed: bool = True,
+        inner_kernel: str = "auto",
     ) -> None:
         super().__init__()
         check_divisible("embed_dim", embed_dim, "num_heads", num_heads)
@@ -117,6 +123,7 @@ class TNT(nn.Module):
         self.distilled = False
         self.pixel_embed = PixelEmbed(img_size, patch_size, pixel_size, in_chans, inner_dim)
         N, P = self.pixel_embed.num_patches, self.pixel_embed.num_pixels
+        check_inner_kernel(inner_kernel, P, inner_dim)
         self.num_patches, self.num_pixels = N, P
         # one (P, c) pixel position table shared by every patch
         self.pixel_pos = nn.Parameter(torch.zeros(1, P, inner_dim)) if pixel_pos_embed else None
@@ -136,12 +143,16 @@ class TNT(nn.Module):
             qkv_bias=qkv_bias,
             drop=drop_rate,
             attn_drop=attn_drop_rate,
+            inner_kernel=inner_kernel,
         )
         self.blocks = nn.ModuleList(
             TNTBlock(inner_dim, embed_dim, P, drop_path=dpr[i], **kw) for i in range(depth)
         )
         self.norm = nn.LayerNorm(embed_dim, eps=LN_EPS)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_weights()
+
+    def _init_weights(self) -> None:
         self.apply(init_weights)
         for p in (self.cls_token, self.patch_pos, self.pixel_pos):
             if p is not None:

@@ -2,13 +2,12 @@
 
 Reads the runs of the chosen experiments into pandas and writes, to one folder: Markdown, CSV
 (with run IDs), LaTeX (booktabs) and one self-contained HTML page (plots inlined), plus PNG
-plots; the folder is also logged as the artifacts of a ``report`` run.
+plots; the folder is also logged as the artifacts of a ``report`` run. The tables here hold
+numbers; ``report_format`` writes them for readers, ``report_plots`` draws the figures.
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import math
 import re
 import shutil
@@ -19,10 +18,19 @@ from typing import Any
 
 import pandas as pd
 
-from suite.config import safe_name
+from suite.config import SearchConfig, safe_name
 from suite.models import get_entry, list_models
-from suite.plots import pyplot
+from suite.outputs.report_format import mask_uri, one_value, stamp, write_pages
+from suite.outputs.report_plots import (
+    accuracy_figure,
+    history_figure,
+    importances_figure,
+    learning_curves_figure,
+    pareto,
+    save,
+)
 from suite.studies.matrix import group_runs, varied_columns
+from suite.studies.search import make_storage
 from suite.tracking import Tracker
 
 # The TNT paper's ablations on TNT-S, ImageNet (shared/reference/paper_tables.md)
@@ -40,31 +48,38 @@ class Report:
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     plots: dict[str, Path] = field(default_factory=dict)
     run_id: str = ""
+    header: dict[str, str] = field(default_factory=dict)  # generated, version, commit, store...
+    experiment_ids: dict[str, str] = field(default_factory=dict)  # run ID -> experiment ID
 
 
 def _num(df: pd.DataFrame, col: str) -> pd.Series:
     return pd.to_numeric(df[col], errors="coerce") if col in df else pd.Series(math.nan, df.index)
 
 
-def _mean_std(s: pd.Series) -> str:
+def _std(s: pd.Series) -> float:
+    """Std over seeds (ddof 1); one value has no spread: 0, so it reads "± 0.0"."""
     s = s.dropna()
     if s.empty:
-        return "-"
-    return f"{s.mean():.2f} +- {s.std(ddof=1) if len(s) > 1 else 0.0:.2f}"
+        return math.nan
+    return float(s.std(ddof=1)) if len(s) > 1 else 0.0
+
+
+def _runs_of(tracker: Tracker, experiments: list[str], **tags: str) -> pd.DataFrame:
+    """The runs of all ``experiments`` in one frame, each row with its experiment's name."""
+    frames = [tracker.runs(e, **tags).assign(experiment=e) for e in experiments]
+    frames = [f for f in frames if not f.empty]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def training_runs(tracker: Tracker, experiments: list[str], matrix: str | None) -> pd.DataFrame:
     """FINISHED training runs (matrix cells and plain ``tntbench train`` runs), not trials."""
-    frames = [tracker.runs(e, status="FINISHED") for e in experiments]
-    frames = [f for f in frames if not f.empty]
-    if not frames:
-        return pd.DataFrame()
-    df = pd.concat(frames, ignore_index=True)
-    if "metrics.val_top1" not in df:
+    df = _runs_of(tracker, experiments, status="FINISHED")
+    if df.empty or "metrics.val_top1" not in df:
         return pd.DataFrame()
     df = df[
         df["metrics.val_top1"].notna() & df.get("tags.kind", pd.Series("", df.index)).ne("trial")
     ]
+    df = df[df.get("tags.kind", pd.Series("", df.index)).ne("report")]
     if matrix:
         df = df[df.get("tags.matrix", pd.Series("", df.index)) == matrix]
     return df.reset_index(drop=True)
@@ -81,35 +96,68 @@ def _pos_label(row: pd.Series) -> str | None:
     }[(patch, pixel)]
 
 
+def _noisy(g: pd.DataFrame) -> str:
+    """The reasons some of the group's runs were timed under load (``timing_noisy`` tag)."""
+    if "tags.timing_noisy" not in g:
+        return ""
+    return "; ".join(sorted({str(v) for v in g["tags.timing_noisy"].dropna() if str(v).strip()}))
+
+
+def is_imagenet(g: pd.DataFrame) -> bool:
+    """The paper's top-1 is ImageNet's: compare it only with runs on ImageNet (an image folder
+    whose root names it)."""
+    where = " ".join(
+        str(v) for c in ("params.data.name", "params.data.root") if c in g for v in g[c].dropna()
+    )
+    return "imagenet" in where.lower()
+
+
+def paper_columns(row: dict[str, Any], g: pd.DataFrame, paper_config: bool) -> None:
+    """The paper's params, GMACs and top-1 beside a paper config, and measured - paper."""
+    model = row["model"]
+    paper = get_entry(model).paper if model in list_models() and paper_config else None
+    ref = {
+        "params (M)": paper.params_m if paper else None,
+        "GMACs": paper.gflops if paper else None,  # the papers' GFLOPs count multiply-adds
+        "top-1 mean": paper.top1 if paper and is_imagenet(g) else None,
+    }
+    for col, label in (("params (M)", "params (M)"), ("GMACs", "GMACs"), ("top-1 mean", "top-1")):
+        value = ref[col] if ref[col] is not None else math.nan
+        row[f"paper {label}"] = value
+        row[f"Δ {label}"] = row[col] - value
+
+
 def main_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Per model, dataset and varied key: params, GMACs, throughput, top-1/top-5 over seeds,
-    with the paper's reference values beside rows that are paper configs."""
+    """Per model, dataset and varied key: params, GMACs, throughput, latency, memory, top-1/top-5
+    over seeds, with the paper's values and measured - paper beside rows that are paper configs."""
     varied = varied_columns(df)
+    paper_config = not any(c.startswith(("params.model.", "params.varied.model.")) for c in varied)
     rows = []
     for row, g in group_runs(df):
-        model = row["model"]
         row["params (M)"] = _num(g, "metrics.params_m").mean()
         row["GMACs"] = _num(g, "metrics.gmacs").mean()
         row["train img/s"] = _num(g, "metrics.train_img_per_s").mean()
         row["infer img/s"] = _num(g, "metrics.infer_img_per_s").mean()
-        row["device / dtype"] = (
-            f"{g.get('tags.device_name', pd.Series(['-'])).iloc[0]} / "
-            f"{g.get('tags.amp', pd.Series(['-'])).iloc[0]}"
-        )
-        row["top-1"] = _mean_std(_num(g, "metrics.val_top1"))
-        row["top-5"] = _mean_std(_num(g, "metrics.val_top5"))
-        row["top-1 mean"] = _num(g, "metrics.val_top1").mean()
+        row["infer ms"] = _num(g, "metrics.infer_step_ms").mean()
+        row["infer peak MB"] = _num(g, "metrics.infer_peak_mb").mean()
+        for k in ("top-1", "top-5"):
+            acc = _num(g, f"metrics.val_top{k[-1]}")
+            row[f"{k} mean"], row[f"{k} std"] = acc.mean(), _std(acc)
         row["n"] = len(g)
-        paper = get_entry(model).paper if model in list_models() else None
-        is_paper_config = paper is not None and not any(
-            c.startswith("params.varied.model.") for c in varied
-        )
-        row["paper params (M)"] = paper.params_m if is_paper_config and paper.params_m else "-"
-        row["paper GFLOPs"] = paper.gflops if is_paper_config and paper.gflops else "-"
-        row["paper top-1"] = paper.top1 if is_paper_config and paper.top1 else "-"
+        row["n planned"] = _num(g, "tags.matrix_seeds").max()  # a matrix's seeds; else NaN
+        row["device / dtype"] = f"{one_value(g, 'tags.device_name')} / {one_value(g, 'tags.amp')}"
+        paper_columns(row, g, paper_config)
+        row["timing_noisy"] = _noisy(g)
         row["run_ids"] = " ".join(g["run_id"])
         rows.append(row)
-    return pd.DataFrame(rows)
+    t = pd.DataFrame(rows)
+    # columns no row fills (no paper config, no inference timing) would only read "-"
+    empty = [c for c in t.columns if c != "timing_noisy" and t[c].isna().all()]
+    if t["device / dtype"].nunique() == 1:
+        empty.append("device / dtype")  # one for all: the header says it
+    t = t.drop(columns=empty)
+    t.attrs["caption"] = "Main comparison: size, speed and accuracy (mean ± std over seeds)"
+    return t
 
 
 def ablation_tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -128,14 +176,17 @@ def ablation_tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
             if key == "pixel_size" and "params.model.inner_dim" in g:
                 row["inner_dim"] = g["params.model.inner_dim"].iloc[0]
             row["GMACs"] = _num(g, "metrics.gmacs").mean()
-            row["top-1"] = _mean_std(_num(g, "metrics.val_top1"))
+            acc = _num(g, "metrics.val_top1")
+            row["top-1 mean"], row["top-1 std"] = acc.mean(), _std(acc)
             row["n"] = len(g)
             ref = PAPER_ABLATIONS.get(key, {})
             v = value if key == "pos_embed" else _as_int(value)
-            row["paper top-1 (TNT-S, ImageNet)"] = ref.get(v, "-")
+            row["paper top-1 (TNT-S, ImageNet)"] = ref.get(v, math.nan)
             row["run_ids"] = " ".join(g["run_id"])
             rows.append(row)
-        out[f"ablation_{key}"] = pd.DataFrame(rows)
+        t = pd.DataFrame(rows)
+        t.attrs["caption"] = f"Ablation: {key.replace('_', ' ')} (top-1 mean ± std over seeds)"
+        out[f"ablation_{key}"] = t
     return out
 
 
@@ -161,7 +212,7 @@ def spread_table(df: pd.DataFrame) -> pd.DataFrame | None:
     if not rows:
         return None
     t = pd.DataFrame(rows).sort_values(["layer", "model"], kind="stable", ignore_index=True)
-    t.attrs["caption"] = "feature spread (tntbench viz): patch features scaled to unit mean norm"
+    t.attrs["caption"] = "Feature spread (tntbench viz): patch features scaled to unit mean norm"
     return t
 
 
@@ -191,54 +242,106 @@ def _as_int(v: Any) -> Any:
 
 
 def search_tables(tracker: Tracker, experiments: list[str], study: str | None) -> dict:
-    """Per study: best trials, the Pareto front (two objectives), parameter importances."""
-    frames = [tracker.runs(e, kind="trial") for e in experiments]
-    frames = [f for f in frames if not f.empty]
-    if not frames:
+    """Per study: best trials (captioned with the trial counts ``tntbench search`` prints), the
+    Pareto front (top-1 vs GMACs), and parameter importances once there are enough trials."""
+    trials = _runs_of(tracker, experiments, kind="trial")
+    if trials.empty:
         return {}
-    trials = pd.concat(frames, ignore_index=True)
     if study:
         trials = trials[trials["tags.study"] == study]
+    parents = _runs_of(tracker, experiments, kind="study")
     out: dict[str, pd.DataFrame] = {}
     for name, g in trials.groupby("tags.study"):
         done = g[g["status"] == "FINISHED"].copy()
         if done.empty:
             continue
+        counts = study_counts(parents, str(name)) or mlflow_counts(g)
         pcols = [c for c in done.columns if c.startswith("params.search.")]
-        done["val_top1"] = _num(done, "metrics.val_top1")
-        done["gmacs"] = _num(done, "metrics.gmacs")
-        cols = ["tags.trial", "val_top1", "gmacs", *pcols, "run_id"]
-        best = done.sort_values("val_top1", ascending=False)[cols].head(10)
-        name = safe_name(name)  # table and plot file names come from it
-        out[f"search_{name}_best"] = best.rename(columns=_short)
-        front = pareto(done, "val_top1", "gmacs")
-        out[f"search_{name}_pareto"] = front[cols].rename(columns=_short)
-        imp = importances(done, pcols)
-        if not imp.empty:
-            out[f"search_{name}_importances"] = imp
-        pruned = (g.get("tags.optuna_state", pd.Series(dtype=str)) == "PRUNED").sum()
-        out[f"search_{name}_best"].attrs["caption"] = (
-            f"study {name}: {len(done)} finished, {int(pruned)} pruned trial runs"
+        done["top-1 mean"] = _num(done, "metrics.val_top1")
+        done["GMACs"] = _num(done, "metrics.gmacs")
+        done["trial"] = pd.to_numeric(done["tags.trial"], errors="coerce")
+        cols = ["trial", "top-1 mean", "GMACs", *pcols, "run_id"]
+        key = safe_name(name)  # table and plot file names come from it
+        best = done.sort_values("top-1 mean", ascending=False)[cols].head(10).rename(columns=_short)
+        best.attrs["caption"] = f"Search {key}: best trials (top 10 by val top-1)"
+        n_complete = counts.get("COMPLETE", len(done))
+        best.attrs["note"] = (
+            f"{format_counts(str(name), counts)} (Optuna trial states, as tntbench search prints)"
         )
+        best.attrs["history"] = done[["trial", "top-1 mean"]].dropna().reset_index(drop=True)
+        out[f"search_{key}_best"] = best
+        front = pareto(done, "top-1 mean", "GMACs")[cols].rename(columns=_short)
+        front.attrs["caption"] = f"Search {key}: Pareto front (top-1 vs GMACs)"
+        out[f"search_{key}_pareto"] = front
+        imp = importances(done, pcols) if n_complete >= MIN_TRIALS_FOR_IMPORTANCE else None
+        if imp is not None and not imp.empty:
+            imp.attrs["caption"] = f"Search {key}: parameter importances (fANOVA)"
+            out[f"search_{key}_importances"] = imp
+        else:
+            best.attrs["note"] += ". " + importance_caveat(n_complete)
     return out
 
 
+# fANOVA on a handful of trials gives every parameter about the same share: noise, not a ranking
+MIN_TRIALS_FOR_IMPORTANCE = 10
+
+
+def importance_caveat(n_complete: int) -> str:
+    if n_complete < MIN_TRIALS_FOR_IMPORTANCE:
+        return (
+            f"Parameter importances need at least {MIN_TRIALS_FOR_IMPORTANCE} completed trials; "
+            f"this search has {n_complete}"
+        )
+    return "Parameter importances could not be computed (fewer than two values per parameter)"
+
+
+def format_counts(study: str, counts: dict[str, int]) -> str:
+    """The line ``format_search`` prints ("study NAME: 3 complete, 3 pruned"), same words and
+    order (Optuna's TrialState order), so the report and the console read the same."""
+    order = ["RUNNING", "COMPLETE", "PRUNED", "FAIL", "WAITING"]
+    return f"study {study}: " + ", ".join(
+        f"{counts[k]} {k.lower()}" for k in order if counts.get(k)
+    )
+
+
+def study_counts(parents: pd.DataFrame, study: str) -> dict[str, int] | None:
+    """Trials per Optuna state, read from the study's own storage (the one the search named on
+    its parent run), as the console's summary is: None when that storage cannot be read."""
+    if parents.empty or "params.search.storage" not in parents:
+        return None
+    rows = parents[parents.get("tags.study", pd.Series("", parents.index)) == study]
+    for url in rows["params.search.storage"].dropna().unique():
+        local = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else None
+        if url.endswith(".journal") or url.startswith("journal:"):
+            local = url.removeprefix("journal:")
+        if local is not None and not Path(local).is_file():
+            continue  # opening a missing file would create an empty storage
+        try:
+            import optuna
+            from optuna.trial import TrialState
+
+            st = optuna.load_study(study_name=study, storage=make_storage(url, SearchConfig(study)))
+            trials = st.get_trials(deepcopy=False)
+        except Exception:  # moved, unreachable, another study: fall back to the MLflow runs
+            continue
+        return {s.name: sum(t.state == s for t in trials) for s in TrialState}
+    return None
+
+
+def mlflow_counts(trials: pd.DataFrame) -> dict[str, int]:
+    """Optuna states as the trials' MLflow runs record them, when the storage is out of reach:
+    FINISHED = complete; KILLED = pruned (in training or unbuildable); FAILED = fail."""
+    status = trials["status"]
+    return {
+        "RUNNING": int((status == "RUNNING").sum()),
+        "COMPLETE": int((status == "FINISHED").sum()),
+        "PRUNED": int((status == "KILLED").sum()),
+        "FAIL": int((status == "FAILED").sum()),
+    }
+
+
 def _short(c: str) -> str:
-    return {"tags.trial": "trial", "run_id": "run_ids"}.get(c, c.removeprefix("params.search."))
-
-
-def pareto(df: pd.DataFrame, maximise: str, minimise: str) -> pd.DataFrame:
-    """Rows no other row beats on both (higher ``maximise``, lower ``minimise``)."""
-    keep = []
-    for i, r in df.iterrows():
-        dominated = (
-            (df[maximise] >= r[maximise])
-            & (df[minimise] <= r[minimise])
-            & ((df[maximise] > r[maximise]) | (df[minimise] < r[minimise]))
-        ).any()
-        if not dominated:
-            keep.append(i)
-    return df.loc[keep].sort_values(minimise)
+    return {"run_id": "run_ids"}.get(c, c.removeprefix("params.search."))
 
 
 def importances(done: pd.DataFrame, pcols: list[str]) -> pd.DataFrame:
@@ -249,190 +352,96 @@ def importances(done: pd.DataFrame, pcols: list[str]) -> pd.DataFrame:
     from optuna.distributions import CategoricalDistribution
 
     study = optuna.create_study(direction="maximize")
+    dists = {
+        c.removeprefix("params.search."): CategoricalDistribution(sorted({str(v) for v in done[c]}))
+        for c in pcols
+    }
     for _, r in done.iterrows():
         params = {c.removeprefix("params.search."): str(r[c]) for c in pcols}
-        dists = {
-            k: CategoricalDistribution(sorted({str(v) for v in done[c]}))
-            for k, c in zip(params, pcols, strict=True)
-        }
         study.add_trial(
             optuna.trial.create_trial(
-                params=params, distributions=dists, value=float(r["val_top1"])
+                params=params, distributions=dists, value=float(r["top-1 mean"])
             )
         )
     try:
-        imp = optuna.importance.get_param_importances(study)
+        imp = optuna.importance.get_param_importances(study, evaluator=_evaluator())
     except Exception:
         return pd.DataFrame()
     return pd.DataFrame({"param": list(imp), "importance": list(imp.values())})
+
+
+def _evaluator() -> Any:
+    """fANOVA with a fixed seed: the same trials give the same importances in every report."""
+    from optuna.importance import FanovaImportanceEvaluator
+
+    return FanovaImportanceEvaluator(seed=0)
 
 
 # ---------------------------------------------------------------------------------------------
 # Plots
 
 
-def scatter_with_front(main: pd.DataFrame, x: str, path: Path, log_x: bool = False) -> Path | None:
-    """Top-1 against ``x`` per row, the Pareto frontier drawn through it (Figure 1 style)."""
-    d = main[[x, "top-1 mean", "model"]].dropna()
-    if d.empty:
-        return None
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for fam, marker, label in (("tnt", "o", "TNT"), ("vit", "s", "ViT"), ("deit", "^", "DeiT")):
-        m = d[d["model"].str.startswith(fam)]
-        ax.scatter(m[x], m["top-1 mean"], marker=marker, label=label, s=40)
-        for _, r in m.iterrows():
-            ax.annotate(
-                r["model"],
-                (r[x], r["top-1 mean"]),
-                fontsize=7,
-                xytext=(3, 3),
-                textcoords="offset points",
-            )
-    cheap_is_good = x == "GMACs"
-    f = pareto(
-        d.assign(neg=-d[x]) if not cheap_is_good else d, "top-1 mean", x if cheap_is_good else "neg"
-    ).sort_values(x)
-    ax.plot(f[x], f["top-1 mean"], "k--", lw=1, label="Pareto frontier")
-    ax.set(xlabel=x, ylabel="top-1 (%)", title=f"top-1 vs {x}")
-    if log_x:
-        ax.set_xscale("log")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def learning_curves(tracker: Tracker, runs: pd.DataFrame, path: Path) -> Path | None:
-    if runs.empty:
-        return None
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for model, g in runs.groupby("params.model.name"):
-        curves = [tracker.metric_history(rid, "val_top1") for rid in g["run_id"]]
-        curves = [c for c in curves if c]
-        if not curves:
-            continue
-        points = pd.DataFrame([p for c in curves for p in c], columns=["epoch", "top1"])
-        mean = points.groupby("epoch")["top1"].mean()
-        ax.plot(mean.index, mean.values, "o-", label=f"{model} (n={len(curves)})")
-    ax.set(xlabel="epoch", ylabel="val top-1 (%)", title="learning curves (mean over runs)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def search_plots(tables: dict[str, pd.DataFrame], out: Path) -> dict[str, Path]:
-    plots = {}
-    plt = pyplot()
-    for name, t in tables.items():
-        if name.endswith("_best") and len(t):
-            study = name.removeprefix("search_").removesuffix("_best")
-            fig, ax = plt.subplots(figsize=(6, 3.5))
-            t2 = t.assign(trial=pd.to_numeric(t["trial"])).sort_values("trial")
-            ax.plot(t2["trial"], t2["val_top1"], "o", label="trial (top 10)")
-            ax.plot(t2["trial"], t2["val_top1"].cummax(), "-", label="best so far")
-            ax.set(xlabel="trial", ylabel="val top-1 (%)", title=f"search {study}: history")
-            ax.legend(fontsize=8)
-            fig.tight_layout()
-            p = out / f"search_{study}_history.png"
-            fig.savefig(p, dpi=110)
-            plt.close(fig)
-            plots[p.stem] = p
-        if name.endswith("_importances") and len(t):
-            study = name.removeprefix("search_").removesuffix("_importances")
-            fig, ax = plt.subplots(figsize=(6, 3))
-            ax.barh(t["param"], t["importance"])
-            ax.set(xlabel="importance (fANOVA)", title=f"search {study}: parameter importances")
-            fig.tight_layout()
-            p = out / f"search_{study}_importances.png"
-            fig.savefig(p, dpi=110)
-            plt.close(fig)
-            plots[p.stem] = p
-    return plots
+def make_plots(tracker: Tracker, rep: Report, runs: pd.DataFrame) -> None:
+    """The report's figures, as PNGs in its folder, keyed by file stem."""
+    out = rep.out
+    figures = {}
+    if "main" in rep.tables:
+        main = rep.tables["main"]
+        figures["top1_vs_gmacs"] = accuracy_figure(main, "GMACs") if "GMACs" in main else None
+        if "train img/s" in main:
+            figures["top1_vs_throughput"] = accuracy_figure(main, "train img/s", log_x=True)
+        curves = {
+            str(m): [tracker.metric_history(rid, "val_top1") for rid in g["run_id"]]
+            for m, g in runs.groupby("params.model.name")
+        }
+        figures["learning_curves"] = learning_curves_figure(curves)
+    for name, t in rep.tables.items():
+        if name.endswith("_best") and "history" in t.attrs:
+            figures[name.removesuffix("_best") + "_history"] = history_figure(t.attrs["history"])
+        if name.endswith("_importances"):
+            figures[name] = importances_figure(t)
+    for stem, fig in figures.items():
+        if fig is not None:
+            rep.plots[stem] = save(fig, out / f"{stem}.png")
 
 
 # ---------------------------------------------------------------------------------------------
 # Writing
 
 
-def _fmt(df: pd.DataFrame) -> pd.DataFrame:
-    return df.drop(columns=[c for c in ("top-1 mean",) if c in df]).round(3)
+def run_link(rep: Report, uri: str) -> Any:
+    """run ID -> its page on an MLflow server (``<uri>/#/experiments/<id>/runs/<run id>``);
+    a file or database store has no pages: None."""
+    base = uri.rstrip("/")
+    http = base.startswith(("http://", "https://"))
+
+    def link(run_id: str) -> str | None:
+        exp = rep.experiment_ids.get(run_id)
+        if not http or not exp:
+            return None
+        return f"{mask_uri(base)}/#/experiments/{exp}/runs/{run_id}"
+
+    return link
 
 
 def write_outputs(rep: Report, tracking_uri: str) -> None:
-    md = [
-        "# TNT Bench report",
-        "",
-        f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} from `{tracking_uri}`.",
-        "",
-    ]
-    tex = []
-    body = []
-    for name, df in rep.tables.items():
-        shown = _fmt(df)
-        shown.to_csv(rep.out / f"{name}.csv", index=False)
-        caption = df.attrs.get("caption", name.replace("_", " "))
-        md += [
-            f"## {caption}",
-            "",
-            shown.drop(columns=["run_ids"], errors="ignore").to_markdown(index=False)
-            if _has_tabulate()
-            else shown.to_string(index=False),
-            "",
-        ]
-        tex.append(
-            shown.drop(columns=["run_ids"], errors="ignore")
-            .style.hide(axis="index")
-            .format(precision=3)
-            .to_latex(hrules=True, caption=caption.replace("_", " "))
-        )
-        body.append(f"<h2>{html.escape(caption)}</h2>" + _html_table(shown, tracking_uri))
-    for name, p in rep.plots.items():
-        md += [f"![{name}]({p.name})", ""]
-        data = base64.b64encode(p.read_bytes()).decode()
-        body.append(
-            f'<h2>{html.escape(name)}</h2><img alt="{name}" src="data:image/png;base64,{data}">'
-        )
-    (rep.out / "report.md").write_text("\n".join(md))
-    (rep.out / "report.tex").write_text(
-        "% needs \\usepackage{booktabs}\n" + "\n".join(t.replace("_", "\\_") for t in tex)
-    )
-    style = (
-        "body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:"
-        "collapse;font-size:13px;margin-bottom:1em}td,th{border:1px solid #ccc;padding:"
-        "3px 6px}th{background:#eee}img{max-width:100%;border:1px solid #ddd}"
-    )
-    (rep.out / "report.html").write_text(
-        f"<!doctype html><html><head><meta charset='utf-8'><title>TNT Bench report</title>"
-        f"<style>{style}</style></head><body><h1>TNT Bench report</h1>"
-        f"<p>From {html.escape(tracking_uri)}</p>{''.join(body)}</body></html>"
-    )
+    """report.md, report.tex, report.html (self-contained) and one CSV per table."""
+    write_pages(rep.out, rep.tables, rep.plots, rep.header, run_link(rep, tracking_uri))
 
 
-def _has_tabulate() -> bool:
+def _out_folder(out: str | Path | None) -> tuple[Path, bool]:
+    """The report's folder (created), and whether this call created it."""
+    from suite.errors import UserError
+
+    out = Path(out or Path("reports") / time.strftime("%Y%m%d-%H%M%S"))
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file, not a folder")
+    created = not out.exists()
     try:
-        import tabulate  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _html_table(df: pd.DataFrame, uri: str) -> str:
-    d = df.copy()
-    if "run_ids" in d:
-        http = uri.startswith(("http://", "https://"))
-
-        def link(ids: str) -> str:
-            if not http:
-                return html.escape(ids)
-            return " ".join(f'<a href="{uri}/#/runs/{i}">{i[:8]}</a>' for i in ids.split())
-
-        d["run_ids"] = d["run_ids"].map(link)
-    return d.to_html(index=False, escape=False)
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot create it ({e.strerror or e})") from None
+    return out, created
 
 
 def build_report(
@@ -448,42 +457,43 @@ def build_report(
     for flag, kind, value in (("--matrix", "matrix", matrix), ("--study", "study", study)):
         if value and all(tracker.runs(e, kind=kind, **{kind: value}).empty for e in names):
             raise UserError(f"{flag} {value}: no such {kind} in the store {tracker.uri}")
-    out = Path(out or Path("reports") / time.strftime("%Y%m%d-%H%M%S"))
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: is a file, not a folder")
-    created = not out.exists()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--out {out}: cannot create it ({e.strerror or e})") from None
+    out, created = _out_folder(out)
     rep = Report(out)
     runs = training_runs(tracker, names, matrix)
     if not runs.empty:
-        main = main_table(runs)
-        rep.tables["main"] = main
+        rep.tables["main"] = main_table(runs)
         rep.tables.update(ablation_tables(runs))
-        for x, log in (("GMACs", False), ("train img/s", True)):
-            fname = "top1_vs_gmacs.png" if x == "GMACs" else "top1_vs_throughput.png"
-            p = scatter_with_front(main, x, out / fname, log)
-            if p:
-                rep.plots[p.stem] = p
-        p = learning_curves(tracker, runs, out / "learning_curves.png")
-        if p:
-            rep.plots[p.stem] = p
         sp = spread_table(runs)
         if sp is not None:
             rep.tables["feature_spread"] = sp
-        rep.plots.update(viz_figures(tracker, runs, out))
-    search = search_tables(tracker, names, study)
-    rep.tables.update(search)
-    rep.plots.update(search_plots(search, out))
+    rep.tables.update(search_tables(tracker, names, study))
     if not rep.tables:
         if created and not any(out.iterdir()):
             out.rmdir()  # a failed report leaves no empty folder behind
         raise UserError(f"no finished runs to report on in experiments {names}")
-    write_outputs(rep, getattr(tracker, "uri", ""))
+    make_plots(tracker, rep, runs)
+    if not runs.empty:
+        rep.plots.update(viz_figures(tracker, runs, out))
+    uri = getattr(tracker, "uri", "")
+    _stamp_and_links(tracker, rep, runs, names)
+    write_outputs(rep, uri)
     with tracker.run("reports", f"report/{out.name}", {"kind": "report"}) as run:
         for f in sorted(out.iterdir()):
             run.log_artifact(f, "report")
         rep.run_id = run.run_id
     return rep
+
+
+def _stamp_and_links(tracker: Tracker, rep: Report, runs: pd.DataFrame, names: list[str]) -> None:
+    """The header's stamp (device and dtype over every run shown, trials included), and each
+    shown run's experiment ID for its link."""
+    trials = _runs_of(tracker, names, kind="trial")
+    everything = pd.concat([f for f in (runs, trials) if not f.empty] or [pd.DataFrame()])
+    rep.header = stamp(everything, getattr(tracker, "uri", ""))
+    experiment_id = getattr(tracker, "experiment_id", None)
+    if everything.empty or experiment_id is None:
+        return
+    ids = {e: experiment_id(e) for e in everything["experiment"].dropna().unique()}
+    rep.experiment_ids = dict(
+        zip(everything["run_id"], everything["experiment"].map(ids), strict=True)
+    )

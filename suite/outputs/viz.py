@@ -13,10 +13,12 @@ Layer L means the tokens after block L (layer 0: the embeddings entering block 1
 from __future__ import annotations
 
 import math
+import sys
 import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -267,17 +269,35 @@ def tsne_figure(
     out: Path,
 ) -> Path:
     """t-SNE of each run's patch features at ``layer`` side by side, colored by image class."""
+    fig = tsne_plot(runs, points, labels, layer, spreads)
+    p = out / f"tsne_layer{layer:02d}.png"
+    fig.savefig(p, dpi=100)
+    pyplot().close(fig)
+    return p
+
+
+# a legend of more classes than this is a wall of text; the colors repeat past 20 anyway
+MAX_LEGEND_CLASSES = 20
+
+
+def tsne_plot(
+    runs: list[VizRun], points: list[dict], labels: list[Tensor], layer: int, spreads: list[dict]
+) -> Any:
+    """The t-SNE Figure: one panel per run, colors = classes (tab20), a class legend beside."""
+    from matplotlib.lines import Line2D
     from sklearn.manifold import TSNE
 
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 4.2), squeeze=False)
+    cmap = plt.get_cmap("tab20")
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs) + 1.6, 4.2), squeeze=False)
     for r, run in enumerate(runs):
         f = points[r][layer].numpy()
         emb = TSNE(
             2, perplexity=min(30.0, (len(f) - 1) / 3), init="pca", random_state=0, max_iter=500
         ).fit_transform(f)
         ax = axes[0, r]
-        ax.scatter(emb[:, 0], emb[:, 1], c=labels[r].numpy(), cmap="tab20", s=4, alpha=0.8)
+        # colors by class index (not rescaled per panel): one class, one color in every panel
+        ax.scatter(emb[:, 0], emb[:, 1], color=cmap(labels[r].numpy() % cmap.N), s=4, alpha=0.8)
         s = spreads[r][layer]
         ax.set_title(
             f"{run.label}, layer {layer}\nmean pdist {s['mean_pdist']:.3f}  "
@@ -286,12 +306,17 @@ def tsne_figure(
         )
         ax.set_xticks([])
         ax.set_yticks([])
+    shown = sorted({int(k) for lab in labels for k in lab.tolist()})
+    classes = runs[0].classes
+    names = [classes[k] if k < len(classes) else str(k) for k in shown]
+    handles = [Line2D([], [], ls="", marker="o", ms=5, color=cmap(k % cmap.N)) for k in shown][
+        :MAX_LEGEND_CLASSES
+    ]
+    title = "class" if len(shown) <= MAX_LEGEND_CLASSES else f"class (first {MAX_LEGEND_CLASSES})"
+    fig.legend(handles, names[:MAX_LEGEND_CLASSES], loc="center right", fontsize=7, title=title)
     fig.suptitle("t-SNE of patch features, colored by class", fontsize=9)
-    fig.tight_layout()
-    p = out / f"tsne_layer{layer:02d}.png"
-    fig.savefig(p, dpi=100)
-    plt.close(fig)
-    return p
+    fig.tight_layout(rect=(0, 0, 1 - 1.5 / fig.get_figwidth(), 1))
+    return fig
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,7 +337,10 @@ def run_viz(
 ) -> VizResult:
     """Feature maps, t-SNE and spread metrics for the runs, on the same validation images."""
     dev = _check_viz_args(n_images, channels, n_maps, device)
-    runs = [load_run(tracker, rid, dev) for rid in dict.fromkeys(run_ids)]
+    runs = []
+    for rid in dict.fromkeys(run_ids):
+        _say(f"loading {rid} ...")
+        runs.append(load_run(tracker, rid, dev))
     digests = {r.digest for r in runs}
     if len(digests) > 1:
         raise UserError(
@@ -324,6 +352,7 @@ def run_viz(
     key = "-".join(r.run_id[:8] for r in runs)
     out = Path(out) if out else Path("reports") / "viz" / key
     out.mkdir(parents=True, exist_ok=True)
+    _say(f"features of {min(n_images, len(runs[0].val))} images, layers {wanted} ...")
     images, feats = _features(runs, n_images, wanted, dev)
     n = images[0][0].shape[0]
 
@@ -338,11 +367,19 @@ def run_viz(
         spreads.append({L: spread(points[r][L]) for L in wanted})
 
     result = VizResult(out)
+    _say(f"writing feature maps to {out} ...")
     result.figures += feature_map_figures(runs, *images[0], feats, wanted, channels, n_maps, out)
     for L in wanted:
+        _say(f"t-SNE layer {L} ...")
         result.figures.append(tsne_figure(runs, points, point_labels, L, spreads, out))
+    _say(f"writing metrics and {len(result.figures)} figures to the runs ...")
     _record(tracker, runs, spreads, wanted, result, key)
     return result
+
+
+def _say(stage: str) -> None:
+    """A stage line on stderr, so a long viz never goes quiet."""
+    print(f"viz: {stage}", file=sys.stderr, flush=True)
 
 
 def _check_viz_args(n_images: int, channels: int, n_maps: int, device: str) -> torch.device:

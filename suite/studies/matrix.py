@@ -24,8 +24,9 @@ import copy
 import hashlib
 import itertools
 import json
+import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ class Cell:
     varied: dict[str, Any]  # the subset that varies across the matrix (for params and tables)
     raw: dict[str, Any] = field(default_factory=dict)  # base config with overrides applied
     digest: str = ""
+    seeds: int = 1  # how many seeds the matrix has: a group with fewer runs is partial
 
     @property
     def model(self) -> str:
@@ -59,12 +61,15 @@ class Cell:
 
     @property
     def run_name(self) -> str:
+        """Short, distinguishing parts first: ``tnt_nano s0 inner_heads=2`` (the dataset only
+        when it varies; it is always a param and a tag)."""
         extra = [
             f"{k.split('.')[-1]}={v}"
             for k, v in self.varied.items()
             if k not in ("model.name", "data.name", "train.seed", "data.root")
         ]
-        return "/".join([self.model, self.dataset, f"s{self.seed}", *extra])
+        data = [self.dataset] if "data.name" in self.varied else []
+        return " ".join([self.model, *data, f"s{self.seed}", *extra])
 
 
 def config_digest(raw: dict[str, Any]) -> str:
@@ -90,6 +95,9 @@ def expand(path: str | Path, sets: list[str] | None = None) -> tuple[str, dict, 
         cell_raw = with_values(copy.deepcopy(base), overrides, f"{path}: [matrix]")
         varied = {k: v for k, v in overrides.items() if k in varied_keys}
         cells.append(Cell(i, overrides, varied, cell_raw, config_digest(cell_raw)))
+    seeds = len({c.seed for c in cells})
+    for c in cells:
+        c.seeds = seeds
     _check_base(base, cells, str(path))
     return name, base, cells
 
@@ -147,6 +155,39 @@ def _parent_run_id(tracker: Tracker, experiment: str, name: str) -> str | None:
     return None if df.empty else str(df.sort_values("start_time")["run_id"].iloc[0])
 
 
+def open_parent(
+    tracker: Tracker, experiment: str, name: str, cells: list[Cell], path: str | Path
+) -> str:
+    """The matrix's parent run ID: the existing one, or a new one with the matrix's params."""
+    known = _parent_run_id(tracker, experiment, name)
+    if known is not None:
+        return known
+    with tracker.run(experiment, f"matrix/{name}", {"kind": "matrix", "matrix": name}) as parent:
+        seeds = len({c.seed for c in cells})
+        params = {"matrix.cells": len(cells), "matrix.seeds": seeds, "matrix.config": str(path)}
+        parent.log_params(params)
+    return parent.run_id
+
+
+def finish_parent(
+    parent: Any, tracker: Tracker, experiment: str, name: str, cells: list[Cell]
+) -> tuple[pd.DataFrame, pd.DataFrame, int]:
+    """Summary, finished cell runs and failed count, logged onto the parent: the summary as
+    text and CSV, and per group the mean top-1 and img/s (so the collapsed parent row in the
+    MLflow UI already answers the matrix's question)."""
+    runs = cell_runs(tracker, experiment, name)
+    summary = summarize(runs, seeds=len({c.seed for c in cells}))
+    wanted = {c.digest for c in cells}
+    got = set(runs["tags.cell_hash"]) if len(runs) else set()
+    failed = len(wanted - got)
+    if len(summary):
+        parent.log_text(format_summary(summary), "summary.txt")
+        parent.log_text(summary.to_csv(index=False), "summary.csv")
+        parent.log_metrics(summary_metrics(summary))
+    parent.log_metrics({"cells_failed": failed, "cells_done": len(wanted & got)})
+    return summary, runs, failed
+
+
 def run_matrix(
     path: str | Path,
     tracker: Tracker,
@@ -154,88 +195,87 @@ def run_matrix(
     progress: bool = True,
     profile_steps: int = 3,
 ) -> MatrixResult:
+    """The matrix in this process, cell after cell (no storage needed); a rerun runs only
+    the cells not FINISHED yet, and a cell cut short by a killed process goes on in its run."""
     name, base, cells = expand(path, sets)
     experiment = base.get("tracking", {}).get("experiment") or name
     done = finished_digests(tracker, experiment)
     todo = [c for c in cells if c.digest not in done]
     _check_paths(todo, path)
-    parent_id = _parent_run_id(tracker, experiment, name)
+    parent_id = open_parent(tracker, experiment, name, cells, path)
     running = unfinished_cells(tracker, experiment, name)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(
-            total=len(cells),
-            initial=len(cells) - len(todo),
-            unit="cell",
-            desc=f"matrix {name}",
-            file=sys.stderr,
-            dynamic_ncols=True,
-        )
-    tags = {"kind": "matrix", "matrix": name}
-    with tracker.run(experiment, f"matrix/{name}", tags, run_id=parent_id) as parent:
-        if parent_id is None:
-            parent.log_params({"matrix.cells": len(cells), "matrix.config": str(path)})
-        failed = _run_cells(
-            todo,
-            running,
-            bar,
-            matrix=name,
-            experiment=experiment,
-            parent_id=parent.run_id,
-            tracker=tracker,
-            profile_steps=profile_steps,
-        )
-        runs = cell_runs(tracker, experiment, name)
-        summary = summarize(runs)
-        if len(summary):
-            parent.log_text(format_summary(summary), "summary.txt")
-            parent.log_text(summary.to_csv(index=False), "summary.csv")
-        parent.log_metrics({"cells_failed": failed, "cells_done": len(runs)})
-    return MatrixResult(
-        name, parent.run_id, len(todo), len(cells) - len(todo), failed, summary, runs
-    )
+    bar = _MatrixBar(cells, todo, name) if progress else None
+    with tracker.run(experiment, f"matrix/{name}", run_id=parent_id) as parent:
+        for cell in todo:
+            _run_or_skip(cell, running, bar, name, experiment, parent_id, tracker, profile_steps)
+        if bar is not None:
+            bar.close()
+        summary, runs, failed = finish_parent(parent, tracker, experiment, name, cells)
+    return MatrixResult(name, parent_id, len(todo), len(cells) - len(todo), failed, summary, runs)
 
 
-def _run_cells(
-    todo: list[Cell],
+def _run_or_skip(
+    cell: Cell,
     running: dict,
-    bar: Any,
-    *,
-    matrix: str,
+    bar: _MatrixBar | None,
+    name: str,
     experiment: str,
     parent_id: str,
     tracker: Tracker,
     profile_steps: int,
-) -> int:
-    """Run the cells left, in order; returns how many failed."""
-    name, failed = matrix, 0
-    for cell in todo:
-        if bar is not None:
-            bar.set_postfix_str(cell.run_name)
-        run_id, alive = running.get(cell.digest, (None, False))
-        if alive:  # another process is training it right now: it will record it
-            print(
-                f"cell {cell.index} ({cell.run_name}) is running in another process "
-                f"(run {run_id}): skipped",
-                file=sys.stderr,
-            )
-        else:  # a cell cut short by a killed process goes on in its run
-            failed += not _run_cell(
-                cell,
-                name,
-                experiment,
-                parent_id,
-                tracker,
-                profile_steps,
-                continue_run=run_id,
-            )
-        if bar is not None:
-            bar.update(1)
+) -> None:
+    run_id, alive = running.get(cell.digest, (None, False))
+    if alive:  # another process is training it right now: it will record it
+        print(
+            f"cell {cell.index} ({cell.run_name}) is running in another process "
+            f"(run {run_id}): skipped",
+            file=sys.stderr,
+        )
+    else:  # a cell cut short by a killed process goes on in its run
+        on_epoch = bar.start(cell) if bar is not None else None
+        run_cell(cell, name, experiment, parent_id, tracker, profile_steps, run_id, on_epoch)
     if bar is not None:
-        bar.close()
-    return failed
+        bar.finish(cell)
+
+
+class _MatrixBar:
+    """The matrix's bar counts epochs, so its ETA follows the training done, not the cells
+    (a 6-cell matrix would otherwise sit at 0/6 through its first cell); the cell's own
+    per-step bar (on a terminal) sits below it."""
+
+    def __init__(self, cells: list[Cell], todo: list[Cell], name: str) -> None:
+        from tqdm import tqdm
+
+        self.epochs = {c.digest: int(c.raw.get("train", {}).get("epochs", 1)) for c in cells}
+        total = sum(self.epochs.values())
+        left = sum(self.epochs[c.digest] for c in todo)
+        self.n_cells, self.done = len(cells), len(cells) - len(todo)
+        self.bar = tqdm(
+            total=total,
+            initial=total - left,
+            unit="epoch",
+            desc=f"matrix {name}",
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
+        self.counted = 0
+
+    def start(self, cell: Cell) -> Callable[[int, dict[str, float]], None]:
+        self.counted = 0
+        self.bar.set_postfix_str(f"cell {self.done + 1}/{self.n_cells} {cell.run_name}")
+
+        def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+            self.counted += 1
+            self.bar.update(1)
+
+        return on_epoch
+
+    def finish(self, cell: Cell) -> None:
+        self.bar.update(self.epochs[cell.digest] - self.counted)  # resumed or failed early
+        self.done += 1
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _check_paths(cells: list[Cell], path: str | Path) -> None:
@@ -261,7 +301,7 @@ def unfinished_cells(tracker: Tracker, experiment: str, matrix: str) -> dict:
     return out
 
 
-def _run_cell(
+def run_cell(
     cell: Cell,
     matrix: str,
     experiment: str,
@@ -269,10 +309,21 @@ def _run_cell(
     tracker: Tracker,
     profile_steps: int,
     continue_run: str | None = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> bool:
     """Train and profile one cell; False (recorded as FAILED with the error) if it fails."""
-    tags = {"kind": "cell", "matrix": matrix, "cell_hash": cell.digest, "cell": cell.index}
-    params = {f"varied.{k}": v for k, v in cell.varied.items()}
+    # which config keys vary is a tag: the values are the run's params already (model.name,
+    # train.seed, ...), so the MLflow compare view shows each once
+    tags = {
+        "kind": "cell",
+        "matrix": matrix,
+        "cell_hash": cell.digest,
+        "cell": cell.index,
+        "varied": ",".join(cell.varied),
+        "dataset": cell.dataset,
+        "matrix_seeds": cell.seeds,
+    }
+    params: dict[str, Any] = {}
     raw = copy.deepcopy(cell.raw)
     raw.setdefault("tracking", {}).update(experiment=experiment, run_name=cell.run_name)
     try:
@@ -294,7 +345,8 @@ def _run_cell(
             parent_run_id=parent_id,
             extra_tags=tags,
             extra_params=params,
-            progress=False,
+            on_epoch=on_epoch,
+            progress=on_epoch is not None,
             continue_run=continue_run,
         )
         _profile_cell(cfg, result, tracker, profile_steps)
@@ -372,9 +424,15 @@ def cell_runs(tracker: Tracker, experiment: str, matrix: str) -> pd.DataFrame:
 
 
 def varied_columns(runs: pd.DataFrame) -> list[str]:
-    """The ``params.varied.*`` columns beyond model, dataset and seed (the extra matrix axes)."""
-    own = ("params.varied.model.name", "params.varied.data.name", "params.varied.train.seed")
-    return sorted(c for c in runs.columns if c.startswith("params.varied.") and c not in own)
+    """The param columns of the matrix's axes beyond model, dataset and seed: the keys named
+    in the cells' ``varied`` tag (runs from before that tag: their ``params.varied.*``)."""
+    own = {"model.name", "data.name", "train.seed"}
+    keys: set[str] = set()
+    for v in runs["tags.varied"].dropna() if "tags.varied" in runs else []:
+        keys |= {k for k in str(v).split(",") if k and k not in own}
+    cols = {f"params.{k}" for k in keys} & set(runs.columns)
+    legacy = {c for c in runs.columns if c.startswith("params.varied.")}
+    return sorted(cols | {c for c in legacy if c.removeprefix("params.varied.") not in own})
 
 
 def group_runs(runs: pd.DataFrame) -> Iterator[tuple[dict[str, Any], pd.DataFrame]]:
@@ -385,14 +443,17 @@ def group_runs(runs: pd.DataFrame) -> Iterator[tuple[dict[str, Any], pd.DataFram
     df = runs.copy()
     for c in keys:
         df[c] = df[c].fillna("-")
-    names = ["model", "dataset", *[c.removeprefix("params.varied.") for c in varied]]
+    names = ["model", "dataset"]
+    names += [c.removeprefix("params.varied.").removeprefix("params.") for c in varied]
     for key, g in df.groupby(keys, sort=False):
         yield dict(zip(names, key, strict=True)), g
 
 
-def summarize(runs: pd.DataFrame) -> pd.DataFrame:
+def summarize(runs: pd.DataFrame, seeds: int | None = None) -> pd.DataFrame:
     """Per model, dataset (and any other varied key): params, GMACs, img/s, and top-1 as
-    mean +- std over seeds, all read from the MLflow metrics of the cell runs."""
+    mean +- std over seeds, all read from the MLflow metrics of the cell runs. With ``seeds``
+    (the matrix's count), a group with fewer finished runs is ``partial`` (still running, or
+    some failed)."""
     if runs.empty:
         return pd.DataFrame()
     rows = []
@@ -405,6 +466,7 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
         row["top-1 std"] = top1.std(ddof=1) if len(top1) > 1 else 0.0
         row["top-1"] = f"{row['top-1 mean']:.2f} +- {row['top-1 std']:.2f}"
         row["n"] = len(g)
+        row["partial"] = seeds is not None and len(g) < seeds
         row["run_ids"] = ",".join(g["run_id"])
         tag = g["tags.timing_noisy"].dropna() if "tags.timing_noisy" in g else []
         row["timing_noisy"] = "; ".join(tag)  # suite.noise: a disturbed img/s figure
@@ -412,12 +474,40 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def summary_metrics(summary: pd.DataFrame) -> dict[str, float]:
+    """Per group, its mean top-1 and img/s under stable names (``val_top1_mean/tnt_nano``,
+    ``train_img_per_s_mean/tnt_nano inner_heads 2``), for the parent run."""
+    out = {}
+    fixed = {
+        "top-1 mean",
+        "top-1 std",
+        "top-1",
+        "n",
+        "partial",
+        "run_ids",
+        *SUMMARY_METRICS.values(),
+    }
+    for _, r in summary.iterrows():
+        keys = [c for c in summary.columns if c not in fixed and c not in ("model", "dataset")]
+        parts = [str(r["model"])]
+        if summary["dataset"].nunique() > 1:
+            parts.append(str(r["dataset"]))
+        parts += [f"{k.split('.')[-1]} {r[k]}" for k in keys]
+        label = re.sub(r"[^\w\-. /]", "-", " ".join(parts))
+        out[f"val_top1_mean/{label}"] = float(r["top-1 mean"])
+        for m in ("train_img_per_s", "infer_img_per_s"):
+            out[f"{m}_mean/{label}"] = float(r[SUMMARY_METRICS[m]])
+    return {k: v for k, v in out.items() if v == v}  # NaN (not measured) left out
+
+
 def format_summary(summary: pd.DataFrame) -> str:
     if summary.empty:
         return "(no finished cells)"
-    hidden = ("top-1 mean", "top-1 std", "run_ids", "timing_noisy")
+    hidden = ("top-1 mean", "top-1 std", "run_ids", "timing_noisy", "partial")
     cols = [c for c in summary.columns if c not in hidden]
     df = summary[cols].copy()
+    if "partial" in summary:  # a group whose seeds are not all finished (yet)
+        df["n"] = summary["n"].where(~summary["partial"], summary["n"].astype(str) + " (partial)")
     noisy = summary.get("timing_noisy", pd.Series([""] * len(df))).fillna("").astype(bool)
     for c in ("train img/s", "infer img/s"):  # a disturbed timing reads 211*, as in profile's
         df[c] = [f"{v:.0f}{'*' if n else ''}" for v, n in zip(df[c], noisy, strict=True)]

@@ -43,6 +43,7 @@ from suite.config import (
     with_values,
 )
 from suite.errors import UserError
+from suite.studies.storage import open_storage, quiet_optuna
 from suite.tracking import (
     Tracker,
     flatten,
@@ -124,40 +125,8 @@ def default_storage(tracking_uri: str, workers: int) -> str:
     return f"sqlite:///{folder / 'optuna.db'}"
 
 
-def _quiet_optuna() -> None:
-    import warnings
-
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-
-
 def make_storage(url: str, scfg: SearchConfig) -> Any:
-    import optuna
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-    from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-    _quiet_optuna()
-    if url.endswith(".journal") or url.startswith("journal:"):
-        path = url.removeprefix("journal:")
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(path))
-    if "://" not in url:
-        raise UserError(
-            f"--storage {url}: not an Optuna storage URL (sqlite:///..., "
-            f"postgresql+psycopg://..., or a path ending in .journal)"
-        )
-    try:
-        return RDBStorage(
-            url,
-            heartbeat_interval=scfg.heartbeat_interval,
-            grace_period=scfg.grace_period,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(scfg.max_retry),
-            engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
-        )
-    except (optuna.exceptions.StorageInternalError, ImportError, Exception) as e:
-        raise UserError(f"--storage {url}: cannot open ({type(e).__name__}: {e})") from None
+    return open_storage(url, scfg.heartbeat_interval, scfg.grace_period, scfg.max_retry)
 
 
 def make_sampler(scfg: SearchConfig) -> Any:
@@ -314,7 +283,7 @@ def run_search(
     uri = resolve_uri(tracking_uri or cfg.tracking.uri or None)
     storage = storage or default_storage(uri, workers)
     directions = [OBJECTIVES[o] for o in scfg.objectives]
-    _quiet_optuna()
+    quiet_optuna()
     study = optuna.create_study(
         storage=make_storage(storage, scfg),
         study_name=scfg.study,
@@ -402,7 +371,7 @@ def _worker(path, sets, storage, scfg: SearchConfig, uri, parent_id, timeout) ->
     import optuna
     from optuna.trial import TrialState
 
-    _quiet_optuna()
+    quiet_optuna()
     raw = apply_sets(read_toml(path), sets)
     base = {k: v for k, v in raw.items() if k not in ("search", "matrix")}
     cfg = from_dict(base, str(path))
@@ -433,7 +402,43 @@ def _worker(path, sets, storage, scfg: SearchConfig, uri, parent_id, timeout) ->
                 continue
             if len(trials) >= 3 * scfg.n_trials:  # trials that keep failing: give up
                 break
-        study.optimize(objective, n_trials=1, catch=(Exception,))
+        study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[print_trial_line])
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if 1e-2 <= abs(v) < 1e3 else f"{v:.1e}".replace("e-0", "e-")
+    return str(v)
+
+
+def trial_line(trial: Any, objectives: list[str] | None = None) -> str:
+    """``trial 3  patch_size=8 pixel_size=4 inner_heads=2 lr=3.1e-3  COMPLETE  top-1 41.2``:
+    parameters by their last name (a tied group's keys spelled out), the Optuna state, then
+    the objective values (complete) or the reason (pruned, failed)."""
+    params: dict[str, Any] = {}
+    for k, v in trial.params.items():
+        group = json.loads(v) if isinstance(v, str) and v[:1] == "{" else {k: v}
+        params.update(group)
+    shown = " ".join(f"{k.rpartition('.')[2]}={_short(v)}" for k, v in params.items())
+    line = f"trial {trial.number}  {shown}  {trial.state.name}"
+    if trial.values:
+        names = objectives or [f"value{i}" for i in range(len(trial.values))]
+        line += "  " + "  ".join(
+            f"{'top-1' if n == 'val_top1' else n} {_short(v)}"
+            for n, v in zip(names, trial.values, strict=False)
+        )
+    attrs = trial.user_attrs
+    reason = attrs.get("pruned_reason") or attrs.get("fail_reason")
+    if trial.state.name == "PRUNED" and not reason and "pruned_epoch" in attrs:
+        reason = f"after epoch {attrs['pruned_epoch']}"
+    if reason and not trial.values:
+        line += f"  ({str(reason).splitlines()[0][:80]})"
+    return line
+
+
+def print_trial_line(study: Any, trial: Any) -> None:
+    """Optuna callback: one stderr line per finished trial."""
+    print(trial_line(trial, study.metric_names), file=sys.stderr, flush=True)
 
 
 def reap_dead_trials(study: Any, tracker: Tracker, experiment: str, study_name: str) -> None:
@@ -474,10 +479,7 @@ def format_search(r: SearchResult) -> str:
 
     study = r.study
     trials = study.get_trials(deepcopy=False)
-    counts = {s.name: sum(t.state == s for t in trials) for s in TrialState}
-    head = f"study {study.study_name}: " + ", ".join(
-        f"{v} {k.lower()}" for k, v in counts.items() if v
-    )
+    head = f"study {study.study_name}: {state_counts(trials)}"
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if not complete:
         return head + "\n(no complete trial)"
@@ -498,6 +500,21 @@ def format_search(r: SearchResult) -> str:
         f"{head}\n{label}:\n{pd.DataFrame(rows).to_string(index=False)}\n"
         f"storage {r.storage}  parent run {r.parent_run_id}"
     )
+
+
+def state_counts(trials: list[Any]) -> str:
+    """'N complete, M pruned, K failed' by Optuna state (running/waiting ones added if any)."""
+    from optuna.trial import TrialState
+
+    count = {s: sum(t.state == s for t in trials) for s in TrialState}
+    text = (
+        f"{count[TrialState.COMPLETE]} complete, {count[TrialState.PRUNED]} pruned, "
+        f"{count[TrialState.FAIL]} failed"
+    )
+    for s in (TrialState.RUNNING, TrialState.WAITING):
+        if count[s]:
+            text += f", {count[s]} {s.name.lower()}"
+    return text
 
 
 def pareto_front(study: Any) -> list[Any]:

@@ -26,6 +26,7 @@ from suite.config import Config, safe_name, to_toml
 from suite.errors import UserError
 from suite.models import create_model, get_entry, model_img_size
 from suite.plots import learning_curves, pyplot
+from suite.profile import peak_memory_mb
 from suite.runtime import (
     autocast,
     check_precision,
@@ -172,13 +173,7 @@ def _fit(
             enabled=rank == 0 and cfg.train.checkpoint,
         )
         if ckpt_path is None:
-            params = {
-                **flatten(cfg.to_dict()),
-                "lr_effective": lr,
-                "amp_resolved": recipe.amp,
-                "global_batch": cfg.train.batch_size * world,
-                **extra_params,
-            }
+            params = run_params(cfg, recipe, lr, world, extra_params)
             record_start(run, params, folder, cfg, recipe.data.info, profile)
         else:
             log_missing_epochs(run, tracker, state.history)
@@ -187,8 +182,9 @@ def _fit(
         state.net = compile_for_training(state, recipe, run)
         train_epochs(state, recipe, run, ckpt, on_epoch=on_epoch, progress=progress)
         final = {**(state.history[-1] if state.history else {}), **profile}
-        final["best_val_top1"] = state.best
-        run.log_metrics({"best_val_top1": state.best})
+        # peak memory of the training process (CUDA: max allocated; CPU: peak RSS)
+        final["best_val_top1"], final["peak_mb"] = state.best, peak_memory_mb(recipe.device)
+        run.log_metrics({"best_val_top1": state.best, "peak_mb": final["peak_mb"]})
         if rank == 0:
             _log_artifacts(run, state.history, folder, cfg, state.model)
         return TrainResult(run.run_id, final, state.history, str(folder), state.best)
@@ -317,7 +313,7 @@ def model_profile(model: nn.Module, img_size: int) -> dict[str, float]:
 
 
 def default_run_name(cfg: Config) -> str:
-    return cfg.tracking.run_name or f"{cfg.model.name}/{cfg.data.name}/s{cfg.train.seed}"
+    return cfg.tracking.run_name or f"{cfg.model.name} s{cfg.train.seed}"
 
 
 def run_tags(recipe: Recipe, world: int, extra: dict[str, str]) -> dict[str, Any]:
@@ -334,6 +330,22 @@ def run_tags(recipe: Recipe, world: int, extra: dict[str, str]) -> dict[str, Any
         **extra,
         "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
         "pid": os.getpid(),  # with the host tag: whether a RUNNING run's process still lives
+    }
+
+
+def run_params(
+    cfg: Config, recipe: Recipe, lr: float, world: int, extra: dict[str, Any]
+) -> dict[str, Any]:
+    """The run's params: its settings (not the tracking section: that is the run's name and
+    place, which the run name and experiment say already; config.toml keeps it all) and what
+    they resolved to."""
+    settings = {k: v for k, v in cfg.to_dict().items() if k != "tracking"}
+    return {
+        **flatten(settings),
+        "lr_effective": lr,
+        "amp_resolved": recipe.amp,
+        "global_batch": cfg.train.batch_size * world,
+        **extra,
     }
 
 

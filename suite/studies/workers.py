@@ -1,0 +1,316 @@
+"""``tntbench matrix --storage URL --workers N --gpus-per-cell K``: a matrix spread over
+processes, GPUs and machines, on an Optuna storage (``suite.studies.queue``).
+
+Every worker, on this machine or another, runs the same loop: reap the cells of dead workers,
+pop a waiting cell, run it exactly as the one-process matrix does (``fit`` plus the inference
+profile, a child of the matrix's parent run), tell its top-1 back. Workers that find the queue
+empty wait while other cells still run (their worker may die and the cell come back), then
+stop. On this machine ``--workers N`` splits the CPU cores between N processes, or pins each to
+its own GPUs; with ``--gpus-per-cell K`` a cell runs under ``torchrun`` (DDP) on K GPUs.
+
+Many machines: the same command on each, with one PostgreSQL storage and one MLflow server.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from suite.errors import UserError
+from suite.studies.matrix import (
+    Cell,
+    MatrixResult,
+    expand,
+    finish_parent,
+    finished_digests,
+    open_parent,
+    run_cell,
+)
+from suite.studies.queue import GRACE_S, HEARTBEAT_S, MAX_RETRY, MatrixQueue, study_name
+from suite.studies.storage import open_storage
+from suite.tracking import Tracker, make_tracker, resolve_uri, worker_id
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What every worker of one command needs (picklable: it crosses a spawn)."""
+
+    path: str
+    sets: list[str]
+    storage: str
+    tracking_uri: str
+    parent_id: str
+    workers: int
+    gpus_per_cell: int
+    profile_steps: int
+
+
+def default_storage(tracking_uri: str) -> str:
+    """Workers on this machine with no --storage: a journal file beside the SQLite store."""
+    uri = resolve_uri(tracking_uri)
+    if not uri.startswith("sqlite:///"):
+        raise UserError(
+            "--workers/--gpus-per-cell with a tracking server need --storage URL "
+            "(e.g. postgresql+psycopg://user:pw@host/db), shared by every machine"
+        )
+    return str(Path(uri.removeprefix("sqlite:///")).parent / "matrix.journal")
+
+
+def run_queued_matrix(
+    path: str | Path,
+    tracker: Tracker,
+    sets: list[str] | None = None,
+    *,
+    storage: str | None = None,
+    workers: int = 1,
+    gpus_per_cell: int = 0,
+    profile_steps: int = 3,
+) -> MatrixResult:
+    """Queue the matrix's missing cells in ``storage`` and work on them with ``workers``
+    processes here; other machines may run the same command on the same storage."""
+    if workers < 1:
+        raise UserError(f"--workers must be >= 1, got {workers}")
+    if gpus_per_cell < 0:
+        raise UserError(f"--gpus-per-cell must be >= 0, got {gpus_per_cell}")
+    name, base, cells = expand(path, sets)
+    experiment = base.get("tracking", {}).get("experiment") or name
+    storage = storage or default_storage(tracker.uri)
+    worker_env(0, workers, gpus_per_cell)  # a plan that cannot fit fails before any work
+    queue = MatrixQueue(storage, name)
+    queue.check_cells([c.digest for c in cells])
+    done = finished_digests(tracker, experiment)
+    queue.enqueue([(c.index, c.digest) for c in cells], set(done))
+    parent_id = queue.parent_run_id(lambda: open_parent(tracker, experiment, name, cells, path))
+    todo = [c for c in cells if c.digest not in done]
+    plan = Plan(
+        str(path),
+        list(sets or []),
+        storage,
+        tracker.uri,
+        parent_id,
+        workers,
+        gpus_per_cell,
+        profile_steps,
+    )
+    with tracker.run(experiment, f"matrix/{name}", run_id=parent_id) as parent:
+        _start_workers(plan)
+        summary, runs, failed = finish_parent(parent, tracker, experiment, name, cells)
+    return MatrixResult(name, parent_id, len(todo), len(cells) - len(todo), failed, summary, runs)
+
+
+def _start_workers(plan: Plan) -> None:
+    if plan.workers == 1:
+        _worker_main(plan, 0)
+        return
+    ctx = mp.get_context("spawn")  # a fresh interpreter: no inherited threads or CUDA state
+    procs = [ctx.Process(target=_worker_main, args=(plan, s)) for s in range(plan.workers)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+
+
+def worker_env(slot: int, workers: int, gpus_per_cell: int) -> dict[str, str]:
+    """Environment of worker ``slot``: its share of the CPU cores (OMP threads per process),
+    and on CUDA its own group of ``max(gpus_per_cell, 1)`` GPUs."""
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = max(1, (cores or 1) // workers)
+    env = {"OMP_NUM_THREADS": str(max(1, threads // max(gpus_per_cell, 1)))}
+    if torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+        k = max(gpus_per_cell, 1)
+        if workers * k > len(gpus):
+            raise UserError(
+                f"--workers {workers} x --gpus-per-cell {k} needs {workers * k} GPUs; "
+                f"this machine has {len(gpus)}"
+            )
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[slot * k : (slot + 1) * k])
+    env["TNTBENCH_THREADS"] = str(threads)
+    return env
+
+
+def _worker_main(plan: Plan, slot: int) -> None:
+    """One worker process: its share of the machine, then the queue loop."""
+    import torch
+
+    env = worker_env(slot, plan.workers, plan.gpus_per_cell)
+    os.environ.update(env)  # before CUDA starts: CUDA_VISIBLE_DEVICES is read then
+    torch.set_num_threads(int(env["TNTBENCH_THREADS"]))
+    work(plan, slot)
+
+
+def work(plan: Plan, slot: int = 0) -> None:
+    """Pop and run cells until the queue is drained and no other worker runs one."""
+    name, base, cells = expand(plan.path, plan.sets)
+    by_hash = {c.digest: c for c in cells}
+    experiment = base.get("tracking", {}).get("experiment") or name
+    queue = MatrixQueue(plan.storage, name)
+    tracker = make_tracker(plan.tracking_uri)
+    while True:
+        queue.reap()
+        popped = queue.pop()
+        if popped is None:
+            if queue.wait_or_stop():
+                continue
+            return
+        value = None
+        try:
+            with queue.heartbeat(popped.trial_id):
+                cell = by_hash[popped.digest]
+                value = _run_popped(cell, name, plan, tracker, experiment, f"worker {slot}")
+        except Exception as e:  # the cell's run is FAILED with its error; the worker goes on
+            print(f"worker {slot}: trial {popped.number} failed: {e}", file=sys.stderr)
+        finally:  # Ctrl-C too: the cell is FAIL in the queue, never left RUNNING
+            queue.tell(popped, value)
+
+
+def _run_popped(
+    cell: Cell, name: str, plan: Plan, tracker: Tracker, experiment: str, worker: str
+) -> float | None:
+    """Run a popped cell (unless MLflow has it already); its top-1, or None if it failed."""
+    found = _cell_run(tracker, experiment, cell.digest)
+    if found.get("FINISHED"):
+        return _top1(tracker, experiment, cell.digest)
+    resume = found.get("RUNNING")  # its worker died (else the cell would not be waiting)
+    who = f"{worker} ({worker_id()})"
+    what = f"cell {cell.index} ({cell.run_name})"
+    print(f"{who}: {what} {'resumed' if resume else 'started'}", file=sys.stderr, flush=True)
+    t0 = time.monotonic()
+    if plan.gpus_per_cell:
+        _torchrun_cell(plan, cell, resume)
+    else:
+        run_cell(cell, name, experiment, plan.parent_id, tracker, plan.profile_steps, resume)
+    value = _top1(tracker, experiment, cell.digest)
+    state = "FAILED" if value is None else f"FINISHED top-1 {value:.2f}"
+    took = time.monotonic() - t0
+    print(f"{who}: {what} {state} in {took:.0f} s", file=sys.stderr, flush=True)
+    return value
+
+
+def _cell_run(tracker: Tracker, experiment: str, digest: str) -> dict[str, str]:
+    """status -> the newest run ID of the cell's runs with that status."""
+    df = tracker.runs(experiment, kind="cell", cell_hash=digest)
+    if df.empty:
+        return {}
+    df = df.sort_values("start_time")
+    return dict(zip(df["status"], df["run_id"], strict=True))
+
+
+def _top1(tracker: Tracker, experiment: str, digest: str) -> float | None:
+    df = tracker.runs(experiment, status="FINISHED", kind="cell", cell_hash=digest)
+    if df.empty or "metrics.val_top1" not in df:
+        return None
+    return float(df.sort_values("start_time")["metrics.val_top1"].iloc[-1])
+
+
+def _torchrun_cell(plan: Plan, cell: Cell, resume: str | None) -> None:
+    """The cell under torchrun on this worker's GPUs (or K gloo processes on CPU)."""
+    sets = [a for s in plan.sets for a in ("--set", s)]
+    cmd = [
+        *(sys.executable, "-m", "torch.distributed.run", "--standalone"),
+        *(f"--nproc_per_node={plan.gpus_per_cell}", "-m", "suite", "matrix", plan.path),
+        *sets,
+        *("--tracking-uri", plan.tracking_uri, "--run-cell", cell.digest),
+        *("--parent-run", plan.parent_id, *(("--continue-run", resume) if resume else ())),
+    ]
+    subprocess.run(cmd, check=False)  # its run records the outcome; a crash leaves it unfinished
+
+
+# ---------------------------------------------------------------------------------------------
+# Status
+
+
+def status_table(
+    path: str | Path, tracker: Tracker, sets: list[str] | None, storage: str | None
+) -> pd.DataFrame:
+    """One row per cell: waiting, running (host:pid, since), finished, failed or todo, from
+    MLflow and, with a storage, the queue."""
+    name, base, cells = expand(path, sets)
+    experiment = base.get("tracking", {}).get("experiment") or name
+    runs = tracker.runs(experiment, kind="cell", matrix=name)
+    queued = _queue_states(storage, name, tracker.uri)
+    rows = []
+    for c in cells:
+        mine = runs[runs["tags.cell_hash"] == c.digest] if len(runs) else runs
+        rows.append({"cell": c.index, "run name": c.run_name, **_state(mine, queued.get(c.digest))})
+    return pd.DataFrame(rows)
+
+
+def _queue_states(storage: str | None, name: str, tracking_uri: str) -> dict[str, dict]:
+    """The queue's view of each cell; with no --storage, the default journal if it exists."""
+    import optuna
+
+    if not storage:
+        try:
+            storage = default_storage(tracking_uri)
+        except UserError:
+            return {}
+        if not Path(storage).exists():
+            return {}
+    opened = open_storage(storage, HEARTBEAT_S, GRACE_S, MAX_RETRY)
+    if study_name(name) not in optuna.get_all_study_names(opened):
+        return {}
+    return MatrixQueue(storage, name).states()
+
+
+def _state(runs: pd.DataFrame, trial: dict[str, Any] | None) -> dict[str, Any]:
+    """A cell's state: MLflow's FINISHED wins; else the queue's; else the newest run's."""
+    row = {"state": "todo", "worker": "", "since": "", "run": ""}
+    if len(runs):
+        newest = runs.sort_values("start_time").iloc[-1]
+        finished = runs[runs["status"] == "FINISHED"]
+        r = finished.iloc[-1] if len(finished) else newest
+        row.update(state=str(r["status"]).lower(), run=str(r["run_id"])[:8])
+        start = r["start_time"]  # epoch ms from MLflow
+        unit = "ms" if pd.api.types.is_number(start) else None
+        row["since"] = pd.to_datetime(start, unit=unit).strftime("%Y-%m-%d %H:%M:%S")
+        if r["status"] == "RUNNING":
+            row["worker"] = f"{r.get('tags.host', '')}:{r.get('tags.pid', '')}"
+        if r["status"] == "FINISHED":
+            return row
+    if trial is not None and trial["state"] in ("waiting", "running"):
+        row.update(state=trial["state"], worker=trial["worker"])
+        if trial["since"] is not None:
+            row["since"] = trial["since"].strftime("%Y-%m-%d %H:%M:%S")
+    return row
+
+
+STATES = ("finished", "running", "waiting", "failed", "killed", "todo")
+
+
+def count_states(table: pd.DataFrame) -> str:
+    """``4 finished, 1 running, 1 waiting``: the states present, in that order."""
+    counts = table["state"].value_counts()
+    return ", ".join(f"{counts[s]} {s}" for s in STATES if counts.get(s, 0))
+
+
+def run_one_cell(
+    path: str | Path,
+    sets: list[str] | None,
+    digest: str,
+    *,
+    tracking_uri: str,
+    parent_id: str,
+    continue_run: str | None,
+) -> bool:
+    """One cell, in this process (a torchrun rank): rank 0 records it, every rank trains."""
+    from suite.runtime import dist_env
+
+    name, base, cells = expand(path, sets)
+    cell = next((c for c in cells if c.digest == digest), None)
+    if cell is None:
+        raise UserError(f"--run-cell {digest}: no cell of {path} has this hash")
+    experiment = base.get("tracking", {}).get("experiment") or name
+    tracker = make_tracker(tracking_uri, enabled=dist_env()[0] == 0)
+    return run_cell(cell, name, experiment, parent_id, tracker, 3, continue_run)

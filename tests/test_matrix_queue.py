@@ -1,0 +1,335 @@
+"""A matrix as a work queue in an Optuna storage: 2 workers, two commands sharing PostgreSQL and
+an MLflow server, kill -9 of a worker, a cell under torchrun, and ``--status``. Each cell must
+end FINISHED exactly once in MLflow with exactly one COMPLETE trial, and nothing RUNNING.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+mlflow = pytest.importorskip("mlflow")
+optuna = pytest.importorskip("optuna")
+from optuna.trial import TrialState  # noqa: E402
+
+from suite.cli import main  # noqa: E402
+from suite.studies.queue import MatrixQueue, study_name  # noqa: E402
+from suite.studies.storage import open_storage  # noqa: E402
+from suite.studies.workers import worker_env  # noqa: E402
+from suite.tracking import make_tracker  # noqa: E402
+
+MATRIX = """
+# Question: none (a queue test). Run: tests/test_matrix_queue.py
+[matrix]
+name = "{name}"
+models = {models}
+seeds = {seeds}
+[model]
+depth = 1
+[data]
+train_size = {train_size}
+val_size = 64
+[train]
+epochs = {epochs}
+batch_size = 32
+amp = "fp32"
+device = "cpu"
+out_dir = "{tmp}/r"
+[tracking]
+system_metrics = false
+log_every = 4
+"""
+SIX = dict(models='["tnt_nano", "vit_nano", "deit_nano"]', seeds="[0, 1]")
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def write_matrix(tmp_path: Path, name: str = "q", **kw) -> Path:
+    opts = {**SIX, "train_size": 128, "epochs": 1, **kw}
+    p = tmp_path / f"{name}.toml"
+    p.write_text(MATRIX.format(name=name, tmp=tmp_path, **opts))
+    return p
+
+
+def cli(*argv: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "suite", *argv],
+        env=env or ENV,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def matrix(cfg: Path, uri: str, *extra: str, **kw) -> subprocess.Popen:
+    """``tntbench matrix CFG --tracking-uri URI ...`` as a subprocess."""
+    return cli("matrix", str(cfg), "--tracking-uri", uri, *extra, **kw)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 420) -> str:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def opened(storage: str):
+    return open_storage(storage, heartbeat_interval=2, grace_period=10, max_retry=3)
+
+
+def cell_runs(uri: str, experiment: str = "q") -> list:
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], "tags.kind = 'cell'") if exp else []
+
+
+def assert_each_cell_once(uri: str, storage: str, cells: int, experiment: str = "q") -> dict:
+    """Every cell FINISHED once in MLflow and COMPLETE once in the queue; nothing RUNNING."""
+    runs = cell_runs(uri, experiment)
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    hashes = [r.data.tags["cell_hash"] for r in finished]
+    assert len(hashes) == cells and len(set(hashes)) == cells
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    study = optuna.load_study(study_name=study_name(experiment), storage=opened(storage))
+    trials = study.get_trials(deepcopy=False)
+    complete = [t.user_attrs["cell_hash"] for t in trials if t.state == TrialState.COMPLETE]
+    assert sorted(complete) == sorted(hashes)  # one COMPLETE trial per cell
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    for r, t in ((r, t) for r in finished for t in trials if t.state == TrialState.COMPLETE):
+        if t.user_attrs["cell_hash"] == r.data.tags["cell_hash"]:
+            assert t.value == pytest.approx(r.data.metrics["val_top1"])  # top-1 told back
+    parents = mlflow.MlflowClient(uri).search_runs(
+        [mlflow.MlflowClient(uri).get_experiment_by_name(experiment).experiment_id],
+        "tags.kind = 'matrix'",
+    )
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parents[0].info.run_id}
+    return {r.data.tags["cell_hash"]: r for r in finished}
+
+
+@pytest.fixture
+def pg_databases(pg_url: str):
+    """A factory of fresh, empty PostgreSQL databases (dropped afterwards)."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    admin = create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    made: list[str] = []
+
+    def new() -> str:
+        name = f"tntbench_{uuid.uuid4().hex[:16]}"
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        made.append(name)
+        return make_url(pg_url).set(database=name).render_as_string(hide_password=False)
+
+    try:
+        yield new
+    finally:
+        with admin.connect() as conn:
+            for name in made:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def test_two_workers_on_postgres_match_one_worker(tmp_path, pg_databases):
+    storage = pg_databases()
+    cfg = write_matrix(tmp_path)
+    uri = f"sqlite:///{tmp_path}/two.db"
+    t0 = time.monotonic()
+    out = finish(matrix(cfg, uri, "--storage", storage, "--workers", "2", cwd=tmp_path))
+    two_s = time.monotonic() - t0
+    assert "6 ran, 0 skipped" in out and "0 failed" in out
+    two = assert_each_cell_once(uri, storage, 6)
+    workers = {r.data.tags["pid"] for r in two.values()}
+    assert len(workers) == 2  # both workers ran cells
+    # the same matrix in one process, each cell with the threads a worker had
+    threads = worker_env(0, 2, 0)["TNTBENCH_THREADS"]
+    ref_uri = f"sqlite:///{tmp_path}/one.db"
+    t0 = time.monotonic()
+    finish(
+        matrix(cfg, ref_uri, "--no-progress", env={**ENV, "OMP_NUM_THREADS": threads}, cwd=tmp_path)
+    )
+    one_s = time.monotonic() - t0
+    one = {r.data.tags["cell_hash"]: r for r in cell_runs(ref_uri)}
+    assert one.keys() == two.keys()
+    for h, r in one.items():
+        a, b = r.data.metrics, two[h].data.metrics
+        assert a["val_top1"] == b["val_top1"] and a["val_top5"] == b["val_top5"]
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+    # timing is for benchmarks/bench_matrix_workers.py to judge; shown here for the log
+    print(f"6 cells: 2 workers {two_s:.0f} s, 1 process {one_s:.0f} s")
+    # a rerun on the same storage finds everything done: nothing runs twice
+    again = finish(matrix(cfg, uri, "--storage", storage, "--workers", "2", cwd=tmp_path))
+    assert "0 ran, 6 skipped" in again
+    assert_each_cell_once(uri, storage, 6)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path, pg_databases):
+    """An MLflow tracking server on loopback with a PostgreSQL backend, as a team runs one."""
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        pg_databases(),
+        "--artifacts-destination",
+        str(tmp_path / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail("the MLflow server did not start within 120 s")
+        time.sleep(0.5)
+    try:
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def test_two_commands_share_postgres_and_an_mlflow_server(tmp_path, pg_databases, mlflow_server):
+    storage = pg_databases()
+    cfg = write_matrix(tmp_path)
+    argv = ["matrix", str(cfg), "--tracking-uri", mlflow_server, "--storage", storage]
+    # two "machines": separate folders, started together
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    procs = [cli(*argv, cwd=a), cli(*argv, cwd=b)]
+    outs = [finish(p) for p in procs]
+    started = sum(o.count(") started") + o.count(") resumed") for o in outs)
+    assert started == 6  # each cell started once, by one of the two
+    assert_each_cell_once(mlflow_server, storage, 6)
+
+
+def test_kill9_one_of_two_workers_resumes_its_cell(tmp_path, pg_databases):
+    storage = pg_databases()
+    cfg = write_matrix(
+        tmp_path, models='["tnt_nano", "vit_nano"]', seeds="[0]", train_size=384, epochs=3
+    )
+    uri = f"sqlite:///{tmp_path}/m.db"
+    proc = matrix(cfg, uri, "--storage", storage, "--workers", "2", cwd=tmp_path)
+
+    def a_cell_past_its_first_checkpoint():
+        # the suite's own client: it waits for the store the command may still be creating
+        df = make_tracker(uri).runs("q", status="RUNNING", kind="cell")
+        for _, r in df.iterrows() if len(df) else []:
+            d = r.get("tags.checkpoint_dir")
+            if isinstance(d, str) and (Path(d) / "last.pt").exists():
+                return r
+        return None
+
+    try:
+        deadline = time.time() + 240
+        while (victim := a_cell_past_its_first_checkpoint()) is None:
+            assert proc.poll() is None and time.time() < deadline, "no cell reached epoch 1"
+            time.sleep(0.2)
+        os.kill(int(victim["tags.pid"]), signal.SIGKILL)  # one worker, not the command
+    except BaseException:
+        proc.kill()
+        raise
+    out = finish(proc)
+    assert "resumed" in out
+    done = assert_each_cell_once(uri, storage, 2)
+    resumed = done[victim["tags.cell_hash"]]
+    assert resumed.info.run_id == victim["run_id"]  # recorded once, in its own run
+    client = mlflow.MlflowClient(uri)
+    steps = sorted(m.step for m in client.get_metric_history(resumed.info.run_id, "val_top1"))
+    assert steps == [1, 2, 3]  # each epoch once
+    study = optuna.load_study(study_name=study_name("q"), storage=opened(storage))
+    failed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.FAIL]
+    assert len(failed) == 1 and failed[0].user_attrs["cell_hash"] == victim["tags.cell_hash"]
+
+
+def test_gpus_per_cell_runs_a_cell_under_torchrun(tmp_path):
+    cfg = write_matrix(tmp_path, models='["vit_nano"]', seeds="[0]")
+    uri = f"sqlite:///{tmp_path}/m.db"
+    storage = str(tmp_path / "q.journal")
+    finish(matrix(cfg, uri, "--storage", storage, "--gpus-per-cell", "2", cwd=tmp_path))
+    (run,) = cell_runs(uri)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["world_size"] == "2" and run.data.params["global_batch"] == "64"
+    assert run.data.metrics["infer_img_per_s"] > 0  # rank 0 profiled it
+    assert_each_cell_once(uri, storage, 1)
+
+
+def test_status_shows_todo_running_and_finished(tmp_path, capsys):
+    cfg = write_matrix(tmp_path, models='["vit_nano"]', seeds="[0, 1]")
+    uri = f"sqlite:///{tmp_path}/m.db"
+    storage = str(tmp_path / "q.journal")
+    argv = ["matrix", str(cfg), "--tracking-uri", uri, "--storage", storage]
+    assert main([*argv, "--status"]) == 0
+    out = capsys.readouterr().out
+    rows = out.strip().splitlines()
+    assert rows[0].split()[:4] == ["cell", "run", "name", "state"]
+    assert [r.split()[3] for r in rows[1:3]] == ["todo", "todo"] and rows[3] == "2 todo"
+    # a worker (this process) holds one cell: running, with its host:pid
+    from suite.studies.matrix import expand
+
+    _, _, cells = expand(cfg)
+    queue = MatrixQueue(storage, "q")
+    queue.enqueue([(c.index, c.digest) for c in cells], set())
+    popped = queue.pop()
+    assert main([*argv, "--status"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.strip().startswith(str(popped.cell)))
+    assert "running" in row and f":{os.getpid()}" in row
+    assert out.strip().endswith("1 running, 1 waiting")
+    queue.tell(popped, None)  # given back as failed: the next run queues it again
+    assert main([*argv, "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main([*argv, "--status"]) == 0
+    out = capsys.readouterr().out
+    assert out.strip().endswith("2 finished")
+    # a report while a group is short of its seeds (one cell's run gone, as if still running)
+    from suite.outputs.report import build_report
+    from suite.studies.matrix import cell_runs as finished_cells
+    from suite.studies.matrix import format_summary, summarize
+
+    tracker = make_tracker(uri)
+    done = finished_cells(tracker, "q", "q")
+    mlflow.MlflowClient(uri).delete_run(done["run_id"].iloc[0])
+    rep = build_report(tracker, ["q"], "q", None, tmp_path / "rep")
+    md = (rep.out / "report.md").read_text()
+    assert "1 of 2" in md and "a partial group" in md
+    summary = summarize(finished_cells(tracker, "q", "q"), seeds=2)
+    assert "1 (partial)" in format_summary(summary)
