@@ -15,7 +15,7 @@ import torch
 from suite import noise
 from suite.cli import main
 from suite.profile import ProfileRow, format_table, log_profile_row
-from suite.studies.matrix import format_summary
+from suite.studies.matrix import format_summary, summary_metrics
 from suite.training.engine import Criterion, build_optimizer, build_scheduler, train_one_epoch
 
 MS = 1e-3
@@ -139,6 +139,9 @@ def test_the_matrix_summary_marks_a_disturbed_figure():
     assert "211*" in text and " 40*" in text and "900 " in text and "2000" in text
     assert "* tnt_nano/synthetic: timing disturbed: infer img/s: other processes" in text
     assert "timing_noisy" not in text.splitlines()[0]
+    # the reason is no part of a group's name in the parent run's metrics
+    summary["top-1 mean"] = [50.0, 60.0]
+    assert sorted(summary_metrics(summary))[-1] == "val_top1_mean/vit_nano"
 
 
 @pytest.fixture(scope="module")

@@ -485,6 +485,7 @@ def summary_metrics(summary: pd.DataFrame) -> dict[str, float]:
         "n",
         "partial",
         "run_ids",
+        "timing_noisy",
         *SUMMARY_METRICS.values(),
     }
     for _, r in summary.iterrows():
