@@ -56,6 +56,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         compile=args.compile,
         warmup=args.warmup,
         steps=args.steps,
+        repeat=args.repeat,
     )
     print(format_table(rows))
     print("\n".join(uncounted_ops_lines(rows)))
@@ -424,6 +425,13 @@ def _add_profile_command(sub: Any) -> None:
         "--warmup", type=int, default=None, help="warm-up steps (default: 10 GPU, 3 CPU)"
     )
     pr.add_argument("--steps", type=int, default=None, help="timed steps (default: 40 GPU, 10 CPU)")
+    pr.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="time N independent windows: img/s is their median, min-max their spread",
+    )
     pr.add_argument("--json", metavar="PATH", help="also write the rows as a JSON list")
     pr.add_argument("--log", action="store_true", help="record each row as an MLflow run")
     pr.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)

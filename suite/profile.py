@@ -4,21 +4,17 @@ Units: "GMACs" is 1e9 fused multiply-adds, the papers' "FLOPs" column and fvcore
 PyTorch's FlopCounterMode counts 2 per multiply-add; we halve it. Elementwise ops (norms,
 softmax, GELU, additions) are not multiply-adds and neither counter includes them.
 
-Timing follows timm's benchmark.py: synthetic input on the device, warm-up steps, then timed
-steps each ended by a device synchronize; inference under ``inference_mode``; training is
-forward + backward + SGD step (lr 1e-4, momentum 0.9).
+Timing (``suite.timing``) follows timm's benchmark.py, and ``suite.noise`` watches each timed
+window: a figure measured while other processes took the cores is timed again, and reported
+noisy (``211*`` in the table, the ``timing_noisy`` tag on a logged run) if it stays disturbed.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import statistics
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,14 +25,15 @@ from suite.models import create_model, get_entry, model_img_size
 from suite.models.kernels import inner_block_macs, register_flop_formulas
 from suite.runtime import (
     DTYPES,
-    autocast,
     check_precision,
-    compile_model,
     count_params,
-    oom_message,
-    resolve_compile,
     resolve_device,
 )
+
+# peak_memory_mb and time_model are imported from here by fit and the matrix: re-exported
+from suite.timing import Timing, sync, time_model
+from suite.timing import peak_memory_mb as peak_memory_mb
+from suite.timing import reset_peak_memory as reset_peak_memory
 
 # ---------------------------------------------------------------------------------------------
 # FLOPs
@@ -138,33 +135,6 @@ def count_flops(model: nn.Module, img_size: int, in_chans: int = 3) -> FlopCount
 SPEC_TFLOPS = [("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0)]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    with contextlib.suppress(OSError):  # Linux: writing 5 resets the peak RSS (VmHWM)
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def matmul_peak_tflops(device: torch.device, dtype: str, seconds: float = 0.5) -> float:
     """Peak FLOP/s of this device and dtype, measured by a large matmul (best of repeats)."""
     n = 8192 if device.type == "cuda" else 1024
@@ -172,12 +142,12 @@ def matmul_peak_tflops(device: torch.device, dtype: str, seconds: float = 0.5) -
     b = torch.randn(n, n, device=device, dtype=DTYPES[dtype])
     best = math.inf
     a @ b
-    _sync(device)
+    sync(device)
     deadline = time.perf_counter() + seconds
     while True:
         t0 = time.perf_counter()
         a @ b
-        _sync(device)
+        sync(device)
         best = min(best, time.perf_counter() - t0)
         if time.perf_counter() > deadline:
             break
@@ -189,101 +159,6 @@ def spec_tflops(device: torch.device, dtype: str) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in SPEC_TFLOPS if k in name), None)
-
-
-@dataclass
-class Timing:
-    step_ms: float  # median
-    p90_ms: float
-    img_per_s: float
-    peak_mb: float
-    compile_s: float
-    compile: str = "eager"  # the compile mode that ran: whole, regional or eager
-    compile_fallback: str = ""  # why compiling failed ("" = it did not)
-
-
-def _loss(out: torch.Tensor | tuple[torch.Tensor, ...], y: torch.Tensor) -> torch.Tensor:
-    outs = out if isinstance(out, tuple) else (out,)
-    return sum(nn.functional.cross_entropy(o.float(), y) for o in outs)
-
-
-def time_model(
-    model: nn.Module,
-    img_size: int,
-    batch_size: int,
-    *,
-    mode: str,
-    dtype: str,
-    device: torch.device,
-    warmup: int,
-    steps: int,
-    compile: bool | str = False,
-    num_classes: int = 1000,
-) -> Timing:
-    """Median and p90 step time of ``steps`` timed steps after ``warmup`` untimed ones.
-
-    ``compile`` is a ``train.compile`` setting (``suite.runtime.resolve_compile``): the first
-    step compiles and is timed apart as ``compile_s``; a failed compile falls back to eager
-    and says why in ``compile_fallback``.
-    """
-    model = model.to(device)
-    x = torch.randn(batch_size, 3, img_size, img_size, device=device)
-    y = torch.randint(0, max(num_classes, 1), (batch_size,), device=device)
-    step = _step(model, x, y, mode, dtype, device)
-    # the first call compiles; compile time is reported apart and never counted in throughput
-    try:
-        c = compile_model(model, resolve_compile(compile, device), step, device)
-        for _ in range(max(warmup - 1, 0)):
-            step(c.fn)
-        _sync(device)
-        reset_peak_memory(device)
-        times = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            step(c.fn)
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-    except torch.cuda.OutOfMemoryError:
-        raise UserError(oom_message("--batch-size", batch_size, device)) from None
-    med = statistics.median(times)
-    p90 = sorted(times)[min(len(times) - 1, math.ceil(0.9 * len(times)) - 1)]
-    return Timing(
-        med * 1e3,
-        p90 * 1e3,
-        batch_size / med,
-        peak_memory_mb(device),
-        c.compile_s,
-        c.mode,
-        c.fallback,
-    )
-
-
-def _step(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str, dtype: str, device: torch.device
-) -> Callable[[Callable], None]:
-    """One timed step of ``fn`` (the model, or its compiled form): inference under
-    inference_mode, or training (forward, cross-entropy, backward, SGD step)."""
-    if mode != "train":
-        model.eval()
-
-        def infer(fn: Callable[[torch.Tensor], Any]) -> None:
-            with torch.inference_mode(), autocast(device, dtype):
-                fn(x)
-
-        return infer
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")
-
-    def train(fn: Callable[[torch.Tensor], Any]) -> None:
-        with autocast(device, dtype):
-            loss = _loss(fn(x), y)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-
-    return train
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,6 +189,14 @@ class ProfileRow:
     peak_tflops_measured: float
     mfu_spec: float | None
     unsupported_ops: dict[str, int]
+    p10_ms: float = 0.0
+    repeat: int = 1  # independent timed windows; img/s is the median of theirs
+    img_per_s_min: float = 0.0  # the spread across repeats
+    img_per_s_max: float = 0.0
+    timings: list[dict[str, Any]] = field(default_factory=list)  # each repeat's figures
+    conditions: dict[str, float] = field(default_factory=dict)  # suite.noise's metric names
+    timing_noisy: bool = False
+    timing_noisy_reason: str = ""
 
 
 def device_name(device: torch.device) -> str:
@@ -336,6 +219,7 @@ def profile_model(
     warmup: int | None = None,
     steps: int | None = None,
     peak_tflops: float | None = None,
+    repeat: int = 1,
     **overrides: Any,
 ) -> ProfileRow:
     dev = device if isinstance(device, torch.device) else resolve_device(device, key="--device")
@@ -348,7 +232,7 @@ def profile_model(
     warmup = warmup if warmup is not None else (10 if cuda else 3)
     steps = steps if steps is not None else (40 if cuda else 10)
     kw = dict(mode=mode, dtype=dtype, device=dev, compile=compile, warmup=warmup, steps=steps)
-    t = time_model(model, size, bs, num_classes=model.num_classes, **kw)
+    t = time_model(model, size, bs, num_classes=model.num_classes, repeat=repeat, **kw)
     peak = peak_tflops or matmul_peak_tflops(dev, dtype)
     # model FLOPs: forward = 2 x MACs per image, training = 3 x forward
     achieved = (6 if mode == "train" else 2) * flops.gmacs_fvcore * 1e9 * t.img_per_s / 1e12
@@ -376,7 +260,23 @@ def profile_model(
         peak_tflops_measured=peak,
         mfu_spec=achieved / spec if spec else None,
         unsupported_ops=flops.unsupported,
+        **_noise_fields(t),
     )
+
+
+def _noise_fields(t: Timing) -> dict[str, Any]:
+    """The row's timing conditions: the spread across repeats, and whether it is noisy."""
+    rates = [r["img_per_s"] for r in t.repeats]
+    return {
+        "p10_ms": t.p10_ms,
+        "repeat": len(t.repeats),
+        "img_per_s_min": min(rates),
+        "img_per_s_max": max(rates),
+        "timings": t.repeats,
+        "conditions": t.conditions,
+        "timing_noisy": bool(t.noisy_reason),
+        "timing_noisy_reason": t.noisy_reason,
+    }
 
 
 def _build(name: str, img_size: int | None, overrides: dict[str, Any]) -> tuple[nn.Module, int]:
@@ -403,13 +303,20 @@ TABLE_COLUMNS = {
 
 
 def format_table(rows: list[ProfileRow]) -> str:
+    """The console table; a figure measured in disturbed conditions reads ``211*``, with a
+    footnote saying why (``suite.noise``), so a wrong number never looks like a right one."""
     import pandas as pd
 
     df = pd.DataFrame([asdict(r) for r in rows])[list(TABLE_COLUMNS)].rename(columns=TABLE_COLUMNS)
+    df["img/s"] = [f"{r.img_per_s:.1f}{'*' if r.timing_noisy else ''}" for r in rows]
+    if any(r.repeat > 1 for r in rows):
+        spread = [f"{r.img_per_s_min:.1f}-{r.img_per_s_max:.1f}" for r in rows]
+        df.insert(df.columns.get_loc("img/s") + 1, "img/s min-max", spread)
     r0 = rows[0]
     head = (
         f"{r0.mode} | {r0.dtype} | batch {r0.batch_size} | {r0.device_name}"
         f"{'' if r0.compile == 'eager' else ' | compiled: ' + r0.compile}"
+        f"{'' if r0.repeat == 1 else f' | median of {r0.repeat} repeats'}"
         " | GMACs = 1e9 multiply-adds (fvcore's 'flop')"
     )
     body = df.to_string(
@@ -418,23 +325,30 @@ def format_table(rows: list[ProfileRow]) -> str:
             "params M": "{:.2f}".format,
             "GMACs fvcore": "{:.3f}".format,
             "GMACs torch": "{:.3f}".format,
-            "img/s": "{:.1f}".format,
             "step ms": "{:.1f}".format,
             "peak MB": "{:.0f}".format,
             "MFU": "{:.1%}".format,
         },
     )
-    return head + "\n" + body
+    notes = [
+        f"* {r.model}: timing disturbed, do not trust it: {r.timing_noisy_reason}"
+        for r in rows
+        if r.timing_noisy
+    ]
+    return "\n".join([head, body, *notes])
 
 
 def profile_models(
     names: list[str], *, device: str, dtype: str, **options: Any
 ) -> list[ProfileRow]:
     """One row per model, on one device and dtype whose peak FLOP/s is measured once.
-    ``options``: profile_model's (img_size, batch_size, mode, compile, warmup, steps)."""
+    ``options``: profile_model's (img_size, batch_size, mode, compile, warmup, steps,
+    repeat)."""
     for key in ("batch_size", "img_size", "steps"):
         if options.get(key) is not None and options[key] < 1:
             raise UserError(f"--{key.replace('_', '-')} must be >= 1, got {options[key]}")
+    if options.get("repeat") is not None and options["repeat"] < 1:
+        raise UserError(f"--repeat must be >= 1, got {options['repeat']}")
     if options.get("warmup") is not None and options["warmup"] < 0:
         raise UserError(f"--warmup must be >= 0, got {options['warmup']}")
     dev = resolve_device(device, key="--device")
@@ -468,18 +382,24 @@ def get_entry_or_fail(name: str) -> None:
 
 
 def log_profile_row(tracker: Any, row: ProfileRow) -> None:
+    """One MLflow run per row: its figures and timing conditions as metrics (the stable names
+    of ``suite.noise.window_metrics``), and the tag ``timing_noisy`` (its reason) when the
+    timing was disturbed."""
     entry = get_entry(row.model)
     tags = {"model": row.model, "family": entry.family, "kind": "profile"}
     tags.update(device=row.device, device_name=row.device_name, dtype=row.dtype, mode=row.mode)
     if row.compile_fallback:
         tags["compile_fallback"] = row.compile_fallback
+    if row.timing_noisy:
+        tags["timing_noisy"] = row.timing_noisy_reason
     with tracker.run("profile", run_name=f"{row.model}/{row.mode}/{row.dtype}", tags=tags) as run:
         d = asdict(row)
         unsupported = d.pop("unsupported_ops")
-        params = {k: d.pop(k) for k in ("img_size", "batch_size", "compile")}
+        params = {k: d.pop(k) for k in ("img_size", "batch_size", "compile", "repeat")}
         params["model"] = row.model
         run.log_params(params)
-        run.log_metrics(
-            {k: v for k, v in d.items() if isinstance(v, int | float) and v is not None}
-        )
+        numeric = {
+            k: v for k, v in d.items() if isinstance(v, int | float) and not isinstance(v, bool)
+        }
+        run.log_metrics({**numeric, **row.conditions})
         run.log_dict({"unsupported_ops": unsupported, **asdict(row)}, "profile.json")

@@ -9,10 +9,11 @@ SUITE = Path(__file__).resolve().parents[1] / "suite"
 
 # lowest first; a module may import any module of a lower layer
 LAYERS = [
-    {"suite.errors", "suite.plots"},
+    {"suite.errors", "suite.plots", "suite.noise"},
     {"suite.models", "suite.tracking"},
     {"suite.config"},  # validation builds models on the meta device
     {"suite.runtime"},
+    {"suite.timing"},
     {"suite.profile"},
     {"suite.training"},
     {"suite.studies.storage"},

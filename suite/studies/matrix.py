@@ -351,7 +351,7 @@ def run_cell(
             progress=on_epoch is not None,
             continue_run=continue_run,
         )
-        _profile_cell(cfg, result.run_id, tracker, profile_steps)
+        _profile_cell(cfg, result, tracker, profile_steps)
     except KeyboardInterrupt:
         raise
     except Exception as e:
@@ -362,12 +362,15 @@ def run_cell(
     return True
 
 
-def _profile_cell(cfg, run_id: str, tracker: Tracker, steps: int) -> None:
-    """Inference throughput and latency of the cell's trained architecture, onto its run."""
+def _profile_cell(cfg, result: Any, tracker: Tracker, steps: int) -> None:
+    """Inference throughput and latency of the cell's trained architecture, onto its run (a
+    ``suite.training.fit.TrainResult``), with the conditions it was timed in."""
     from suite.models import create_model, model_img_size
     from suite.profile import time_model
     from suite.runtime import resolve_device
+    from suite.training.engine import training_noise
 
+    run_id = result.run_id
     if not run_id:
         return
     size = model_img_size(cfg.model.name, cfg.model.overrides)
@@ -392,10 +395,16 @@ def _profile_cell(cfg, run_id: str, tracker: Tracker, steps: int) -> None:
             "infer_step_ms": t.step_ms,
             "infer_peak_mb": t.peak_mb,
             "infer_compile_s": t.compile_s,
+            **{f"infer_{k}": v for k, v in t.conditions.items()},
         }
     )
     if t.compile_fallback:
         run.set_tags({"infer_compile_fallback": t.compile_fallback})
+    # one tag for the run (fit set it for a disturbed epoch): keep that reason beside this one
+    if t.noisy_reason:
+        train = [(i, training_noise(h, device)) for i, h in enumerate(result.history)]
+        train = [f"train img/s, epoch {i + 1}: {r}" for i, r in train if r][-1:]
+        run.set_tags({"timing_noisy": "; ".join([*train, f"infer img/s: {t.noisy_reason}"])})
 
 
 # the metrics a summary reports, as stored on each cell run
@@ -461,6 +470,8 @@ def summarize(runs: pd.DataFrame, seeds: int | None = None) -> pd.DataFrame:
         row["n"] = len(g)
         row["partial"] = seeds is not None and len(g) < seeds
         row["run_ids"] = ",".join(g["run_id"])
+        tag = g["tags.timing_noisy"].dropna() if "tags.timing_noisy" in g else []
+        row["timing_noisy"] = "; ".join(tag)  # suite.noise: a disturbed img/s figure
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -477,6 +488,7 @@ def summary_metrics(summary: pd.DataFrame) -> dict[str, float]:
         "n",
         "partial",
         "run_ids",
+        "timing_noisy",
         *SUMMARY_METRICS.values(),
     }
     for _, r in summary.iterrows():
@@ -497,18 +509,18 @@ def summary_metrics(summary: pd.DataFrame) -> dict[str, float]:
 def format_summary(summary: pd.DataFrame) -> str:
     if summary.empty:
         return "(no finished cells)"
-    cols = [c for c in summary.columns if c not in ("top-1 mean", "top-1 std", "run_ids")]
-    summary = summary.copy()
+    hidden = ("top-1 mean", "top-1 std", "run_ids", "timing_noisy", "partial")
+    cols = [c for c in summary.columns if c not in hidden]
+    df = summary[cols].copy()
     if "partial" in summary:  # a group whose seeds are not all finished (yet)
-        seeds = summary["n"].where(~summary["partial"], summary["n"].astype(str) + " (partial)")
-        summary["n"] = seeds
-        cols.remove("partial")
-    return summary[cols].to_string(
-        index=False,
-        formatters={
-            "params (M)": "{:.2f}".format,
-            "GMACs": "{:.3f}".format,
-            "train img/s": "{:.0f}".format,
-            "infer img/s": "{:.0f}".format,
-        },
-    )
+        df["n"] = summary["n"].where(~summary["partial"], summary["n"].astype(str) + " (partial)")
+    noisy = summary.get("timing_noisy", pd.Series([""] * len(df))).fillna("").astype(bool)
+    for c in ("train img/s", "infer img/s"):  # a disturbed timing reads 211*, as in profile's
+        df[c] = [f"{v:.0f}{'*' if n else ''}" for v, n in zip(df[c], noisy, strict=True)]
+    fmt = {"params (M)": "{:.2f}".format, "GMACs": "{:.3f}".format}
+    notes = [
+        f"* {r['model']}/{r['dataset']}: timing disturbed: {r['timing_noisy']}"
+        for (_, r), n in zip(summary.iterrows(), noisy, strict=True)
+        if n
+    ]
+    return "\n".join([df.to_string(index=False, formatters=fmt), *notes])

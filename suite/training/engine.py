@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from suite import noise
 from suite.config import DistillConfig
 from suite.runtime import autocast
 
@@ -177,6 +179,81 @@ def optimizer_step(
         optimizer.step()
 
 
+class EpochClock:
+    """Splits an epoch's time into waiting for the loader and computing, and watches the
+    conditions (``suite.noise``), so that a data-loading stall or another process's load never
+    passes for the model's speed.
+
+    On CPU every step is synchronous: the wait is the host's time in ``next(loader)`` and each
+    step's compute time is timed. On CUDA the host runs ahead of the GPU, so a host wait can
+    overlap queued GPU work; the stall counted is the GPU's idle gap between the end of one
+    step and the start of the next (CUDA events, read once at the epoch's end), and the
+    per-step spread, which the host cannot see, is left out."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.host_wait = 0.0
+        self.first_wait = 0.0  # before the first step the device is idle, on CUDA too
+        self.step_s: list[float] = []
+        self.events: list[tuple[Any, Any]] = []  # CUDA: (end of step i, start of step i+1)
+
+    def batches(self, loader: Iterable) -> Iterator[Any]:
+        """``loader``'s batches; the time between two yields is a step's compute time."""
+        it = iter(loader)
+        done = None
+        while True:
+            t0 = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            t1 = time.perf_counter()
+            self.host_wait += t1 - t0
+            if not self.step_s:
+                self.first_wait = t1 - t0
+            if self.cuda and done is not None:
+                start = torch.cuda.Event(enable_timing=True)
+                start.record()
+                self.events.append((done, start))
+            yield batch
+            self.step_s.append(time.perf_counter() - t1)
+            if self.cuda:
+                done = torch.cuda.Event(enable_timing=True)
+                done.record()
+
+    def data_wait_s(self) -> float:
+        """Seconds the device waited for data (CUDA: call after a synchronize)."""
+        if not self.cuda:
+            return self.host_wait
+        gaps = sum(a.elapsed_time(b) for a, b in self.events) / 1e3
+        return self.first_wait + gaps
+
+    def metrics(self, seen: int, elapsed: float, cond: noise.Conditions) -> dict[str, float]:
+        """data_wait_s, train_img_per_s over compute time (the wait excluded), the wall-clock
+        rate beside it, and the conditions under ``suite.noise``'s stable names."""
+        wait = min(self.data_wait_s(), elapsed)
+        compute = elapsed - wait
+        out = {
+            "data_wait_s": wait,
+            "train_img_per_s": seen / compute if compute > 0 else 0.0,
+            "train_img_per_s_wall": seen / elapsed if elapsed > 0 else 0.0,
+        }
+        window = noise.Window(self.step_s if not self.cuda else [], cond)
+        if window.times:
+            out.update(noise.window_metrics(window))
+        else:  # no per-step spread: the conditions alone
+            out.update(
+                timing_other_cpu=cond.other_cpu,
+                load_avg_1m=cond.load_avg_1m_after,
+                load_avg_1m_before=cond.load_avg_1m_before,
+                timing_steps=0.0,
+                timing_window_s=cond.window_s,
+                timing_cores=float(cond.cores),
+            )
+        return out
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable,
@@ -195,47 +272,66 @@ def train_one_epoch(
     on_log: Callable[[int, dict[str, float]], None] | None = None,
     progress: Callable[[int, float], None] | None = None,
 ) -> dict[str, float]:
-    """One pass over ``loader``: train_loss, train_img_per_s, epoch_s, steps. Per-step metrics
-    go to ``on_log`` every ``log_every`` steps (the caller buffers them: no logging inside the
-    timed loop). Raises NonFiniteLoss if the loss diverges."""
+    """One pass over ``loader``: train_loss, train_img_per_s (over compute time: the loader's
+    stalls are apart as data_wait_s; train_img_per_s_wall is the wall-clock rate), epoch_s,
+    steps, and the timing conditions (``EpochClock``). Per-step metrics go to ``on_log``
+    every ``log_every`` steps (the caller buffers them: no logging inside the timed loop).
+    Raises NonFiniteLoss if the loss diverges."""
     model.train()
     loss_sum = torch.zeros((), device=device)  # summed on device: no sync per step
     seen = steps = 0
-    t0 = time.perf_counter()
-    for x, y in loader:
-        x = x.to(device, non_blocking=True)
-        y = y.to(device, non_blocking=True)
-        if mixup is not None:
-            x, y = mixup(x, y)
-        loss = forward_loss(model, x, y, criterion, teacher, device, amp)
-        optimizer_step(model, loss, optimizer, scaler, clip_grad)
-        scheduler.step()
-        if ema is not None:
-            ema.update_parameters(model)
-        loss_sum += loss.detach() * x.shape[0]
-        seen += x.shape[0]
-        steps += 1
-        if steps % log_every == 0:
-            value = loss.item()
-            if not math.isfinite(value):
-                raise NonFiniteLoss(f"loss is {value} at step {steps}")
-            if on_log is not None:
-                on_log(steps, {"train_loss_step": value, "lr": optimizer.param_groups[0]["lr"]})
-        if progress is not None:
-            progress(steps, loss.item() if steps % 10 == 0 else float("nan"))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elapsed = time.perf_counter() - t0
+    clock = EpochClock(device)
+    with noise.watch(device) as cond:
+        t0 = time.perf_counter()
+        for x, y in clock.batches(loader):
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
+            if mixup is not None:
+                x, y = mixup(x, y)
+            loss = forward_loss(model, x, y, criterion, teacher, device, amp)
+            optimizer_step(model, loss, optimizer, scaler, clip_grad)
+            scheduler.step()
+            if ema is not None:
+                ema.update_parameters(model)
+            loss_sum += loss.detach() * x.shape[0]
+            seen += x.shape[0]
+            steps += 1
+            if steps % log_every == 0:
+                _check_and_log(loss, steps, optimizer, on_log)
+            if progress is not None:
+                progress(steps, loss.item() if steps % 10 == 0 else float("nan"))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - t0
     total_loss, total_seen = _all_reduce([loss_sum.item(), seen], device)
     mean_loss = total_loss / max(total_seen, 1)
     if not math.isfinite(mean_loss):
         raise NonFiniteLoss(f"mean training loss is {mean_loss}")
     return {
         "train_loss": mean_loss,
-        "train_img_per_s": total_seen / elapsed if elapsed > 0 else 0.0,
+        **clock.metrics(total_seen, elapsed, cond[0]),
         "epoch_s": elapsed,
         "steps": float(steps),
     }
+
+
+def training_noise(metrics: dict[str, float], device: torch.device) -> str:
+    """Why an epoch's train_img_per_s cannot be trusted ("" = it can): ``suite.noise``'s rule
+    applied to the conditions ``train_one_epoch`` returned."""
+    return noise.metrics_reason(metrics, noise.need_cores(device))
+
+
+def _check_and_log(
+    loss: torch.Tensor,
+    steps: int,
+    optimizer: torch.optim.Optimizer,
+    on_log: Callable[[int, dict[str, float]], None] | None,
+) -> None:
+    value = loss.item()
+    if not math.isfinite(value):
+        raise NonFiniteLoss(f"loss is {value} at step {steps}")
+    if on_log is not None:
+        on_log(steps, {"train_loss_step": value, "lr": optimizer.param_groups[0]["lr"]})
 
 
 @torch.no_grad()

@@ -50,6 +50,7 @@ from suite.training.engine import (
     build_scheduler,
     evaluate,
     train_one_epoch,
+    training_noise,
 )
 
 
@@ -208,6 +209,8 @@ def train_epochs(
             if improved:
                 ckpt.save(state, "best.pt")
             run.log_metric_rows([*step_rows, (epoch + 1, _epoch_row(metrics))])
+            if reason := training_noise(metrics, recipe.device):  # the report marks it
+                run.set_tags({"timing_noisy": f"train img/s, epoch {epoch + 1}: {reason}"})
             if on_epoch is not None:
                 on_epoch(epoch, metrics)
     except KeyboardInterrupt:
@@ -466,11 +469,12 @@ def run_epoch(
         m.update({f"ema_{k}": v for k, v in ema.items()})
     m["epoch"] = float(epoch + 1)
     if progress:
+        noisy = training_noise(m, device)  # a disturbed figure is marked, with the reason
         print(
             f"epoch {epoch + 1}/{cfg.train.epochs}  train_loss {m['train_loss']:.4f}  "
             f"val_loss {m['val_loss']:.4f}  val_top1 {m['val_top1']:.2f}  "
-            f"val_top5 {m['val_top5']:.2f}  {m['train_img_per_s']:.0f} img/s  "
-            f"{m['epoch_s']:.1f}s",
+            f"val_top5 {m['val_top5']:.2f}  {m['train_img_per_s']:.0f}{'*' if noisy else ''} "
+            f"img/s  {m['epoch_s']:.1f}s" + (f"  (* timing disturbed: {noisy})" if noisy else ""),
             file=sys.stderr,
         )
     return m, step_rows
