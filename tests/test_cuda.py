@@ -222,9 +222,7 @@ def test_fit_then_resume_on_cuda(tmp_path):
     cfg = load_config(None, [*sets, f"train.out_dir='{tmp_path}/b'"])
     with pytest.raises(KeyboardInterrupt):
         fit(cfg, Tracker(), on_epoch=stop, progress=False)
-    resumed = fit(
-        cfg, Tracker(), resume=str(tmp_path / "b" / "tnt_nano_s0"), progress=False
-    )
+    resumed = fit(cfg, Tracker(), resume=str(tmp_path / "b" / "tnt_nano_s0"), progress=False)
     assert len(resumed.history) == 2
     for key in ("train_loss", "val_loss"):
         assert resumed.history[-1][key] == pytest.approx(full.history[-1][key], rel=1e-3), key
