@@ -141,7 +141,7 @@ def test_kill9_matrix_mid_cell_then_rerun_resumes_the_cell(tmp_path):
     )
 
     def a_cell_with_a_checkpoint():
-        for r in runs(uri, "tags.kind = 'cell'"):
+        for r in runs(uri, "tags.kind = 'cell' and attributes.status = 'RUNNING'"):
             d = r.data.tags.get("checkpoint_dir")
             if d and checkpoint_epoch(Path(d)) >= 1:
                 return r

@@ -216,7 +216,7 @@ def test_report_rounds_stamps_counts_and_links(store, monkeypatch):
     # no exponent notation (7.9e-04) anywhere on the page
     assert not re.search(r"\de[-+]\d", md + re.sub(r"base64,[^\"]+", "", page))
     # counts: the console's line, word for word (2 complete, 2 pruned before training)
-    assert console == "study st: 2 complete, 2 pruned"
+    assert console == "study st: 2 complete, 2 pruned, 0 failed"
     assert console in md and console in page
     # fewer than 10 complete trials: no importances, a sentence why
     assert "search_st_importances" not in rep.tables and "search_st_importances" not in rep.plots

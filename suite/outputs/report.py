@@ -30,7 +30,7 @@ from suite.outputs.report_plots import (
     save,
 )
 from suite.studies.matrix import group_runs, varied_columns
-from suite.studies.search import make_storage
+from suite.studies.search import count_line, make_storage
 from suite.tracking import Tracker
 
 # The TNT paper's ablations on TNT-S, ImageNet (shared/reference/paper_tables.md)
@@ -296,12 +296,9 @@ def importance_caveat(n_complete: int) -> str:
 
 
 def format_counts(study: str, counts: dict[str, int]) -> str:
-    """The line ``format_search`` prints ("study NAME: 3 complete, 3 pruned"), same words and
-    order (Optuna's TrialState order), so the report and the console read the same."""
-    order = ["RUNNING", "COMPLETE", "PRUNED", "FAIL", "WAITING"]
-    return f"study {study}: " + ", ".join(
-        f"{counts[k]} {k.lower()}" for k in order if counts.get(k)
-    )
+    """The line ``format_search`` prints ("study NAME: 3 complete, 3 pruned, 0 failed"), from
+    the same function, so the report and the console read the same."""
+    return f"study {study}: {count_line(counts)}"
 
 
 def study_counts(parents: pd.DataFrame, study: str) -> dict[str, int] | None:

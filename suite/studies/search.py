@@ -506,14 +506,18 @@ def state_counts(trials: list[Any]) -> str:
     """'N complete, M pruned, K failed' by Optuna state (running/waiting ones added if any)."""
     from optuna.trial import TrialState
 
-    count = {s: sum(t.state == s for t in trials) for s in TrialState}
+    return count_line({s.name: sum(t.state == s for t in trials) for s in TrialState})
+
+
+def count_line(counts: dict[str, int]) -> str:
+    """The counts line from Optuna state names -> trials: the console's and the report's."""
     text = (
-        f"{count[TrialState.COMPLETE]} complete, {count[TrialState.PRUNED]} pruned, "
-        f"{count[TrialState.FAIL]} failed"
+        f"{counts.get('COMPLETE', 0)} complete, {counts.get('PRUNED', 0)} pruned, "
+        f"{counts.get('FAIL', 0)} failed"
     )
-    for s in (TrialState.RUNNING, TrialState.WAITING):
-        if count[s]:
-            text += f", {count[s]} {s.name.lower()}"
+    for state in ("RUNNING", "WAITING"):
+        if counts.get(state):
+            text += f", {counts[state]} {state.lower()}"
     return text
 
 
