@@ -203,7 +203,7 @@ def run_matrix(
     experiment = base.get("tracking", {}).get("experiment") or name
     done = finished_digests(tracker, experiment)
     todo = [c for c in cells if c.digest not in done]
-    _check_paths(todo, path)
+    check_paths(todo, path)
     parent_id = open_parent(tracker, experiment, name, cells, path)
     running = unfinished_cells(tracker, experiment, name)
     bar = _MatrixBar(cells, todo, name) if progress else None
@@ -280,7 +280,7 @@ class _MatrixBar:
         self.bar.close()
 
 
-def _check_paths(cells: list[Cell], path: str | Path) -> None:
+def check_paths(cells: list[Cell], path: str | Path) -> None:
     """A missing data root or teacher is every cell's mistake: it stops the matrix before any
     work. A cell that is impossible alone is recorded FAILED when its turn comes."""
     for c in cells:

@@ -28,6 +28,7 @@ from suite.errors import UserError
 from suite.studies.matrix import (
     Cell,
     MatrixResult,
+    check_paths,
     expand,
     finish_parent,
     finished_digests,
@@ -82,14 +83,15 @@ def run_queued_matrix(
         raise UserError(f"--gpus-per-cell must be >= 0, got {gpus_per_cell}")
     name, base, cells = expand(path, sets)
     experiment = base.get("tracking", {}).get("experiment") or name
+    done = finished_digests(tracker, experiment)
+    todo = [c for c in cells if c.digest not in done]
+    check_paths(todo, path)  # a missing data root stops the matrix before any work
     storage = storage or default_storage(tracker.uri)
     worker_env(0, workers, gpus_per_cell)  # a plan that cannot fit fails before any work
     queue = MatrixQueue(storage, name)
     queue.check_cells([c.digest for c in cells])
-    done = finished_digests(tracker, experiment)
     queue.enqueue([(c.index, c.digest) for c in cells], set(done))
     parent_id = queue.parent_run_id(lambda: open_parent(tracker, experiment, name, cells, path))
-    todo = [c for c in cells if c.digest not in done]
     plan = Plan(
         str(path),
         list(sets or []),
