@@ -122,6 +122,11 @@ def _cmd_matrix(args: argparse.Namespace) -> int:
             continue_run=args.continue_run,
         )
         return 0 if ok else 1
+    if args.workers < 1 or args.gpus_per_cell < 0:
+        raise UserError(
+            f"--workers must be >= 1 and --gpus-per-cell >= 0, got {args.workers} and "
+            f"{args.gpus_per_cell}"
+        )
     expand(args.config, args.set)  # a bad config or --set fails before the store is made
     tracker = make_tracker(args.tracking_uri)
     if args.status:

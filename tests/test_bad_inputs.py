@@ -147,6 +147,13 @@ def _search_file(tmp: Path, text: str = SEARCH, **replace: str) -> str:
     return str(_write(tmp / "search.toml", text))
 
 
+def _matrix_file(tmp: Path) -> str:
+    body = SEARCH.split("[model]", 1)[1]  # the same tiny run, as a one-cell matrix
+    return str(
+        _write(tmp / "m.toml", f'[matrix]\nname = "m"\nmodels = ["tnt_nano"]\n[model]{body}')
+    )
+
+
 def _existing_study(tmp: Path, uri: str) -> str:
     """An SQLite Optuna storage holding study "s" run over another space (inner_heads 1, 2)."""
     storage = f"sqlite:///{tmp}/o.db"
@@ -499,6 +506,28 @@ CASES = [
         "matrix-missing-file",
         lambda t, u, r, c: ["matrix", str(t / "none.toml"), "--tracking-uri", u],
         ["none.toml"],
+    ),
+    (
+        "matrix-zero-workers",
+        lambda t, u, r, c: ["matrix", _matrix_file(t), "--workers", "0", "--tracking-uri", u],
+        ["--workers"],
+    ),
+    (
+        "matrix-bad-storage",
+        lambda t, u, r, c: ["matrix", _matrix_file(t), "--storage", "nowhere", "--tracking-uri", u],
+        ["--storage"],
+    ),
+    (
+        "matrix-workers-on-a-server-without-storage",
+        lambda t, u, r, c: [
+            "matrix",
+            _matrix_file(t),
+            "--workers",
+            "2",
+            "--tracking-uri",
+            "http://127.0.0.1:9",
+        ],
+        ["127.0.0.1:9"],  # the server is checked first: unreachable, named
     ),
     # --- report, viz, ui, demo, models
     (
