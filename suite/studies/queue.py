@@ -39,7 +39,6 @@ class Popped:
     number: int
     cell: int  # the cell's index in the expansion
     digest: str  # the cell's config hash
-    retry: bool  # queued again after its worker died
 
 
 class MatrixQueue:
@@ -119,10 +118,7 @@ class MatrixQueue:
             except UpdateFinishedTrialError:
                 continue
             self.storage.set_trial_user_attr(trial_id, "worker", worker_id())
-            retry = "retry_history" in t.system_attrs or "retry_of" in t.user_attrs
-            return Popped(
-                trial_id, t.number, int(t.user_attrs["cell"]), t.user_attrs["cell_hash"], retry
-            )
+            return Popped(trial_id, t.number, int(t.user_attrs["cell"]), t.user_attrs["cell_hash"])
         return None
 
     @contextmanager
