@@ -6,7 +6,8 @@
 #   3. tntbench profile, train and infer, bf16, for TNT-S/B and DeiT-S/B;
 #   4. a 2-epoch tracked tntbench train on synthetic CIFAR-sized data (MLflow system metrics,
 #      the GPU's included), as the default run goes (train.compile = auto: compiled on CUDA).
-# Each step is bounded by a timeout (together about 10 minutes); a step that fails or times out is
+# Each step is bounded by a timeout (together 480 s, so that with the wheel install the whole
+# check fits one 10-minute device call); a step that fails or times out is
 # recorded and the rest still run. Results go to reports/gpu/<device>/: each step's log, JSON,
 # and a README.md table (benchmarks/gpu_report.py). The exit status is the number of failed steps.
 #
@@ -96,16 +97,16 @@ else
            --set data.workers=6 --set train.device=\'cuda\')
 fi
 
-step cuda_tests 150 "$py" -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider \
+step cuda_tests 120 "$py" -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider \
     --junitxml "$out/cuda_tests.xml"
-step bench_tnt_speed 260 "$py" benchmarks/bench_tnt_speed.py --dtypes bf16,fp32 --compile \
+step bench_tnt_speed 210 "$py" benchmarks/bench_tnt_speed.py --dtypes bf16,fp32 --compile \
     "${bench[@]}" --json "$out/bench_tnt_speed.json"
-step profile_train 50 "$py" -m suite profile "${big[@]}" --mode train "${prof[@]}" \
+step profile_train 45 "$py" -m suite profile "${big[@]}" --mode train "${prof[@]}" \
     "${prof_train[@]}" --json "$out/profile_train.json"
-step profile_infer 35 "$py" -m suite profile "${big[@]}" --mode infer "${prof[@]}" \
+step profile_infer 30 "$py" -m suite profile "${big[@]}" --mode infer "${prof[@]}" \
     "${prof_infer[@]}" --json "$out/profile_infer.json"
 # TNT-S at CIFAR-10 size as experiments/cifar10.toml has it: 8x8 grid of 4x4 patches, 1x1 pixels
-step train 100 "$py" -m suite train --tracking-uri "sqlite:///$work/mlflow.db" \
+step train 75 "$py" -m suite train --tracking-uri "sqlite:///$work/mlflow.db" \
     --set model.name=\'tnt_s_patch16_224\' --set model.img_size=32 --set model.patch_size=4 \
     --set model.pixel_size=1 --set data.name=\'synthetic\' --set train.epochs=2 \
     --set tracking.system_metrics=true --set tracking.experiment=\'gpu_check\' \
