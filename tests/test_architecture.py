@@ -120,3 +120,21 @@ def test_functions_are_short_and_take_few_positional_arguments():
                 if positional > 8:
                     wide.append(f"{name}.{node.name}: {positional} positional parameters")
     assert not long and not wide, "\n".join(long + wide)
+
+
+def test_every_package_folder_is_installed():
+    """pyproject lists its packages by name: a new folder of modules left off the list would
+    work from the checkout and be missing from an install (CI installs)."""
+    import tomllib
+
+    listed = set(
+        tomllib.loads((SUITE.parent / "pyproject.toml").read_text())["tool"]["setuptools"][
+            "packages"
+        ]
+    )
+    folders = {
+        ".".join(p.relative_to(SUITE.parent).parts)
+        for p in [SUITE, *SUITE.rglob("*")]
+        if p.is_dir() and p.name != "__pycache__" and any(p.glob("*.py"))
+    }
+    assert folders <= listed, f"not in pyproject's packages: {sorted(folders - listed)}"
