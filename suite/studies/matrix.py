@@ -243,7 +243,7 @@ def _run_or_skip(
 class _MatrixBar:
     """The matrix's bar counts epochs, so its ETA follows the training done, not the cells
     (a 6-cell matrix would otherwise sit at 0/6 through its first cell); the cell's own
-    per-step bar (on a terminal) sits below it."""
+    per-step bar (on a terminal) sits below it. Each cell's start is a line of its own."""
 
     def __init__(self, cells: list[Cell], todo: list[Cell], name: str) -> None:
         from tqdm import tqdm
@@ -251,7 +251,7 @@ class _MatrixBar:
         self.epochs = {c.digest: int(c.raw.get("train", {}).get("epochs", 1)) for c in cells}
         total = sum(self.epochs.values())
         left = sum(self.epochs[c.digest] for c in todo)
-        self.n_cells, self.done = len(cells), len(cells) - len(todo)
+        self.name, self.n_cells, self.done = name, len(cells), len(cells) - len(todo)
         self.bar = tqdm(
             total=total,
             initial=total - left,
@@ -259,12 +259,15 @@ class _MatrixBar:
             desc=f"matrix {name}",
             file=sys.stderr,
             dynamic_ncols=True,
+            disable=None,  # on a terminal; logs get the cell and epoch lines alone
         )
         self.counted = 0
 
     def start(self, cell: Cell) -> Callable[[int, dict[str, float]], None]:
         self.counted = 0
-        self.bar.set_postfix_str(f"cell {self.done + 1}/{self.n_cells} {cell.run_name}")
+        what = f"cell {self.done + 1}/{self.n_cells} {cell.run_name}"
+        self.bar.set_postfix_str(what)
+        self.bar.write(f"matrix {self.name}: {what}", file=sys.stderr)
 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
             self.counted += 1

@@ -469,8 +469,11 @@ def run_epoch(
         m.update({f"ema_{k}": v for k, v in ema.items()})
     m["epoch"] = float(epoch + 1)
     if progress:
+        from tqdm import tqdm
+
         noisy = training_noise(m, device)  # a disturbed figure is marked, with the reason
-        print(
+        # through tqdm: a matrix's bar above is cleared and redrawn, not written over
+        tqdm.write(
             f"epoch {epoch + 1}/{cfg.train.epochs}  train_loss {m['train_loss']:.4f}  "
             f"val_loss {m['val_loss']:.4f}  val_top1 {m['val_top1']:.2f}  "
             f"val_top5 {m['val_top5']:.2f}  {m['train_img_per_s']:.0f}{'*' if noisy else ''} "
