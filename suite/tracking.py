@@ -614,7 +614,6 @@ _HTTP_PROBE_ENV = {
 def environment_tags() -> dict[str, str]:
     """git commit and dirty flag, suite/torch/CUDA versions, host: tags for every run."""
     import platform
-    import subprocess
 
     import torch
 
@@ -627,23 +626,22 @@ def environment_tags() -> dict[str, str]:
         "host": platform.node(),
     }
     here = Path(suite.__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
-        )
-        if commit.returncode == 0:
-            tags["git_commit"] = commit.stdout.strip()
-            status = subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"],
-                cwd=here,
-                capture_output=True,
-                text=True,
-                timeout=5,
-            )
-            tags["git_dirty"] = str(bool(status.stdout.strip()))
-    except (OSError, subprocess.SubprocessError):
-        pass
+    commit = git(["rev-parse", "HEAD"], here)
+    if commit:
+        tags["git_commit"] = commit
+        tags["git_dirty"] = str(bool(git(["status", "--porcelain", "--untracked-files=no"], here)))
     return tags
+
+
+def git(args: list[str], cwd: str | Path | None = None) -> str:
+    """``git ARGS`` in ``cwd``, its output stripped; "" when git is missing, fails or hangs."""
+    import subprocess
+
+    try:
+        done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout.strip() if done.returncode == 0 else ""
 
 
 def worker_id() -> str:

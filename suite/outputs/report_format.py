@@ -12,7 +12,6 @@ import base64
 import html
 import math
 import re
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +20,8 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pandas as pd
+
+from suite.tracking import git
 
 NOISY_NOTE = "\\* timing disturbed (load or spread); see the run's timing_noisy tag"
 # columns where "best" means something, and which way; others are never bolded
@@ -301,17 +302,7 @@ def mask_uri(uri: str) -> str:
 
 def git_commit(cwd: str | Path | None = None) -> str:
     """The commit checked out in ``cwd`` (the working directory), or "unknown": never fails."""
-    try:
-        r = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"],
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return r.stdout.strip() if r.returncode == 0 and r.stdout.strip() else "unknown"
+    return git(["rev-parse", "--short=12", "HEAD"], cwd) or "unknown"
 
 
 def suite_version() -> str:
