@@ -176,6 +176,26 @@ def triton_ratios(res: dict, args, device: torch.device, state: dict, size: dict
     return out
 
 
+def use_tiles(path: str) -> dict:
+    """Set the Triton kernel's (rows, warps) per padded inner dim to the best of a
+    bench_inner_kernel.py run; returns what was set."""
+    from suite.models.kernels import inner_triton as K
+
+    with open(path) as f:
+        shapes = json.load(f)["shapes"]
+    used = {}
+    for shape in shapes:
+        best = shape.get("best")
+        if not best:
+            continue
+        cp, pp = K.padded(shape["dim"]), K.padded(16)
+        K.FWD_TILE[cp] = (best["fwd"][0] * pp, best["fwd"][1])
+        K.BWD_TILE[cp] = (best["bwd"][0] * pp, best["bwd"][1])
+        used[cp] = {"fwd (rows, warps)": K.FWD_TILE[cp], "bwd (rows, warps)": K.BWD_TILE[cp]}
+    print(f"inner tiles from {path}: {used or 'none (no variant ran), the defaults'}")
+    return used
+
+
 def targets_for(device: torch.device, default_dtype: str) -> dict[str, float]:
     if device.type == "cuda":  # issue 13
         return {
@@ -225,6 +245,12 @@ def main() -> None:
         default="torch",
         help="our TNT-S's inner kernels to time: torch, or torch,triton (adds the Triton rows)",
     )
+    ap.add_argument(
+        "--inner-tiles",
+        metavar="JSON",
+        help="the Triton kernel's tiles from a bench_inner_kernel.py --json run (its best per "
+        "inner dim), instead of the kernel's defaults",
+    )
     ap.add_argument("--json", help="write all figures here")
     args = ap.parse_args()
     device = torch.device(
@@ -247,6 +273,7 @@ def main() -> None:
         print(f"triton rows skipped: {triton_skipped}")
         kernels.remove("triton")
     tnt_state = models["ours tnt"].state_dict()
+    tiles = use_tiles(args.inner_tiles) if "triton" in kernels and args.inner_tiles else {}
     if "triton" in kernels:
         fused = create_model(NAMES["tnt"], inner_kernel="triton", **size)
         fused.load_state_dict(tnt_state)
@@ -342,6 +369,7 @@ def main() -> None:
                     "compile_s": compile_s,
                     "inner_kernels": kernels,
                     "triton_skipped": triton_skipped,
+                    "inner_tiles": tiles,
                 },
                 f,
                 indent=2,

@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# The suite's GPU check, one command on a GPU machine without network (issue 13):
-#   1. the CUDA tests (tests/test_cuda.py);
-#   2. benchmarks/bench_tnt_speed.py --batch-size 128 --dtypes bf16,fp32 --compile, with the
-#      fused Triton inner block's rows (--inner-kernel torch,triton; issue 18's targets);
-#   3. tntbench profile, train and infer, bf16, for TNT-S/B and DeiT-S/B;
+# The suite's GPU check, one command on a GPU machine without network (issue 13), most
+# important first, so that a machine taken back early has already measured those:
+#   1. benchmarks/bench_inner_kernel.py: the fused Triton inner block alone, its tile sizes
+#      swept against the PyTorch block (issue 18);
+#   2. benchmarks/bench_tnt_speed.py --batch-size 128 --dtypes bf16 --compile, with the Triton
+#      rows (--inner-kernel torch,triton) on the sweep's best tiles (issue 18's targets);
+#   3. benchmarks/bench_matrix_workers.py on the machine's CPU cores: 2 workers against one
+#      process (issue 17's wall-time target needs cores that scale, which this box has);
 #   4. a 2-epoch tracked tntbench train on synthetic CIFAR-sized data (MLflow system metrics,
-#      the GPU's included), as the default run goes (train.compile = auto: compiled on CUDA).
-# Each step is bounded by a timeout (together 480 s, so that with the wheel install the whole
+#      the GPU's included), as the default run goes (train.compile = auto: compiled on CUDA);
+#   5. tntbench profile, train and infer, bf16, for TNT-S and DeiT-S;
+#   6. the CUDA tests (tests/test_cuda.py).
+# Each step is bounded by a timeout (together 530 s, so that with the wheel install the whole
 # check fits one 10-minute device call); a step that fails or times out is
 # recorded and the rest still run. Results go to reports/gpu/<device>/: each step's log, JSON,
 # and a README.md table (benchmarks/gpu_report.py). The exit status is the number of failed steps.
@@ -82,35 +87,43 @@ step() {
 
 if [[ $smoke == 1 ]]; then  # the same steps, tiny
     bench=(--img-size 32 --depth 1 --batch-size 2 --steps 1 --warmup 1 --inner-kernel torch)
-    echo "== bench_tnt_speed: no Triton rows in a CPU smoke run (the kernel needs CUDA; its" \
-         "CPU checks are tests/test_triton_inner.py under TRITON_INTERPRET=1)"
+    echo "== inner kernel sweep and bench_tnt_speed's Triton rows: not in a CPU smoke run (the" \
+         "kernel needs CUDA; its CPU checks are tests/test_triton_inner.py under TRITON_INTERPRET=1)"
+    workers=(--train-size 64 --epochs 1)
     big=(tnt_nano deit_nano) prof=(--device cpu --dtype fp32 --batch-size 2 --warmup 1 --steps 2)
     prof_train=() prof_infer=()
     train=(--set data.train_size=64 --set data.val_size=32 --set train.batch_size=32
            --set train.device=\'cpu\' --set model.depth=1)
 else
-    bench=(--batch-size 128 --steps 10 --warmup 3 --inner-kernel torch,triton)
-    big=(tnt_s_patch16_224 tnt_b_patch16_224 deit_small_patch16_224 deit_base_patch16_224)
+    step inner_sweep 100 "$py" benchmarks/bench_inner_kernel.py --models tnt_s --compile-limit 60 \
+        --batch-size 128 --json "$out/inner_sweep.json"
+    tiles=()
+    [[ -s $out/inner_sweep.json ]] && tiles=(--inner-tiles "$out/inner_sweep.json")
+    bench=(--batch-size 128 --steps 10 --warmup 3 --inner-kernel torch,triton "${tiles[@]}")
+    workers=(--train-size 8192 --epochs 2)
+    big=(tnt_s_patch16_224 deit_small_patch16_224)
     prof=(--device cuda --dtype bf16 --warmup 3 --steps 10)
     prof_train=(--batch-size 128) prof_infer=(--batch-size 256)
     train=(--set data.train_size=10000 --set data.val_size=2000 --set train.batch_size=256
            --set data.workers=6 --set train.device=\'cuda\')
 fi
 
-step cuda_tests 120 "$py" -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider \
-    --junitxml "$out/cuda_tests.xml"
-step bench_tnt_speed 210 "$py" benchmarks/bench_tnt_speed.py --dtypes bf16,fp32 --compile \
+step bench_tnt_speed 210 "$py" benchmarks/bench_tnt_speed.py --dtypes bf16 --compile \
     "${bench[@]}" --json "$out/bench_tnt_speed.json"
-step profile_train 45 "$py" -m suite profile "${big[@]}" --mode train "${prof[@]}" \
-    "${prof_train[@]}" --json "$out/profile_train.json"
-step profile_infer 30 "$py" -m suite profile "${big[@]}" --mode infer "${prof[@]}" \
-    "${prof_infer[@]}" --json "$out/profile_infer.json"
+step matrix_workers 70 "$py" benchmarks/bench_matrix_workers.py "${workers[@]}" \
+    --json "$out/matrix_workers.json"
 # TNT-S at CIFAR-10 size as experiments/cifar10.toml has it: 8x8 grid of 4x4 patches, 1x1 pixels
-step train 75 "$py" -m suite train --tracking-uri "sqlite:///$work/mlflow.db" \
+step train 50 "$py" -m suite train --tracking-uri "sqlite:///$work/mlflow.db" \
     --set model.name=\'tnt_s_patch16_224\' --set model.img_size=32 --set model.patch_size=4 \
     --set model.pixel_size=1 --set data.name=\'synthetic\' --set train.epochs=2 \
     --set tracking.system_metrics=true --set tracking.experiment=\'gpu_check\' \
     --set train.out_dir=\'"$work/runs"\' "${train[@]}"
+step profile_train 25 "$py" -m suite profile "${big[@]}" --mode train "${prof[@]}" \
+    "${prof_train[@]}" --json "$out/profile_train.json"
+step profile_infer 15 "$py" -m suite profile "${big[@]}" --mode infer "${prof[@]}" \
+    "${prof_infer[@]}" --json "$out/profile_infer.json"
+step cuda_tests 60 "$py" -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider \
+    --junitxml "$out/cuda_tests.xml"
 "$py" benchmarks/gpu_report.py "$out" --tracking-uri "sqlite:///$work/mlflow.db" --device-name "$name" \
     || failed=$((failed + 1))
 echo "gpu_check: $failed step(s) failed; results in $out (README.md)"

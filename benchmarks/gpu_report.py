@@ -123,6 +123,56 @@ def main() -> None:
                 f"- compile {k}: {v:.1f} s (not in img/s)" for k, v in bench["compile_s"].items()
             ]
 
+    sweep = read_json(out / "inner_sweep.json")
+    for shape in (sweep or {}).get("shapes", []):
+        lines += [
+            "",
+            f"## bench_inner_kernel.py: {shape['model']} inner block, {shape['sequences']:,} "
+            f"sequences, inner dim {shape['dim']}, {shape['heads']} heads, bf16 (ms)",
+            "",
+        ]
+        lines += table(
+            ["seq/program", "warps", "fwd ms", "bwd ms", "fwd rel err", "dx rel err"],
+            [
+                [str(v["block_s"]), str(v["warps"]), v["error"][:80], "", "", ""]
+                if "error" in v
+                else [
+                    str(v["block_s"]),
+                    str(v["warps"]),
+                    f"{v['fwd_ms']:.3f}",
+                    f"{v['bwd_ms']:.3f}",
+                    f"{v['fwd_err']:.4f}",
+                    f"{v['dx_err']:.4f}",
+                ]
+                for v in shape["variants"]
+            ],
+        )
+        pt = shape["torch"]
+        lines += [
+            "",
+            f"PyTorch block (autocast bf16): eager fwd {pt['eager']['fwd_ms']:.3f} ms, "
+            f"fwd+bwd {pt['eager']['fwd_bwd_ms']:.3f} ms; compiled fwd "
+            f"{pt['compiled']['fwd_ms']:.3f} ms, fwd+bwd {pt['compiled']['fwd_bwd_ms']:.3f} ms.",
+        ]
+        b = shape.get("best")
+        if b:
+            lines += [
+                f"Best kernel tiles (seq/program, warps): fwd {b['fwd']}, bwd {b['bwd']}: "
+                f"fwd+bwd {b['fwd_bwd_ms']:.3f} ms, {b['torch_compiled_over_triton']:.2f}x "
+                f"the compiled block's speed, {b['torch_eager_over_triton']:.2f}x eager's."
+            ]
+
+    workers = read_json(out / "matrix_workers.json")
+    if workers:
+        w = workers["wall_s"]
+        lines += [
+            "",
+            f"## bench_matrix_workers.py: 6 nano cells on {workers['cores']} CPU cores",
+            "",
+            f"1 process {w['1 process']:.1f} s, 2 workers {w['2 workers']:.1f} s: ratio "
+            f"{workers['ratio']:.2f} (target <= {workers['target']}).",
+        ]
+
     for mode in ("train", "infer"):
         rows = read_json(out / f"profile_{mode}.json")
         if not rows:

@@ -9,7 +9,14 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ["cuda_tests", "bench_tnt_speed", "profile_train", "profile_infer", "train"]
+STEPS = [
+    "bench_tnt_speed",
+    "matrix_workers",
+    "train",
+    "profile_train",
+    "profile_infer",
+    "cuda_tests",
+]
 
 
 def test_gpu_check_smoke_on_cpu_runs_every_step(tmp_path):
@@ -35,6 +42,8 @@ def test_gpu_check_smoke_on_cpu_runs_every_step(tmp_path):
         rows = json.loads((out / f"profile_{mode}.json").read_text())
         assert [r["model"] for r in rows] == ["tnt_nano", "deit_nano"]
         assert all(r["mfu"] > 0 and r["mode"] == mode for r in rows)
+    workers = json.loads((out / "matrix_workers.json").read_text())
+    assert set(workers["wall_s"]) == {"1 process", "2 workers"} and workers["ratio"] > 0
     train = json.loads((out / "train.json").read_text())
     assert train["status"] == "FINISHED" and [e["epoch"] for e in train["epochs"]] == [1, 2]
     assert train["tags"]["compile"] == "eager"  # train.compile = auto on CPU

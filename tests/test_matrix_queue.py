@@ -14,6 +14,7 @@ import time
 import urllib.request
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -156,7 +157,7 @@ def test_two_workers_on_postgres_match_one_worker(tmp_path, pg_databases):
     workers = {r.data.tags["pid"] for r in two.values()}
     assert len(workers) == 2  # both workers ran cells
     # the same matrix in one process, each cell with the threads a worker had
-    threads = worker_env(0, 2, 0)["TNTBENCH_THREADS"]
+    threads = worker_env(0, 2, 0, cuda=False)["TNTBENCH_THREADS"]
     ref_uri = f"sqlite:///{tmp_path}/one.db"
     t0 = time.monotonic()
     finish(
@@ -333,3 +334,23 @@ def test_status_shows_todo_running_and_finished(tmp_path, capsys):
     assert "1 of 2" in md and "a partial group" in md
     summary = summarize(finished_cells(tracker, "q", "q"), seeds=2)
     assert "1 (partial)" in format_summary(summary)
+
+
+def test_a_cpu_matrix_on_a_gpu_machine_splits_only_the_cores(monkeypatch):
+    """Two workers of a CPU matrix on a one-GPU box: no GPU pinning, no 'needs 2 GPUs' error;
+    a CUDA matrix there is refused with the count."""
+    import torch
+
+    from suite.errors import UserError
+    from suite.studies.workers import on_cuda
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    cpu = [SimpleNamespace(raw={"train": {"device": "cpu"}})] * 2
+    auto = [SimpleNamespace(raw={"train": {}}), *cpu]
+    assert not on_cuda(cpu) and on_cuda(auto)
+    assert "CUDA_VISIBLE_DEVICES" not in worker_env(1, 2, 0, cuda=False)
+    assert worker_env(0, 1, 0, cuda=True)["CUDA_VISIBLE_DEVICES"] == "0"
+    with pytest.raises(UserError, match="needs 2 GPUs; this machine has 1"):
+        worker_env(0, 2, 0, cuda=True)

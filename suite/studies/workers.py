@@ -52,6 +52,7 @@ class Plan:
     workers: int
     gpus_per_cell: int
     profile_steps: int
+    cuda: bool  # whether the cells run on CUDA (then each worker gets its own GPUs)
 
 
 def default_storage(tracking_uri: str) -> str:
@@ -87,7 +88,8 @@ def run_queued_matrix(
     todo = [c for c in cells if c.digest not in done]
     check_paths(todo, path)  # a missing data root stops the matrix before any work
     storage = storage or default_storage(tracker.uri)
-    worker_env(0, workers, gpus_per_cell)  # a plan that cannot fit fails before any work
+    cuda = on_cuda(cells)
+    worker_env(0, workers, gpus_per_cell, cuda)  # a plan that cannot fit fails before any work
     queue = MatrixQueue(storage, name)
     queue.check_cells([c.digest for c in cells])
     queue.enqueue([(c.index, c.digest) for c in cells], set(done))
@@ -101,6 +103,7 @@ def run_queued_matrix(
         workers,
         gpus_per_cell,
         profile_steps,
+        cuda,
     )
     with tracker.run(experiment, f"matrix/{name}", run_id=parent_id) as parent:
         _start_workers(plan)
@@ -120,15 +123,25 @@ def _start_workers(plan: Plan) -> None:
         p.join()
 
 
-def worker_env(slot: int, workers: int, gpus_per_cell: int) -> dict[str, str]:
+def on_cuda(cells: list) -> bool:
+    """Whether any cell trains on CUDA (``train.device`` auto with a GPU here, or cuda...): a
+    CPU matrix on a GPU machine splits only the cores."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    return any(str(c.raw.get("train", {}).get("device", "auto")) != "cpu" for c in cells)
+
+
+def worker_env(slot: int, workers: int, gpus_per_cell: int, cuda: bool) -> dict[str, str]:
     """Environment of worker ``slot``: its share of the CPU cores (OMP threads per process),
-    and on CUDA its own group of ``max(gpus_per_cell, 1)`` GPUs."""
+    and with ``cuda`` its own group of ``max(gpus_per_cell, 1)`` GPUs."""
     import torch
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = max(1, (cores or 1) // workers)
     env = {"OMP_NUM_THREADS": str(max(1, threads // max(gpus_per_cell, 1)))}
-    if torch.cuda.is_available():
+    if cuda:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
         k = max(gpus_per_cell, 1)
@@ -146,7 +159,7 @@ def _worker_main(plan: Plan, slot: int) -> None:
     """One worker process: its share of the machine, then the queue loop."""
     import torch
 
-    env = worker_env(slot, plan.workers, plan.gpus_per_cell)
+    env = worker_env(slot, plan.workers, plan.gpus_per_cell, plan.cuda)
     os.environ.update(env)  # before CUDA starts: CUDA_VISIBLE_DEVICES is read then
     torch.set_num_threads(int(env["TNTBENCH_THREADS"]))
     work(plan, slot)

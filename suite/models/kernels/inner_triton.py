@@ -33,11 +33,12 @@ import triton.language as tl
 # (the variable as @triton.jit reads it below; triton.knobs is only in triton >= 3.4)
 _INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 HIDDEN_CHUNK = 32  # HB: MLP hidden channels per step
-# rows (sequences x padded pixels) per program, by CP; CP and PP are at most 64
-# (inner_op.MAX_PADDED_DIM declines larger shapes before they get here). Guesses until an H100
-# run tunes them: about 2k fp32 values per (R, CP) tile keeps the backward's live tiles in
-# registers at 4 warps
-TILE_ROWS = {16: 64, 32: 64, 64: 32}
+# (rows per program, warps) by CP, forward and backward apart: rows = sequences x padded pixels,
+# CP and PP at most 64 (inner_op.MAX_PADDED_DIM declines larger shapes before they get here).
+# Guesses until a GPU run tunes them (benchmarks/bench_inner_kernel.py sweeps both): about 2k
+# fp32 values per (R, CP) tile keeps the backward's live tiles in registers at 4 warps
+FWD_TILE = {16: (64, 4), 32: (64, 4), 64: (32, 4)}
+BWD_TILE = {16: (64, 4), 32: (64, 4), 64: (32, 4)}
 
 
 def param_offsets(c: int, hidden: int) -> tuple[int, ...]:
@@ -59,10 +60,13 @@ def padded(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def dims(p: int, c: int, hidden: int, heads: int, eps: float, block_s: int | None) -> tuple:
-    """The kernels' constexpr tuple D for this shape (see the module docstring)."""
+def dims(
+    p: int, c: int, hidden: int, heads: int, eps: float, block_s: int | None, rows: int = 64
+) -> tuple:
+    """The kernels' constexpr tuple D for this shape (see the module docstring); ``block_s``
+    sequences per program, or as many as fill ``rows``."""
     pp, cp = padded(p), padded(c)
-    bs = block_s or max(1, TILE_ROWS.get(cp, 32) // pp)
+    bs = block_s or max(1, rows // pp)
     return (p, c, hidden, heads, pp, cp, HIDDEN_CHUNK, bs, eps, (c // heads) ** -0.5)
 
 
@@ -362,20 +366,27 @@ def inner_bwd_kernel(x_ptr, w_ptr, g_ptr, dx_ptr, dw_ptr, S, D: tl.constexpr, O:
 # launchers (plain torch tensors in and out; the custom op in ``inner_op`` wraps these)
 
 
-def _launch_dims(x: torch.Tensor, w: torch.Tensor, heads: int, eps: float, block_s: int | None):
+def _launch(x: torch.Tensor, w: torch.Tensor, heads: int, eps: float, block_s, num_warps, table):
+    """(D, O, programs, warps) for x (S, P, C): the tile from ``table`` unless given."""
     s, p, c = x.shape
     hidden = hidden_from_length(c, w.numel())
-    d = dims(p, c, hidden, heads, eps, block_s)
-    return d, param_offsets(c, hidden), triton.cdiv(s, d[7])
+    rows, warps = table.get(padded(c), (32, 4))
+    d = dims(p, c, hidden, heads, eps, block_s, rows)
+    return d, param_offsets(c, hidden), triton.cdiv(s, d[7]), num_warps or warps
 
 
 def forward(
-    x: torch.Tensor, w: torch.Tensor, heads: int, eps: float, block_s: int | None = None
+    x: torch.Tensor,
+    w: torch.Tensor,
+    heads: int,
+    eps: float,
+    block_s: int | None = None,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
     """The inner block on x (S, P, C), contiguous, parameters flat fp32 in w: (S, P, C)."""
-    d, o, tiles = _launch_dims(x, w, heads, eps, block_s)
+    d, o, tiles, warps = _launch(x, w, heads, eps, block_s, num_warps, FWD_TILE)
     out = torch.empty_like(x)
-    inner_fwd_kernel[(tiles,)](x, w, out, x.shape[0], d, o)
+    inner_fwd_kernel[(tiles,)](x, w, out, x.shape[0], d, o, num_warps=warps)
     return out
 
 
@@ -386,11 +397,12 @@ def backward(
     heads: int,
     eps: float,
     block_s: int | None = None,
+    num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx (S, P, C) in x's dtype, dw (params,) fp32): the tiles' partial weight gradients
     summed in a fixed order."""
-    d, o, tiles = _launch_dims(x, w, heads, eps, block_s)
+    d, o, tiles, warps = _launch(x, w, heads, eps, block_s, num_warps, BWD_TILE)
     dx = torch.empty_like(x)
     partial = torch.empty(tiles, o[-1], device=x.device, dtype=torch.float32)
-    inner_bwd_kernel[(tiles,)](x, w, grad, dx, partial, x.shape[0], d, o)
+    inner_bwd_kernel[(tiles,)](x, w, grad, dx, partial, x.shape[0], d, o, num_warps=warps)
     return dx, partial.sum(0)
