@@ -21,18 +21,20 @@
 #
 #   bash benchmarks/gpu_check.sh                        # on the GPU machine
 #   bash benchmarks/gpu_check.sh --device cpu --smoke   # the same steps, tiny, on CPU (CI)
-#   options: --out DIR (default reports/gpu/<device>), --wheelhouse DIR (default wheelhouse)
+#   options: --out DIR (default reports/gpu/<device>), --wheelhouse DIR (default wheelhouse),
+#            --only STEP,STEP (run only those steps, e.g. inner_sweep,bench_tnt_speed)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
 py=${PYTHON:-python3}
-device=cuda smoke=0 out="" wheelhouse=$repo/wheelhouse
+device=cuda smoke=0 out="" wheelhouse=$repo/wheelhouse only=""
 while (($#)); do
     case $1 in
         --device) device=$2; shift 2 ;;
         --smoke) smoke=1; shift ;;
         --out) out=$2; shift 2 ;;
         --wheelhouse) wheelhouse=$2; shift 2 ;;
+        --only) only=$2; shift 2 ;;
         *) echo "gpu_check.sh: unknown argument '$1' (see the header of $0)" >&2; exit 2 ;;
     esac
 done
@@ -71,6 +73,7 @@ failed=0
 step() {
     local name=$1 limit=$2 t0 rc
     shift 2
+    [[ -z $only || ",$only," == *",$name,"* ]] || return 0
     echo "== $name (at most ${limit}s): $*"
     t0=$(date +%s)
     timeout --kill-after=10 "$limit" "$@" >"$out/$name.log" 2>&1

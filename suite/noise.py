@@ -264,9 +264,9 @@ def metrics_reason(m: Mapping[str, float], need: float, prefix: str = "") -> str
     p = prefix
     if f"{p}timing_other_cpu" not in m:
         return ""
-    return noise_reason(
-        m[f"{p}timing_p10_ms"],
-        m[f"{p}timing_p90_ms"],
+    return noise_reason(  # no p10/p90 where no step spread was kept (CUDA epochs): 0 steps
+        m.get(f"{p}timing_p10_ms", 0.0),
+        m.get(f"{p}timing_p90_ms", 0.0),
         int(m.get(f"{p}timing_steps", 0)),
         m[f"{p}timing_other_cpu"],
         int(m.get(f"{p}timing_cores", _cores())),

@@ -203,12 +203,14 @@ def _attention(q, k, v, D: tl.constexpr, DT: tl.constexpr):
     PP: tl.constexpr = D[4]
     CP: tl.constexpr = D[5]
     BS: tl.constexpr = D[7]
+    NH: tl.constexpr = D[3]  # a constexpr local: Triton's compiler (unlike its interpreter)
+    SCALE: tl.constexpr = D[9]  # reads a constexpr tuple's items as plain values
     head, key_ok = _heads(D)
-    q3 = tl.reshape(q * D[9], (BS, PP, CP)).to(DT)  # (BS, PP, CP)
+    q3 = tl.reshape(q * SCALE, (BS, PP, CP)).to(DT)  # (BS, PP, CP)
     kt = tl.permute(tl.reshape(k, (BS, PP, CP)).to(DT), (0, 2, 1))  # (BS, CP, PP)
     v3 = tl.reshape(v, (BS, PP, CP)).to(DT)
     o = tl.zeros((BS, PP, CP), tl.float32)
-    for h in tl.static_range(D[3]):
+    for h in tl.static_range(NH):
         in_h = (head == h)[None, None, :]
         p = _softmax(tl.where(in_h, q3, 0.0), kt, key_ok, DT)  # (BS, PP, PP) fp32
         o += _mm(p, tl.where(in_h, v3, 0.0), DT)
@@ -221,15 +223,17 @@ def _attention_bwd(q, k, v, do, D: tl.constexpr, DT: tl.constexpr):
     PP: tl.constexpr = D[4]
     CP: tl.constexpr = D[5]
     BS: tl.constexpr = D[7]
+    NH: tl.constexpr = D[3]
+    SCALE: tl.constexpr = D[9]
     head, key_ok = _heads(D)
-    q3 = tl.reshape(q * D[9], (BS, PP, CP)).to(DT)  # scaled q, as the forward used it
+    q3 = tl.reshape(q * SCALE, (BS, PP, CP)).to(DT)  # scaled q, as the forward used it
     k3 = tl.reshape(k, (BS, PP, CP)).to(DT)
     v3 = tl.reshape(v, (BS, PP, CP)).to(DT)
     do3 = tl.reshape(do, (BS, PP, CP)).to(DT)
     dq = tl.zeros((BS, PP, CP), tl.float32)
     dk = tl.zeros((BS, PP, CP), tl.float32)
     dv = tl.zeros((BS, PP, CP), tl.float32)
-    for h in tl.static_range(D[3]):
+    for h in tl.static_range(NH):
         in_h = (head == h)[None, None, :]
         qh = tl.where(in_h, q3, 0.0)
         kh = tl.where(in_h, k3, 0.0)
@@ -238,7 +242,7 @@ def _attention_bwd(q, k, v, do, D: tl.constexpr, DT: tl.constexpr):
         dv += _mm(tl.permute(p, (0, 2, 1)), doh, DT)
         dp = _mm(doh, tl.permute(tl.where(in_h, v3, 0.0), (0, 2, 1)), DT)  # (BS, PP, PP)
         ds = p * (dp - tl.sum(p * dp, 2)[:, :, None])  # softmax backward
-        dq += _mm(ds, kh, DT) * D[9]
+        dq += _mm(ds, kh, DT) * SCALE
         dk += _mm(tl.permute(ds, (0, 2, 1)), qh, DT)
     R: tl.constexpr = BS * PP
     return tl.reshape(dq, (R, CP)), tl.reshape(dk, (R, CP)), tl.reshape(dv, (R, CP))
@@ -249,7 +253,8 @@ def _attn_branch(x, w_ptr, col_ok, D: tl.constexpr, O: tl.constexpr, DT: tl.cons
     """x + proj(attention(qkv(LN1(x)))) and what the backward needs along the way."""
     C: tl.constexpr = D[1]
     CP: tl.constexpr = D[5]
-    xn, xhat, rstd = _layernorm(x, w_ptr + O[0], col_ok, C, CP, D[8])
+    EPS: tl.constexpr = D[8]
+    xn, xhat, rstd = _layernorm(x, w_ptr + O[0], col_ok, C, CP, EPS)
     q = _linear(xn, w_ptr + O[2], w_ptr + O[3], C, C, CP, CP, DT)
     k = _linear(xn, w_ptr + O[2] + C * C, w_ptr + O[3] + C, C, C, CP, CP, DT)
     v = _linear(xn, w_ptr + O[2] + 2 * C * C, w_ptr + O[3] + 2 * C, C, C, CP, CP, DT)
@@ -265,7 +270,8 @@ def _mlp(xn, w_ptr, D: tl.constexpr, O: tl.constexpr, DT: tl.constexpr):
     HID: tl.constexpr = D[2]
     CP: tl.constexpr = D[5]
     HB: tl.constexpr = D[6]
-    acc = tl.zeros((D[7] * D[4], CP), tl.float32)
+    R: tl.constexpr = D[7] * D[4]
+    acc = tl.zeros((R, CP), tl.float32)
     for c0 in tl.static_range(0, HID, HB):
         h = _linear(xn, w_ptr + O[8] + c0 * C, w_ptr + O[9] + c0, HID - c0, C, HB, CP, DT)
         a, _ = _gelu(h)  # (R, HB)
@@ -281,7 +287,10 @@ def inner_fwd_kernel(x_ptr, w_ptr, out_ptr, S, D: tl.constexpr, O: tl.constexpr)
     offs, mask, col_ok = _tile(tl.program_id(0), S, D)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # (R, CP)
     x1, _, _, _, _, _, _, _ = _attn_branch(x, w_ptr, col_ok, D, O, DT)
-    xn2, _, _ = _layernorm(x1, w_ptr + O[6], col_ok, D[1], D[5], D[8])
+    C: tl.constexpr = D[1]
+    CP: tl.constexpr = D[5]
+    EPS: tl.constexpr = D[8]
+    xn2, _, _ = _layernorm(x1, w_ptr + O[6], col_ok, C, CP, EPS)
     out = x1 + _mlp(xn2, w_ptr, D, O, DT)
     tl.store(out_ptr + offs, out.to(DT), mask=mask)
 
@@ -295,7 +304,8 @@ def _mlp_bwd(g, xn, w_ptr, dw_ptr, D: tl.constexpr, O: tl.constexpr, DT: tl.cons
     CP: tl.constexpr = D[5]
     HB: tl.constexpr = D[6]
     gt = tl.trans(g)  # (CP, R)
-    dxn = tl.zeros((D[7] * D[4], CP), tl.float32)
+    R: tl.constexpr = D[7] * D[4]
+    dxn = tl.zeros((R, CP), tl.float32)
     for c0 in tl.static_range(0, HID, HB):
         n = HID - c0
         h = _linear(xn, w_ptr + O[8] + c0 * C, w_ptr + O[9] + c0, n, C, HB, CP, DT)
@@ -332,7 +342,8 @@ def inner_bwd_kernel(x_ptr, w_ptr, g_ptr, dx_ptr, dw_ptr, S, D: tl.constexpr, O:
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # zero on padded rows
     # the forward again, in registers
     x1, xn1, xhat1, rstd1, q, k, v, o = _attn_branch(x, w_ptr, col_ok, D, O, DT)
-    xn2, xhat2, rstd2 = _layernorm(x1, w_ptr + O[6], col_ok, C, CP, D[8])
+    EPS: tl.constexpr = D[8]
+    xn2, xhat2, rstd2 = _layernorm(x1, w_ptr + O[6], col_ok, C, CP, EPS)
     # MLP branch and LN2; the residual passes g through
     dxn2 = _mlp_bwd(g, xn2, w_ptr, dw_ptr, D, O, DT)
     dx1, dln_w, dln_b = _layernorm_bwd(dxn2, xhat2, rstd2, w_ptr + O[6], col_ok, C, CP)
