@@ -8,6 +8,8 @@ CUDA machine this module skips: tests/test_cuda.py runs the kernels on the GPU. 
 (3-7 sequences, 2-4 per program) because the interpreter runs each program in numpy.
 """
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -125,12 +127,11 @@ def test_model_switch_triton_equals_torch_logits_and_grads():
         torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_auto_is_torch_on_cpu_and_the_default(monkeypatch):
+def test_auto_is_torch_on_cpu_and_the_default():
     block, x = _block(12, 2), torch.randn(2, 16, 12)
     assert not use_triton("auto", block, x) and not use_triton("torch", block, x)
     assert use_triton("triton", block, x)
-    monkeypatch.setattr(inner_op, "AUTO_PICKS_TRITON", True)  # once H100 figures say so
-    assert not use_triton("auto", block, x)  # still CUDA only
+    assert inner_op.AUTO_PICKS_TRITON  # on CUDA, where the GPU figures say it wins
     assert all(b.inner_kernel == "auto" for b in create_model("tnt_nano").blocks)
 
 
@@ -215,3 +216,14 @@ def test_torch_compile_traces_the_op_in_one_graph():
     torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-5)
     for name, g in ref[2].items():
         torch.testing.assert_close(got[2][name], g, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_auto_picks_the_kernel_only_on_cuda_gpus_it_trusts(monkeypatch):
+    """auto on a CUDA tensor: the kernel from sm_80 on, PyTorch on older GPUs (a stand-in for
+    the CUDA tensor: use_triton reads its device, dtype and shape)."""
+    block = _block(24, 4)
+    x = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16, shape=(2, 16, 24))
+    for cap, picked in (((9, 0), True), ((8, 0), True), ((7, 5), False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, c=cap: c)
+        assert use_triton("auto", block, x) is picked, cap
+    assert not use_triton("torch", block, x)

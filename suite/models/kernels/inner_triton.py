@@ -35,9 +35,11 @@ _INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 HIDDEN_CHUNK = 32  # HB: MLP hidden channels per step
 # (rows per program, warps) by CP, forward and backward apart: rows = sequences x padded pixels,
 # CP and PP at most 64 (inner_op.MAX_PADDED_DIM declines larger shapes before they get here).
-# Guesses until a GPU run tunes them (benchmarks/bench_inner_kernel.py sweeps both): about 2k
-# fp32 values per (R, CP) tile keeps the backward's live tiles in registers at 4 warps
-FWD_TILE = {16: (64, 4), 32: (64, 4), 64: (32, 4)}
+# CP 32 (TNT-S) from benchmarks/bench_inner_kernel.py on an H200 (reports/gpu/nvidia-h200), bf16,
+# 25,088 sequences, of {1, 2, 4, 8} sequences x {2, 4, 8} warps: forward 8 x 8 warps 0.122 ms
+# (4 x 4: 0.126), backward 4 x 4 warps 0.595 ms (8 x 8: 0.661; 1 x 2: 1.025). CP 16 and 64 are
+# not measured yet: the same ~2k fp32 values per (R, CP) tile at 4 warps
+FWD_TILE = {16: (64, 4), 32: (128, 8), 64: (32, 4)}
 BWD_TILE = {16: (64, 4), 32: (64, 4), 64: (32, 4)}
 
 
