@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import suite
-from suite.errors import UserError, parse_assignment
+from suite.errors import Terminated, UserError, parse_assignment, sigterm_as_interrupt
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -446,10 +446,14 @@ def _add_profile_command(sub: Any) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with sigterm_as_interrupt():  # ui installs its own, to stop its server's group
+            return int(args.func(args) or 0)
     except UserError as e:
         print(f"tntbench {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("tntbench: terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("tntbench: interrupted", file=sys.stderr)
         return 130

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 
@@ -13,6 +17,29 @@ class UserError(Exception):
 class MissingPathError(UserError):
     """A file or folder the config names is not there (a data root, a teacher checkpoint): for
     a matrix, a mistake in every cell, so it stops the whole matrix before any work."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived (``timeout``, a scheduler's preemption, ``kill``): raised in the main
+    thread as Ctrl-C is, so runs end KILLED, trials FAIL and checkpoints are kept, instead of
+    the process dying with its MLflow run left RUNNING."""
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within this block, SIGTERM raises ``Terminated`` in the main thread (elsewhere: no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise Terminated("SIGTERM")
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def parse_value(text: str) -> Any:

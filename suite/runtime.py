@@ -12,10 +12,14 @@ the same setting through ``resolve_compile``:
   fp32 (``reports/cpu/README.md``), at 10-60 s of compiling: not worth it by default.
 - ``true`` / ``false``: whole-model compile, or eager, on any device.
 - ``"regional"``: each block compiled in place (``suite.models.compile_blocks``).
+
+Worker processes (a search's or a matrix's ``--workers``) start through ``spawn_workers``, so a
+SIGTERM or Ctrl-C ends each worker's run and trial as an interrupt does, never left RUNNING.
 """
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import random
 import sys
@@ -30,7 +34,7 @@ import torch
 from torch import nn
 
 from suite.config import PRECISIONS, check_compile_setting
-from suite.errors import UserError
+from suite.errors import Terminated, UserError, sigterm_as_interrupt
 from suite.models import compile_blocks
 
 # precision names (train.amp, profile --dtype) -> autocast dtypes; fp32 runs without autocast
@@ -203,3 +207,37 @@ def oom_message(key: str, batch_size: int, device: torch.device) -> str:
         f"{key} = {batch_size} does not fit in memory on {where}: out of memory at a peak "
         f"of {peak:,.0f} MB allocated; lower {key}"
     )
+
+
+def _worker_entry(target: Callable[..., None], args: tuple) -> None:
+    """A spawned worker: SIGTERM raises ``Terminated`` as in the command, and an interrupt
+    (its runs and trials already closed on the way out) exits 130 without a traceback."""
+    try:
+        with sigterm_as_interrupt():
+            target(*args)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def spawn_workers(target: Callable[..., None], args: list[tuple], grace_s: float = 30) -> None:
+    """``target(*a)`` in a fresh spawned process for each ``a`` (no inherited threads or CUDA
+    state), waited for. Ctrl-C reaches the workers too (the terminal's process group), so they
+    are given ``grace_s`` to close their cells; a SIGTERM (``Terminated``) reached only this
+    process, so it is passed on at once. Workers still alive after that are terminated."""
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_worker_entry, args=(target, a)) for a in args]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join()
+    except KeyboardInterrupt as e:
+        if isinstance(e, Terminated):
+            for p in procs:
+                p.terminate()
+        for p in procs:
+            p.join(timeout=grace_s)
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=10)
+        raise

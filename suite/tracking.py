@@ -369,8 +369,8 @@ class MlflowTracker(Tracker):
             run = _MlflowRun(self.client, r.info.run_id)
         try:
             yield run
-        except KeyboardInterrupt:
-            run.set_tags({"error": "interrupted (KeyboardInterrupt)"})
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM as suite.errors.Terminated
+            run.set_tags({"error": f"interrupted ({e or 'KeyboardInterrupt'})"})
             run.end("KILLED")
             raise
         except BaseException as e:

@@ -1,6 +1,7 @@
-"""Crashes and races: kill -9 of train, matrix and search workers, two processes creating one
-store, a checkpoint write that fails, planted pickles. After each, nothing is left RUNNING,
-nothing is recorded twice, and what was recorded is intact.
+"""Crashes and races: kill -9 of train, matrix and search workers, SIGTERM of train and of a
+matrix with workers, two processes creating one store, a checkpoint write that fails, planted
+pickles. After each, nothing is left RUNNING, nothing is recorded twice, and what was recorded
+is intact.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -104,6 +106,46 @@ def test_kill9_train_mid_epoch_then_resume(tmp_path):
     assert "error" not in after.data.tags
 
 
+def test_sigterm_train_mid_epoch_ends_the_run_killed_then_resume(tmp_path):
+    """What timeout, a scheduler's preemption or kill send: the run ends KILLED with its
+    checkpoint, one line on stderr, exit 143; --resume then finishes it."""
+    uri = f"sqlite:///{tmp_path}/m.db"
+    argv = [
+        "train",
+        "--tracking-uri",
+        uri,
+        *sets("train.epochs=4", f"train.out_dir='{tmp_path}/r'"),
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "suite", *argv],
+        env=ENV,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        run = wait_for(lambda: runs(uri), 120, "the run to start", proc)[0]
+        folder = Path(wait_for(lambda: runs(uri)[0].data.tags.get("checkpoint_dir"), 60, "tags"))
+        wait_for(lambda: checkpoint_epoch(folder) >= 1, 120, "epoch 1's checkpoint", proc)
+        time.sleep(0.3)  # into epoch 2
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            kill9(proc)
+    assert proc.returncode == 143, err[-2000:]
+    assert (
+        "Traceback" not in err and err.strip().splitlines()[-1] == "tntbench: terminated (SIGTERM)"
+    )
+    killed = mlflow.MlflowClient(uri).get_run(run.info.run_id)
+    assert killed.info.status == "KILLED" and "SIGTERM" in killed.data.tags["error"]
+    assert main([*argv, "--resume", run.info.run_id]) == 0
+    (after,) = runs(uri)
+    assert after.info.status == "FINISHED" and "error" not in after.data.tags
+    assert epochs_logged(uri, run.info.run_id) == [1, 2, 3, 4]  # each epoch once
+
+
 MATRIX = """
 # Question: none (a fault test). Run: tests/test_faults.py
 [matrix]
@@ -159,6 +201,58 @@ def test_kill9_matrix_mid_cell_then_rerun_resumes_the_cell(tmp_path):
     assert killed_id in {r.info.run_id for r in cells}  # resumed in its own run
     for r in cells:
         assert epochs_logged(uri, r.info.run_id) == [1, 2, 3]
+    assert not runs(uri, "attributes.status = 'RUNNING'")
+
+
+def test_sigterm_matrix_with_two_workers_leaves_nothing_running_then_rerun_finishes(tmp_path):
+    """SIGTERM to `matrix --workers 2` reaches only the command: it passes it on, so both
+    workers end their cells KILLED and their trials FAIL, and no process is left; a rerun
+    finishes every cell exactly once."""
+    uri = f"sqlite:///{tmp_path}/m.db"
+    cfg = tmp_path / "m.toml"
+    cfg.write_text(MATRIX.format(tmp=tmp_path))
+    # epochs long enough (a few seconds each) that both cells are seen running together
+    longer = ["--set", "data.train_size=1024"]
+    argv = ["matrix", str(cfg), "--tracking-uri", uri, "--no-progress", "--workers", "2", *longer]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "suite", *argv],
+        env=ENV,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(
+            lambda: len(runs(uri, "tags.kind = 'cell' and attributes.status = 'RUNNING'")) == 2,
+            180,
+            "both workers' cells",
+            proc,
+        )
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            kill9(proc)
+    assert proc.returncode == 143, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, [p.pid for p in alive]
+    assert not runs(uri, "attributes.status = 'RUNNING'")
+    assert {r.info.status for r in runs(uri, "tags.kind = 'cell'")} == {"KILLED"}
+    study = optuna.load_study(
+        study_name="matrix:faults", storage=open_storage(str(tmp_path / "matrix.journal"))
+    )
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+    killed = {r.info.run_id for r in runs(uri, "tags.kind = 'cell'")}
+    assert main(argv) == 0
+    cells = runs(uri, "tags.kind = 'cell'")
+    assert {r.info.run_id for r in cells} == killed  # each went on in its own run
+    assert {r.info.status for r in cells} == {"FINISHED"}
+    for r in cells:
+        assert epochs_logged(uri, r.info.run_id) == [1, 2, 3]
+        assert "error" not in r.data.tags
     assert not runs(uri, "attributes.status = 'RUNNING'")
 
 

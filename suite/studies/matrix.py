@@ -295,14 +295,23 @@ def check_paths(cells: list[Cell], path: str | Path) -> None:
             pass
 
 
+# a cell run cut short goes on in its own run from its checkpoint: RUNNING when its process
+# was killed (kill -9, a lost machine), KILLED when it was interrupted (Ctrl-C, SIGTERM); a
+# FAILED cell starts afresh (its error would recur from the same state)
+RESUMABLE = ("RUNNING", "KILLED")
+
+
 def unfinished_cells(tracker: Tracker, experiment: str, matrix: str) -> dict:
-    """cell hash -> (run ID, alive) of the matrix's cell runs still RUNNING: alive unless its
-    process is known to be gone (killed on this host); the newest run per cell."""
-    df = tracker.runs(experiment, status="RUNNING", kind="cell", matrix=matrix)
+    """cell hash -> (run ID, alive) of the matrix's cell runs cut short (``RESUMABLE``), the
+    newest per cell: alive while RUNNING unless its process is known to be gone (killed on
+    this host)."""
+    frames = [tracker.runs(experiment, status=s, kind="cell", matrix=matrix) for s in RESUMABLE]
+    df = pd.concat([f for f in frames if len(f)] or frames[:1])
     out: dict[str, tuple[str, bool]] = {}
     for _, r in df.sort_values("start_time").iterrows() if len(df) else []:
         host, pid = r.get("tags.host", ""), int(r.get("tags.pid", 0) or 0)
-        out[r["tags.cell_hash"]] = (r["run_id"], not process_is_gone(host, pid, r["start_time"]))
+        gone = r["status"] != "RUNNING" or process_is_gone(host, pid, r["start_time"])
+        out[r["tags.cell_hash"]] = (r["run_id"], not gone)
     return out
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import multiprocessing as mp
 import sys
 import time
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from suite.config import (
     with_values,
 )
 from suite.errors import UserError
+from suite.runtime import spawn_workers
 from suite.studies.storage import open_storage, quiet_optuna
 from suite.tracking import (
     Tracker,
@@ -358,12 +358,7 @@ def _run_workers(args: tuple, workers: int) -> None:
     if workers == 1:
         _worker(*args)
         return
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=args) for _ in range(workers)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join()
+    spawn_workers(_worker, [args] * workers)
 
 
 def _worker(path, sets, storage, scfg: SearchConfig, uri, parent_id, timeout) -> None:

@@ -13,7 +13,6 @@ Many machines: the same command on each, with one PostgreSQL storage and one MLf
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import subprocess
 import sys
@@ -25,7 +24,9 @@ from typing import Any
 import pandas as pd
 
 from suite.errors import UserError
+from suite.runtime import spawn_workers
 from suite.studies.matrix import (
+    RESUMABLE,
     Cell,
     MatrixResult,
     check_paths,
@@ -115,12 +116,7 @@ def _start_workers(plan: Plan) -> None:
     if plan.workers == 1:
         _worker_main(plan, 0)
         return
-    ctx = mp.get_context("spawn")  # a fresh interpreter: no inherited threads or CUDA state
-    procs = [ctx.Process(target=_worker_main, args=(plan, s)) for s in range(plan.workers)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join()
+    spawn_workers(_worker_main, [(plan, s) for s in range(plan.workers)])
 
 
 def on_cuda(cells: list) -> bool:
@@ -197,7 +193,8 @@ def _run_popped(
     found = _cell_run(tracker, experiment, cell.digest)
     if found.get("FINISHED"):
         return _top1(tracker, experiment, cell.digest)
-    resume = found.get("RUNNING")  # its worker died (else the cell would not be waiting)
+    # cut short (its worker died, else the cell would not be waiting, or was interrupted)
+    resume = next((found[s] for s in RESUMABLE if s in found), None)
     who = f"{worker} ({worker_id()})"
     what = f"cell {cell.index} ({cell.run_name})"
     print(f"{who}: {what} {'resumed' if resume else 'started'}", file=sys.stderr, flush=True)
