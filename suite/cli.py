@@ -429,7 +429,12 @@ def _add_profile_command(sub: Any) -> None:
     pr.add_argument(
         "--warmup", type=int, default=None, help="warm-up steps (default: 10 GPU, 3 CPU)"
     )
-    pr.add_argument("--steps", type=int, default=None, help="timed steps (default: 40 GPU, 10 CPU)")
+    pr.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="timed steps, at least: more until the window lasts 1 s (default: 40 GPU, 10 CPU)",
+    )
     pr.add_argument(
         "--repeat",
         type=int,

@@ -82,11 +82,14 @@ def time_model(
     num_classes: int = 1000,
     repeat: int = 1,
     retries: int = noise.RETRIES,
+    min_window_s: float = noise.MIN_WINDOW_S,
 ) -> Timing:
-    """Median, p10 and p90 step time of ``steps`` timed steps after ``warmup`` untimed ones,
-    with the conditions they ran in (``suite.noise``): a disturbed window is timed again up to
-    ``retries`` times and reported noisy if it stays so. ``repeat`` independent windows give
-    the median of their medians.
+    """Median, p10 and p90 step time of at least ``steps`` timed steps after ``warmup`` untimed
+    ones, with the conditions they ran in (``suite.noise``): a window goes on past ``steps``
+    until it has lasted ``min_window_s`` (at most ``noise.MAX_WINDOW_STEPS`` steps), so that it
+    can be judged; img/s is computed from all the steps it timed. A disturbed window is timed
+    again up to ``retries`` times and reported noisy if it stays so. ``repeat`` independent
+    windows give the median of their medians.
 
     ``compile`` is a ``train.compile`` setting (``suite.runtime.resolve_compile``): the first
     step compiles and is timed apart as ``compile_s``; a failed compile falls back to eager
@@ -104,7 +107,7 @@ def time_model(
         sync(device)
         reset_peak_memory(device)
 
-        window = _window(step, c.fn, steps, device)
+        window = _window(step, c.fn, steps, device, min_window_s)
         runs = [noise.measure(window, device, retries) for _ in range(repeat)]
     except torch.cuda.OutOfMemoryError:
         raise UserError(oom_message("--batch-size", batch_size, device)) from None
@@ -127,18 +130,26 @@ def time_model(
 
 
 def _window(
-    step: Callable[[Callable], None], fn: Callable, steps: int, device: torch.device
+    step: Callable[[Callable], None],
+    fn: Callable,
+    steps: int,
+    device: torch.device,
+    min_s: float = noise.MIN_WINDOW_S,
 ) -> Callable[[], list[float]]:
-    """One timed window: ``steps`` calls of ``step(fn)``, each ended by a synchronize."""
+    """One timed window: calls of ``step(fn)``, each ended by a synchronize, at least ``steps``
+    of them and more until the window has lasted ``min_s`` (``noise.window_done``)."""
 
     def window() -> list[float]:
         times = []
-        for _ in range(steps):
+        start = time.perf_counter()
+        while True:
             t0 = time.perf_counter()
             step(fn)
             sync(device)
-            times.append(time.perf_counter() - t0)
-        return times
+            t1 = time.perf_counter()
+            times.append(t1 - t0)
+            if noise.window_done(len(times), t1 - start, steps, min_s):
+                return times
 
     return window
 
