@@ -99,6 +99,21 @@ def test_metrics_reason_applies_the_rule_to_logged_metrics():
     assert noise.metrics_reason({"train_loss": 1.0}, need=2) == ""
 
 
+def test_metrics_reason_judges_an_epoch_without_step_times_by_its_cpu_alone():
+    """A CUDA epoch keeps no per-step spread (its steps run asynchronously): only the
+    conditions are logged, and the rule must judge them (a KeyError here failed
+    test_fit_then_resume_on_cuda on an H200)."""
+    cuda_epoch = {
+        "timing_other_cpu": 1.5,
+        "timing_steps": 0.0,
+        "timing_window_s": 10.0,
+        "timing_cores": 16.0,
+    }
+    assert noise.metrics_reason(cuda_epoch, need=1) == ""  # 1.5 of 16 cores: 15 are spare
+    busy = {**cuda_epoch, "timing_other_cpu": 15.9}
+    assert noise.metrics_reason(busy, need=1).startswith("other processes used 15.9 of 16 cores")
+
+
 # ---------------------------------------------------------------------------------------------
 # Re-timing and repeats (synthetic step times: a window of no work is too short for the load
 # rule, so only the spread decides and the outcome is deterministic)
