@@ -5,13 +5,15 @@
 #      swept against the PyTorch block (issue 18);
 #   2. benchmarks/bench_tnt_speed.py --batch-size 128 --dtypes bf16 --compile, with the Triton
 #      rows (--inner-kernel torch,triton) on the sweep's best tiles (issue 18's targets);
-#   3. benchmarks/bench_matrix_workers.py on the machine's CPU cores: 2 workers against one
+#   3. benchmarks/profile_tnt_step.py: where TNT-S's bf16 training step spends its GPU time
+#      with the kernel (what is left between it and DeiT-S per FLOP);
+#   4. benchmarks/bench_matrix_workers.py on the machine's CPU cores: 2 workers against one
 #      process (issue 17's wall-time target needs cores that scale, which this box has);
-#   4. a 2-epoch tracked tntbench train on synthetic CIFAR-sized data (MLflow system metrics,
+#   5. a 2-epoch tracked tntbench train on synthetic CIFAR-sized data (MLflow system metrics,
 #      the GPU's included), as the default run goes (train.compile = auto: compiled on CUDA);
-#   5. tntbench profile, train and infer, bf16, for TNT-S and DeiT-S;
-#   6. the CUDA tests (tests/test_cuda.py).
-# Each step is bounded by a timeout (together 535 s, so that with the wheel install the whole
+#   6. tntbench profile, train and infer, bf16, for TNT-S and DeiT-S;
+#   7. the CUDA tests (tests/test_cuda.py).
+# Each step is bounded by a timeout (together 555 s, so that with the wheel install the whole
 # check fits one 10-minute device call); a step that fails or times out is
 # recorded and the rest still run. Results go to reports/gpu/<device>/: each step's log, JSON,
 # and a README.md table (benchmarks/gpu_report.py). The exit status is the number of failed steps.
@@ -93,6 +95,7 @@ if [[ $smoke == 1 ]]; then  # the same steps, tiny
     echo "== inner kernel sweep and bench_tnt_speed's Triton rows: not in a CPU smoke run (the" \
          "kernel needs CUDA; its CPU checks are tests/test_triton_inner.py under TRITON_INTERPRET=1)"
     workers=(--train-size 64 --epochs 1)
+    step_prof=(--model tnt_nano --batch-size 2 --device cpu --inner-kernel torch)
     big=(tnt_nano deit_nano) prof=(--device cpu --dtype fp32 --batch-size 2 --warmup 1 --steps 2)
     prof_train=() prof_infer=()
     train=(--set data.train_size=64 --set data.val_size=32 --set train.batch_size=32
@@ -103,6 +106,7 @@ else
     tiles=()
     [[ -s $out/inner_sweep.json ]] && tiles=(--inner-tiles "$out/inner_sweep.json")
     bench=(--batch-size 128 --steps 10 --warmup 3 --inner-kernel torch,triton "${tiles[@]}")
+    step_prof=(--model tnt_s_patch16_224 --batch-size 128 --dtype bf16 --device cuda)
     workers=(--train-size 1024 --epochs 2)  # 8,192 ran past 70 s on an H200 box's 16 cores
     big=(tnt_s_patch16_224 deit_small_patch16_224)
     prof=(--device cuda --dtype bf16 --warmup 3 --steps 10)
@@ -111,8 +115,9 @@ else
            --set data.workers=6 --set train.device=\'cuda\')
 fi
 
-step bench_tnt_speed 200 "$py" benchmarks/bench_tnt_speed.py --dtypes bf16 --compile \
+step bench_tnt_speed 190 "$py" benchmarks/bench_tnt_speed.py --dtypes bf16 --compile \
     "${bench[@]}" --json "$out/bench_tnt_speed.json"
+step profile_step 30 "$py" benchmarks/profile_tnt_step.py "${step_prof[@]}" --rows 30
 step matrix_workers 45 "$py" benchmarks/bench_matrix_workers.py "${workers[@]}" \
     --json "$out/matrix_workers.json"
 # TNT-S at CIFAR-10 size as experiments/cifar10.toml has it: 8x8 grid of 4x4 patches, 1x1 pixels

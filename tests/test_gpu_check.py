@@ -11,6 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = [
     "bench_tnt_speed",
+    "profile_step",
     "matrix_workers",
     "train",
     "profile_train",
