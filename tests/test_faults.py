@@ -76,7 +76,21 @@ def checkpoint_epoch(folder: Path) -> int:
         return 0
 
 
-def test_kill9_train_mid_epoch_then_resume(tmp_path):
+def start(argv: list[str], tmp_path: Path, stderr=subprocess.DEVNULL) -> subprocess.Popen:
+    """``tntbench ARGV`` in its own process; stderr as text when piped."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "suite", *argv],
+        env=ENV,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+        text=True,
+    )
+
+
+def train_into_epoch_2(tmp_path: Path, stderr=subprocess.DEVNULL):
+    """A 4-epoch ``tntbench train`` started and waited for until it is into epoch 2 (epoch 1's
+    checkpoint written): (its store URI, argv, process, MLflow run). Killed if the wait fails."""
     uri = f"sqlite:///{tmp_path}/m.db"
     argv = [
         "train",
@@ -84,20 +98,21 @@ def test_kill9_train_mid_epoch_then_resume(tmp_path):
         uri,
         *sets("train.epochs=4", f"train.out_dir='{tmp_path}/r'"),
     ]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "suite", *argv],
-        env=ENV,
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = start(argv, tmp_path, stderr)
     try:
         run = wait_for(lambda: runs(uri), 120, "the run to start", proc)[0]
         folder = Path(wait_for(lambda: runs(uri)[0].data.tags.get("checkpoint_dir"), 60, "tags"))
         wait_for(lambda: checkpoint_epoch(folder) >= 1, 120, "epoch 1's checkpoint", proc)
-        time.sleep(0.3)  # into epoch 2
-    finally:
+    except BaseException:
         kill9(proc)
+        raise
+    time.sleep(0.3)  # into epoch 2
+    return uri, argv, proc, run
+
+
+def test_kill9_train_mid_epoch_then_resume(tmp_path):
+    uri, argv, proc, run = train_into_epoch_2(tmp_path)
+    kill9(proc)
     assert mlflow.MlflowClient(uri).get_run(run.info.run_id).info.status == "RUNNING"
     assert main([*argv, "--resume", run.info.run_id]) == 0
     (after,) = runs(uri)
@@ -109,26 +124,8 @@ def test_kill9_train_mid_epoch_then_resume(tmp_path):
 def test_sigterm_train_mid_epoch_ends_the_run_killed_then_resume(tmp_path):
     """What timeout, a scheduler's preemption or kill send: the run ends KILLED with its
     checkpoint, one line on stderr, exit 143; --resume then finishes it."""
-    uri = f"sqlite:///{tmp_path}/m.db"
-    argv = [
-        "train",
-        "--tracking-uri",
-        uri,
-        *sets("train.epochs=4", f"train.out_dir='{tmp_path}/r'"),
-    ]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "suite", *argv],
-        env=ENV,
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    uri, argv, proc, run = train_into_epoch_2(tmp_path, stderr=subprocess.PIPE)
     try:
-        run = wait_for(lambda: runs(uri), 120, "the run to start", proc)[0]
-        folder = Path(wait_for(lambda: runs(uri)[0].data.tags.get("checkpoint_dir"), 60, "tags"))
-        wait_for(lambda: checkpoint_epoch(folder) >= 1, 120, "epoch 1's checkpoint", proc)
-        time.sleep(0.3)  # into epoch 2
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     finally:
@@ -174,13 +171,7 @@ def test_kill9_matrix_mid_cell_then_rerun_resumes_the_cell(tmp_path):
     cfg = tmp_path / "m.toml"
     cfg.write_text(MATRIX.format(tmp=tmp_path))
     argv = ["matrix", str(cfg), "--tracking-uri", uri, "--no-progress"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "suite", *argv],
-        env=ENV,
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = start(argv, tmp_path)
 
     def a_cell_with_a_checkpoint():
         for r in runs(uri, "tags.kind = 'cell' and attributes.status = 'RUNNING'"):
@@ -214,14 +205,7 @@ def test_sigterm_matrix_with_two_workers_leaves_nothing_running_then_rerun_finis
     # epochs long enough (a few seconds each) that both cells are seen running together
     longer = ["--set", "data.train_size=1024"]
     argv = ["matrix", str(cfg), "--tracking-uri", uri, "--no-progress", "--workers", "2", *longer]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "suite", *argv],
-        env=ENV,
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start(argv, tmp_path, stderr=subprocess.PIPE)
     try:
         wait_for(
             lambda: len(runs(uri, "tags.kind = 'cell' and attributes.status = 'RUNNING'")) == 2,

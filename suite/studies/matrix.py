@@ -305,8 +305,8 @@ def unfinished_cells(tracker: Tracker, experiment: str, matrix: str) -> dict:
     """cell hash -> (run ID, alive) of the matrix's cell runs cut short (``RESUMABLE``), the
     newest per cell: alive while RUNNING unless its process is known to be gone (killed on
     this host)."""
-    frames = [tracker.runs(experiment, status=s, kind="cell", matrix=matrix) for s in RESUMABLE]
-    df = pd.concat([f for f in frames if len(f)] or frames[:1])
+    df = tracker.runs(experiment, kind="cell", matrix=matrix)
+    df = df[df["status"].isin(RESUMABLE)]
     out: dict[str, tuple[str, bool]] = {}
     for _, r in df.sort_values("start_time").iterrows() if len(df) else []:
         host, pid = r.get("tags.host", ""), int(r.get("tags.pid", 0) or 0)
