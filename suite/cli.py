@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import suite
-from suite.errors import Terminated, UserError, parse_assignment, sigterm_as_interrupt
+from suite.errors import Terminated, UserError, parse_assignment, redact, sigterm_as_interrupt
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -69,7 +69,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         tracker = make_tracker(args.tracking_uri)
         for r in rows:
             log_profile_row(tracker, r)
-        print(f"logged {len(rows)} run(s) to experiment 'profile' at {tracker.uri}")
+        print(f"logged {len(rows)} run(s) to experiment 'profile' at {redact(tracker.uri)}")
     return 0
 
 
@@ -98,7 +98,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             f"params {m['params_m']:.2f}M  GMACs {m['gmacs']:.3f}"
         )
         if tracker.uri:
-            print(f"tracking: {tracker.uri}  (tntbench ui --tracking-uri {tracker.uri})")
+            shown = redact(tracker.uri)
+            print(f"tracking: {shown}  (tntbench ui --tracking-uri {shown})")
     return 0
 
 
@@ -149,7 +150,7 @@ def _cmd_matrix(args: argparse.Namespace) -> int:
         f"matrix {r.name}: {r.ran} ran, {r.skipped} skipped (already finished), {r.failed} failed"
     )
     print(format_summary(r.summary))
-    print(f"parent run {r.parent_run_id}  tracking {tracker.uri}")
+    print(f"parent run {r.parent_run_id}  tracking {redact(tracker.uri)}")
     return min(r.failed, 100)
 
 
@@ -217,14 +218,18 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     tracker = make_tracker(args.tracking_uri)
     what = ", ".join(args.experiment or ["all experiments"])
-    print(f"report: reading runs of {what} from {tracker.uri} ...", file=sys.stderr, flush=True)
+    print(
+        f"report: reading runs of {what} from {redact(tracker.uri)} ...",
+        file=sys.stderr,
+        flush=True,
+    )
     rep = build_report(tracker, args.experiment, args.matrix, args.study, args.out)
     print(f"report: wrote {rep.out.resolve()}", file=sys.stderr, flush=True)
     print(
         f"report: {rep.out.resolve()}  ({len(rep.tables)} tables, {len(rep.plots)} plots; "
         f"open {rep.out.resolve() / 'report.html'})"
     )
-    print(f"logged as run {rep.run_id} in experiment 'reports' at {tracker.uri}")
+    print(f"logged as run {rep.run_id} in experiment 'reports' at {redact(tracker.uri)}")
     return 0
 
 
@@ -454,7 +459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with sigterm_as_interrupt():  # ui installs its own, to stop its server's group
             return int(args.func(args) or 0)
     except UserError as e:
-        print(f"tntbench {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        print(f"tntbench {args.command}: error: {redact(_one_line(e))}", file=sys.stderr)
         return 2
     except Terminated:
         print("tntbench: terminated (SIGTERM)", file=sys.stderr)

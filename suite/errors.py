@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import threading
 import tomllib
@@ -55,3 +56,38 @@ def parse_assignment(text: str, flag: str = "--set") -> tuple[str, Any]:
     if not sep or not key.strip():
         raise UserError(f"{flag} expects KEY=VALUE, got '{text}'")
     return key.strip(), parse_value(value.strip())
+
+
+# ``scheme://user:password@host``: the password part, up to the last @ before the host (a
+# password may hold '@' or ':' when not percent-encoded); and libpq's ``password=...`` keyword
+_URL_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][\w+.-]*://[^/:@\s'\"]*:)(?P<pw>[^\s'\"/]*)@")
+_KEYWORD_PASSWORD = re.compile(r"(?P<head>\b(?:password|passwd|pwd)=)(?P<pw>[^\s&;,)'\"]+)", re.I)
+REDACTED = "***"
+
+
+def redact(text: str) -> str:
+    """``text`` with the passwords of any URLs in it replaced by ``***``
+    (``postgresql+psycopg://bench:s3cret@db/x`` -> ``postgresql+psycopg://bench:***@db/x``):
+    applied to everything the suite prints or records (params, tags, config artifacts, error
+    lines), so a storage or tracking URL's credentials never reach a log or an MLflow store."""
+    text = _URL_PASSWORD.sub(lambda m: f"{m['head']}{REDACTED}@", text)
+    return _KEYWORD_PASSWORD.sub(lambda m: f"{m['head']}{REDACTED}", text)
+
+
+def redact_data(data: Any) -> Any:
+    """``data`` (dicts, lists, strings and other values, e.g. a config) with every string
+    redacted."""
+    if isinstance(data, str):
+        return redact(data)
+    if isinstance(data, dict):
+        return {k: redact_data(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return type(data)(redact_data(v) for v in data)
+    return data
+
+
+def unredacted_for_connect(url: str) -> str:
+    """A URL read back from a store, ready to connect with: a password the suite redacted is
+    dropped, so the driver takes it from its own sources (PGPASSWORD, ~/.pgpass) instead of
+    sending ``***``."""
+    return url.replace(f":{REDACTED}@", "@")

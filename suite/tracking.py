@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from suite.errors import UserError
+from suite.errors import UserError, redact, redact_data, unredacted_for_connect
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 # MLflow's limits: a param value's length and an experiment name's
@@ -151,7 +151,7 @@ class _MlflowRun(Run):
 
         items = []
         for k, v in params.items():
-            text = str(v)
+            text = redact(str(v))  # a storage or tracking URL's password never reaches the store
             if len(text) > PARAM_MAX_CHARS:  # MLflow refuses longer: a hash, and say so
                 digest = hashlib.sha256(text.encode()).hexdigest()[:16]
                 print(
@@ -185,17 +185,17 @@ class _MlflowRun(Run):
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        items = [RunTag(k, redact(str(v))) for k, v in tags.items()]
         self.client.log_batch(self.run_id, tags=items, synchronous=True)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def log_dict(self, data: Any, artifact_file: str) -> None:
-        self.client.log_dict(self.run_id, data, artifact_file)
+        self.client.log_dict(self.run_id, redact_data(data), artifact_file)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        self.client.log_text(self.run_id, redact(text), artifact_file)
 
     def log_figure(self, figure: Any, artifact_file: str) -> None:
         self.client.log_figure(self.run_id, figure, artifact_file)
@@ -319,7 +319,7 @@ class MlflowTracker(Tracker):
         # MLflow's INFO lines (database creation, migrations) are noise on a user's terminal
         for name in ("mlflow", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
-        self.uri = resolve_uri(uri)
+        self.uri = resolve_uri(unredacted_for_connect(uri) if uri else uri)
         self.client = _RetryingClient(open_store(self.uri, MlflowClient))
 
     def experiment_id(self, name: str) -> str:
@@ -354,7 +354,7 @@ class MlflowTracker(Tracker):
         run_id: str | None = None,
     ) -> Iterator[Run]:
         """A new run, or with ``run_id`` the same run reopened (``--resume``)."""
-        all_tags = {k: str(v) for k, v in (tags or {}).items()}
+        all_tags = {k: redact(str(v)) for k, v in (tags or {}).items()}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         if run_id:
@@ -480,7 +480,7 @@ def serve_ui(uri: str | None = None, port: int = 0, host: str = "127.0.0.1") -> 
             port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri]
     cmd += ["--host", host, "--port", str(port), "--workers", "1"]
-    print(f"MLflow UI for {uri} at http://{host}:{port}  (Ctrl-C stops it)", flush=True)
+    print(f"MLflow UI for {redact(uri)} at http://{host}:{port}  (Ctrl-C stops it)", flush=True)
 
     def on_term(signum: int, frame: Any) -> None:
         raise _Stop(signum)

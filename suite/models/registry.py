@@ -8,6 +8,7 @@ result CSVs. "gflops" follows the papers' and fvcore's unit: one multiply-add = 
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,12 +131,38 @@ def _check_knob(name: str, key: str, value: Any, default: Any) -> None:
         )
     if expected in (int, float) and not isinstance(value, bool):
         low = 0 if key in _MAY_BE_ZERO else 1e-12
-        if value < low or (key.endswith("drop_rate") or key == "drop_path_rate") and value >= 1:
-            raise ValueError(f"{key}={value!r} for model {name} is out of range")
+        high = _MAX.get(key, math.inf)
+        if (
+            not (low <= value <= high)
+            or (key.endswith("drop_rate") or key == "drop_path_rate")
+            and value >= 1
+        ):
+            # not (low <= v <= high) also refuses nan, which every comparison calls False
+            limit = f" (at most {high:g})" if value > high else ""
+            raise ValueError(f"{key}={value!r} for model {name} is out of range{limit}")
 
 
 # knobs where 0 is meaningful: no classifier head, no dropout / stochastic depth
 _MAY_BE_ZERO = {"num_classes", "drop_rate", "attn_drop_rate", "drop_path_rate"}
+# Upper bounds on the structural knobs, far above any model worth training, so that a config or
+# a checkpoint's stored arguments cannot make the suite build (or sit validating) a model of a
+# hundred million layers: ViT-H has depth 32, width 1280, 16 heads, and 14x14 patches.
+_MAX: dict[str, float] = {
+    "img_size": 4096,
+    "in_chans": 64,
+    "num_classes": 1_000_000,
+    "patch_size": 1024,
+    "pixel_size": 1024,
+    "embed_dim": 16_384,
+    "inner_dim": 4096,
+    "depth": 256,
+    "num_heads": 256,
+    "inner_heads": 256,
+    "mlp_ratio": 64.0,
+    "inner_mlp_ratio": 64.0,
+}
+# and on the whole: more parameters than this is a typo, not a model (ViT-G/14 has 1.8B)
+MAX_PARAMS = 10_000_000_000
 
 
 def resolve_kwargs(name: str, **overrides: Any) -> dict[str, Any]:
@@ -153,6 +180,26 @@ def resolve_kwargs(name: str, **overrides: Any) -> dict[str, Any]:
 def create_model(name: str, **overrides: Any) -> nn.Module:
     """Build a registered model, with any constructor argument overridden (as timm does)."""
     entry = get_entry(name)
-    model = entry.arch(**resolve_kwargs(name, **overrides))
+    kwargs = resolve_kwargs(name, **overrides)
+    n = estimate_params(kwargs)
+    if n > MAX_PARAMS:
+        raise ValueError(
+            f"model {name} with {overrides} would have about {n / 1e9:.0f}B parameters "
+            f"(the suite builds at most {MAX_PARAMS / 1e9:.0f}B)"
+        )
+    model = entry.arch(**kwargs)
     model.model_name = name
     return model
+
+
+def estimate_params(kwargs: dict[str, Any]) -> float:
+    """Roughly the parameter count of a ViT or TNT with these arguments, from the shapes alone:
+    per block 4 d^2 (attention) + 2 r d^2 (MLP), plus TNT's inner blocks and projection. Used to
+    refuse absurd models before anything is allocated (the meta device still takes time)."""
+    d, depth = kwargs.get("embed_dim", 768), kwargs.get("depth", 12)
+    n = depth * (4 + 2 * kwargs.get("mlp_ratio", 4.0)) * d * d
+    if "inner_dim" in kwargs:  # TNT: an inner block and a (pixels * c) x d projection per layer
+        c = kwargs["inner_dim"]
+        pixels = (kwargs.get("patch_size", 16) // max(kwargs.get("pixel_size", 4), 1)) ** 2
+        n += depth * ((4 + 2 * kwargs.get("inner_mlp_ratio", 4.0)) * c * c + pixels * c * d)
+    return n + kwargs.get("num_classes", 1000) * d

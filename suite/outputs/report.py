@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from suite.config import SearchConfig, safe_name
+from suite.config import safe_name
 from suite.models import get_entry, list_models
 from suite.outputs.report_format import mask_uri, one_value, stamp, write_pages
 from suite.outputs.report_plots import (
@@ -30,7 +30,8 @@ from suite.outputs.report_plots import (
     save,
 )
 from suite.studies.matrix import group_runs, varied_columns
-from suite.studies.search import count_line, make_storage
+from suite.studies.search import count_line
+from suite.studies.storage import readonly_storage
 from suite.tracking import Tracker
 
 # The TNT paper's ablations on TNT-S, ImageNet (shared/reference/paper_tables.md)
@@ -308,17 +309,16 @@ def study_counts(parents: pd.DataFrame, study: str) -> dict[str, int] | None:
         return None
     rows = parents[parents.get("tags.study", pd.Series("", parents.index)) == study]
     for url in rows["params.search.storage"].dropna().unique():
-        local = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else None
-        if url.endswith(".journal") or url.startswith("journal:"):
-            local = url.removeprefix("journal:")
-        if local is not None and not Path(local).is_file():
-            continue  # opening a missing file would create an empty storage
         try:
             import optuna
             from optuna.trial import TrialState
 
-            st = optuna.load_study(study_name=study, storage=make_storage(url, SearchConfig(study)))
-            trials = st.get_trials(deepcopy=False)
+            # read-only: the URL comes from the store, and a report writes into no database
+            with readonly_storage(url) as storage:
+                if storage is None:
+                    continue
+                st = optuna.load_study(study_name=study, storage=storage)
+                trials = st.get_trials(deepcopy=False)
         except Exception:  # moved, unreachable, another study: fall back to the MLflow runs
             continue
         return {s.name: sum(t.state == s for t in trials) for s in TrialState}

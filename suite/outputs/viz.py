@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import sys
+import tempfile
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -134,12 +135,17 @@ def load_run(tracker: Tracker, run_id: str, device: torch.device) -> VizRun:
         if d and (Path(d) / name).is_file():
             ckpt_path = Path(d) / name
             break
-    if ckpt_path is None and "checkpoints/best.pt" in tracker.list_artifacts(run_id, "checkpoints"):
-        cache = Path.home() / ".cache" / "tntbench" / run_id
-        ckpt_path = tracker.download_artifacts(run_id, "checkpoints/best.pt", cache)
-    if ckpt_path is None:
+    if ckpt_path is not None:
+        ckpt = load_checkpoint(ckpt_path)  # tensors and plain data only: never unpickled
+    elif "checkpoints/best.pt" in tracker.list_artifacts(run_id, "checkpoints"):
+        # the artifact is read into memory from a temporary folder, removed at once: viz
+        # leaves no copy of a checkpoint behind (~/.cache would fill with one per run viewed)
+        with tempfile.TemporaryDirectory(prefix="tntbench-viz-") as tmp:
+            ckpt_path = tracker.download_artifacts(run_id, "checkpoints/best.pt", Path(tmp))
+            ckpt = load_checkpoint(ckpt_path)
+        ckpt_path = Path(f"runs:/{run_id}/checkpoints/best.pt")  # what messages name
+    else:
         raise UserError(f"run {run_id}: no checkpoint (not in {d!r} nor in its artifacts)")
-    ckpt = load_checkpoint(ckpt_path)  # tensors and plain data only: never unpickled
     try:
         raw = tomllib.loads(ckpt["config_toml"])
         name, kwargs = str(ckpt["model_name"]), dict(ckpt["model_kwargs"])

@@ -34,7 +34,7 @@ from typing import Any
 import pandas as pd
 
 from suite.config import apply_sets, from_dict, parse_matrix, read_toml, with_values
-from suite.errors import MissingPathError, UserError
+from suite.errors import MissingPathError, UserError, redact
 from suite.tracking import Tracker, flatten, process_is_gone
 
 
@@ -346,7 +346,7 @@ def run_cell(
         with tracker.run(experiment, cell.run_name, tags, parent_id) as run:
             run.log_params({**flatten(raw), **params})
             run.fail(f"UserError: {e}")  # the impossible cell, recorded FAILED with its error
-        print(f"cell {cell.index} ({cell.run_name}) FAILED: {e}", file=sys.stderr)
+        print(f"cell {cell.index} ({cell.run_name}) FAILED: {redact(str(e))}", file=sys.stderr)
         return False
     from suite.training.fit import (
         fit,  # imported on first use: a rerun that skips every cell is fast

@@ -41,7 +41,7 @@ from suite.config import (
     spec_table,
     with_values,
 )
-from suite.errors import UserError
+from suite.errors import UserError, redact
 from suite.runtime import spawn_workers
 from suite.studies.storage import open_storage, quiet_optuna
 from suite.tracking import (
@@ -493,7 +493,7 @@ def format_search(r: SearchResult) -> str:
     label = "Pareto front (non-dominated)" if multi else "best trial"
     return (
         f"{head}\n{label}:\n{pd.DataFrame(rows).to_string(index=False)}\n"
-        f"storage {r.storage}  parent run {r.parent_run_id}"
+        f"storage {redact(r.storage)}  parent run {r.parent_run_id}"
     )
 
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from suite.errors import UserError
+from suite.errors import UserError, redact, unredacted_for_connect
 
 
 def quiet_optuna() -> None:
@@ -40,6 +40,7 @@ def open_storage(url: str, heartbeat_interval: int, grace_period: int, max_retry
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     quiet_optuna()
+    url = unredacted_for_connect(url)
     path = journal_path(url)
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -63,7 +64,53 @@ def open_storage(url: str, heartbeat_interval: int, grace_period: int, max_retry
                 engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
             )
     except (optuna.exceptions.StorageInternalError, ImportError, Exception) as e:
-        raise UserError(f"--storage {url}: cannot open ({type(e).__name__}: {e})") from None
+        raise UserError(redact(f"--storage {url}: cannot open ({type(e).__name__}: {e})")) from None
+
+
+@contextlib.contextmanager
+def readonly_storage(url: str) -> Iterator[Any]:
+    """The storage behind a URL read back from a store (a search's ``search.storage`` param),
+    opened so that nothing can be written into it, or None when it is not an existing storage.
+
+    A report or a status only reads, and the URL came from a store a user may have received:
+    opening it as ``open_storage`` does would create Optuna's tables in whatever database it
+    names. So an SQLite file is opened with SQLite's read-only mode (a file that is not a study
+    store then fails to open instead of gaining tables), a PostgreSQL connection in a read-only
+    transaction mode, and a journal file is read from a copy.
+    """
+    import shutil
+    import tempfile
+
+    from optuna.storages import RDBStorage
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    quiet_optuna()
+    url = unredacted_for_connect(url)
+    path = journal_path(url)
+    if path is not None:
+        if not Path(path).is_file():
+            yield None
+            return
+        with tempfile.TemporaryDirectory(prefix="tntbench-journal-") as tmp:
+            copy = shutil.copyfile(path, Path(tmp) / "copy.journal")
+            yield JournalStorage(JournalFileBackend(str(copy)))
+        return
+    kwargs: dict[str, Any] = {"skip_table_creation": True}
+    if url.startswith("sqlite:///"):
+        local = Path(url.removeprefix("sqlite:///"))
+        if not local.is_file():  # opening a missing file would create an empty database
+            yield None
+            return
+        url = f"sqlite:///file:{local.resolve()}?mode=ro&uri=true"
+    elif url.startswith("postgresql"):
+        kwargs["engine_kwargs"] = {
+            "connect_args": {"options": "-c default_transaction_read_only=on"},
+            "pool_pre_ping": True,
+        }
+    else:  # other servers: no read-only switch the suite knows, so not opened at all
+        yield None
+        return
+    yield RDBStorage(url, **kwargs)
 
 
 @contextlib.contextmanager

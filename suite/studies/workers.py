@@ -23,7 +23,7 @@ from typing import Any
 
 import pandas as pd
 
-from suite.errors import UserError
+from suite.errors import UserError, redact
 from suite.runtime import spawn_workers
 from suite.studies.matrix import (
     RESUMABLE,
@@ -181,7 +181,7 @@ def work(plan: Plan, slot: int = 0) -> None:
                 cell = by_hash[popped.digest]
                 value = _run_popped(cell, name, plan, tracker, experiment, f"worker {slot}")
         except Exception as e:  # the cell's run is FAILED with its error; the worker goes on
-            print(f"worker {slot}: trial {popped.number} failed: {e}", file=sys.stderr)
+            print(f"worker {slot}: trial {popped.number} failed: {redact(str(e))}", file=sys.stderr)
         finally:  # Ctrl-C too: the cell is FAIL in the queue, never left RUNNING
             queue.tell(popped, value)
 

@@ -21,13 +21,11 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import pickle
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
@@ -37,6 +35,7 @@ from torchvision.transforms import v2
 
 from suite.config import DATASETS, DataConfig
 from suite.errors import UserError
+from suite.training.cifar import load_cifar
 
 SYNTHETIC_MEAN = (0.5, 0.5, 0.5)
 SYNTHETIC_STD = (0.5, 0.5, 0.5)
@@ -321,96 +320,26 @@ def _build_synthetic(cfg: DataConfig, img_size: int) -> tuple[Dataset, Dataset, 
     return train, val, info
 
 
-class _CifarFiles:
-    """torchvision's CIFAR loading with a presence check instead of the MD5 check.
-
-    The MD5s only match the official archives; a presence check still loads real users' files
-    and also small files written by tests. Items are uint8 tensors (3, 32, 32), not PIL.
-    """
-
-    base_folder: str
-    train_list: list
-    test_list: list
-    meta: dict
-    root: str
-    data: np.ndarray
-    targets: list
-    transform: Callable
-
-    def _check_integrity(self) -> bool:
-        folder = Path(self.root, self.base_folder)
-        return all((folder / name).is_file() for name, _ in self.train_list + self.test_list)
-
-    def _load_meta(self) -> None:
-        with open(Path(self.root, self.base_folder, self.meta["filename"]), "rb") as f:
-            self.classes = list(pickle.load(f, encoding="latin1")[self.meta["key"]])
-        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
-
-    def setup(self) -> None:
-        # HWC numpy -> CHW tensor once, so items need no PIL round trip
-        self.images = torch.from_numpy(np.ascontiguousarray(self.data.transpose(0, 3, 1, 2)))
-        self.labels = torch.tensor(self.targets, dtype=torch.int64)
-        self.data = np.empty(0)  # not kept twice in memory (nor pickled twice to workers)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        return self.transform(tv_tensors.Image(self.images[i])), int(self.labels[i])
-
-
-class CIFAR10Files(_CifarFiles, datasets.CIFAR10):
-    pass
-
-
-class CIFAR100Files(_CifarFiles, datasets.CIFAR100):
-    pass
-
-
 def _build_cifar(cfg: DataConfig, img_size: int) -> tuple[Dataset, Dataset, DataInfo]:
-    cls, title, mean, std = {
-        "cifar10": (CIFAR10Files, "CIFAR-10", CIFAR10_MEAN, CIFAR10_STD),
-        "cifar100": (CIFAR100Files, "CIFAR-100", CIFAR100_MEAN, CIFAR100_STD),
-    }[cfg.name]
-    root = Path(cfg.root).expanduser()
-    folder = root / cls.base_folder
-    names = [n for n, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
-    short = (
-        "data_batch_1..5, test_batch, batches.meta" if cfg.name == "cifar10" else ", ".join(names)
-    )
-    where = f"expected {folder}/{{{short}}}"
-    if not root.is_dir():
-        raise UserError(f"data.root: {cfg.root} is not a directory ({where})")
-    missing = [n for n in names if not (folder / n).is_file()]
-    if missing:
-        raise UserError(
-            f"data.root: {cfg.root} has no {title} in torchvision's format "
-            f"({where}; missing {', '.join(missing) if len(missing) < len(names) else 'all'})"
-        )
-    try:
-        train = cls(str(root), train=True, transform=train_transform(cfg, img_size, 32, mean, std))
-        val = cls(
-            str(root),
-            train=False,
-            transform=eval_transform(img_size, 32, mean, std, cfg.eval_crop_pct),
-        )
-    except (OSError, EOFError, KeyError, ValueError, TypeError, pickle.UnpicklingError) as e:
-        why = (str(e).splitlines() or [type(e).__name__])[0]
-        raise UserError(
-            f"data.root: {folder} is not {title} in torchvision's pickle format ({why})"
-        ) from None
-    for ds in (train, val):
-        ds.setup()
+    # the batches are read by suite.training.cifar's restricted unpickler: never pickle.load
+    mean, std = {"cifar10": (CIFAR10_MEAN, CIFAR10_STD), "cifar100": (CIFAR100_MEAN, CIFAR100_STD)}[
+        cfg.name
+    ]
+    arrays = load_cifar(cfg.name, cfg.root)
+    t_train = train_transform(cfg, img_size, 32, mean, std)
+    t_val = eval_transform(img_size, 32, mean, std, cfg.eval_crop_pct)
+    train = TensorImages(arrays.x_train, arrays.y_train, t_train, arrays.classes)
+    val = TensorImages(arrays.x_val, arrays.y_val, t_val, arrays.classes)
     info = DataInfo(
         name=cfg.name,
-        num_classes=len(train.classes),
-        classes=tuple(train.classes),
+        num_classes=len(arrays.classes),
+        classes=arrays.classes,
         train_size=len(train),
         val_size=len(val),
         mean=mean,
         std=std,
-        digest=_sha256_files([folder / n for n in names[:-1]]),  # the batches, not the meta
-        source=str(root),
+        digest=_sha256_files(list(arrays.files)),  # the batches, not the meta
+        source=str(Path(cfg.root).expanduser()),
     )
     return train, val, info
 

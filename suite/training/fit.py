@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from suite.config import Config, safe_name, to_toml
-from suite.errors import UserError
+from suite.errors import UserError, redact_data
 from suite.models import create_model, get_entry, model_img_size
 from suite.plots import learning_curves, pyplot
 from suite.profile import peak_memory_mb
@@ -246,7 +246,8 @@ def checkpoint_meta(cfg: Config, recipe: Recipe, run_id: str) -> dict[str, Any]:
         "model_name": cfg.model.name,
         "model_kwargs": kwargs,
         "run_id": run_id,
-        "config_toml": to_toml(cfg.to_dict()),
+        # redacted: the checkpoint is logged to the store (best.pt), and a password must not be
+        "config_toml": to_toml(redact_data(cfg.to_dict())),
     }
 
 
@@ -360,7 +361,7 @@ def record_start(
     """What a new run records before its first epoch."""
     run.log_params(params)
     run.set_tags({"checkpoint_dir": str(folder.resolve())})
-    run.log_text(to_toml(cfg.to_dict()), "config.toml")
+    run.log_text(to_toml(cfg.to_dict()), "config.toml")  # redacted by the tracker
     run.log_dataset(info, "train")
     run.log_metrics(profile, step=0)
 
