@@ -433,3 +433,30 @@ def test_report_never_creates_tables_in_a_postgres_database_the_store_names(
         assert inspect(engine).get_table_names() == []
     finally:
         engine.dispose()
+
+
+# ---------------------------------------------------------------------------------------------
+# Leftovers: viz of a run whose checkpoint is only in the store's artifacts
+
+
+def test_viz_from_an_artifact_leaves_no_copy_behind(trained, tmp_path, monkeypatch, capsys):
+    """The checkpoint is read from a temporary folder that is removed: nothing under ~/.cache
+    (HOME is the test's folder) and nothing left in the temporary directory."""
+    uri, run_id, ckpt_dir = trained
+    home, tmp = tmp_path / "home", tmp_path / "tmp"
+    home.mkdir()
+    tmp.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setattr("tempfile.tempdir", None)  # re-read TMPDIR
+    client = mlflow.MlflowClient(uri)
+    client.set_tag(run_id, "checkpoint_dir", str(tmp_path / "moved-away"))
+    try:
+        argv = ["viz", run_id, "--tracking-uri", uri, "--out", str(tmp_path / "v")]
+        argv += ["--images", "16"]
+        code = main(argv)
+    finally:
+        client.set_tag(run_id, "checkpoint_dir", str(ckpt_dir))
+    assert code == 0, capsys.readouterr().err
+    assert list(home.rglob("*")) == [] and list(tmp.iterdir()) == []
+    assert any((tmp_path / "v").iterdir())
