@@ -43,9 +43,9 @@ done
 [[ $device == cuda || $device == cpu ]] || { echo "gpu_check.sh: --device must be cuda or cpu" >&2; exit 2; }
 
 # What the image lacks, from the wheelhouse, into a folder of its own ahead of the image's packages
-if ! "$py" -c "import mlflow, optuna, fvcore" 2>/dev/null; then
+if ! "$py" -c "import mlflow, optuna, fvcore, tomli_w" 2>/dev/null; then
     if ! compgen -G "$wheelhouse/*.whl" >/dev/null; then
-        echo "gpu_check.sh: mlflow, optuna or fvcore is missing and $wheelhouse has no wheels" \
+        echo "gpu_check.sh: mlflow, optuna, fvcore or tomli-w is missing and $wheelhouse has no wheels" \
              "(fill it with benchmarks/gpu_wheels.sh on a machine with network)" >&2
         exit 2
     fi

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Fill wheelhouse/ (git-ignored) with what the GPU machines' image lacks for the suite, for its
-# Python (CPython 3.12, manylinux x86_64), on a machine with network: mlflow, optuna, fvcore and
-# their requirements that the image does not have (benchmarks/gpu_image_packages.txt lists what
-# it has). benchmarks/gpu_check.sh installs them there with pip --no-index. Then it checks that
+# Python (CPython 3.12, manylinux x86_64), on a machine with network: mlflow, optuna, fvcore,
+# tomli-w and their requirements that the image does not have (benchmarks/gpu_image_packages.txt
+# lists what it has). benchmarks/gpu_check.sh installs them there with pip --no-index. Then it checks that
 # every requirement of every wheel is met by the wheelhouse or the image, and the size (< 60 MiB).
 #
 #   bash benchmarks/gpu_wheels.sh [DIR]        # default: wheelhouse
@@ -24,7 +24,7 @@ wheels=(
     opentelemetry-sdk==1.45.2 opentelemetry-semantic-conventions==0.66b2 prettytable==3.18.0
     pyasn1==0.6.5 pyasn1-modules==0.4.2 pycparser==3.12 pydantic==2.14.4 pydantic-core==2.50.5
     python-dotenv==1.2.4 skops==0.16.0 smmap==5.0.3 sqlalchemy==2.1.9 sqlparse==0.6.1
-    starlette==1.10.0 termcolor==3.3.0 typing-inspection==0.4.5 uvicorn==0.54.0
+    starlette==1.10.0 termcolor==3.3.0 tomli-w==1.2.0 typing-inspection==0.4.5 uvicorn==0.54.0
     wcwidth==0.9.4 yacs==0.1.8
 )
 platforms=()

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 from suite.errors import MissingPathError, UserError, parse_assignment
 
 DATASETS = ("synthetic", "cifar10", "cifar100", "imagefolder")
@@ -355,28 +357,10 @@ def check_compile_setting(value: Any, key: str = "train.compile") -> None:
 
 
 def to_toml(d: dict[str, dict[str, Any]]) -> str:
-    """The resolved config as TOML (flat sections of scalars and lists, as Config holds)."""
-
-    def val(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, int | float):
-            return repr(v)
-        if isinstance(v, list | tuple):
-            return "[" + ", ".join(val(x) for x in v) + "]"
-        if isinstance(v, dict):
-            return "{ " + ", ".join(f"{json_key(a)} = {val(b)}" for a, b in v.items()) + " }"
-        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-    def json_key(k: str) -> str:
-        return k if k.replace("_", "").replace("-", "").isalnum() else f'"{k}"'
-
-    lines = []
-    for section, values in d.items():
-        lines.append(f"[{section}]")
-        lines += [f"{json_key(k)} = {val(v)}" for k, v in values.items()]
-        lines.append("")
-    return "\n".join(lines)
+    """The resolved config as TOML, one ``[section]`` per table, keys in their order; tomli-w
+    escapes every string (newlines, quotes, backslashes, unicode), so ``tomllib`` reads back
+    exactly ``d``."""
+    return tomli_w.dumps(d)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """Config: TOML + dotted overrides, strict keys and types, one-line errors."""
 
+import tomllib
+
 import pytest
 
 from suite.cli import main
@@ -78,3 +80,19 @@ def test_train_cli_bad_config_exits_2_with_one_line(tmp_path, capsys, text, word
 def test_missing_config_file(capsys, tmp_path):
     assert main(["train", str(tmp_path / "nope.toml")]) == 2
     assert "config file not found" in capsys.readouterr().err
+
+
+def test_to_toml_round_trips_what_needs_escaping():
+    d = {
+        "model": {"name": "tnt_nano", "inner_heads": 2, "drop_path_rate": 0.1},
+        "data": {
+            "root": 'C:\\data\\"cifar"\nsecond line\ttab',
+            "label": "Schrödinger's 猫 \u2014 \U0001f408",
+            "nested": {"a": [1, 2.5, "x\\y"], "deeper": {"quote": '"', "empty": ""}},
+            "weird key.with dots": True,
+        },
+        "train": {"lr": 1e-05, "pairs": [{"model.pixel_size": 2, "model.inner_dim": 6}]},
+    }
+    text = to_toml(d)
+    assert tomllib.loads(text) == d
+    assert text.startswith('[model]\nname = "tnt_nano"\n')  # one section per table, readable
