@@ -247,7 +247,8 @@ def test_attention_dispatch_for_every_model_on_cpu_and_cuda(name):
             assert tokens in (17, 18)
         got = {
             "cuda": use_sdpa("cuda", tokens, head_dim),
-            "cuda+bf16": use_sdpa("cuda", tokens, head_dim),  # autocast does not change CUDA's
+            # autocast changes the CPU's choice, never CUDA's (even if the flag came along)
+            "cuda+bf16": use_sdpa("cuda", tokens, head_dim, cpu_autocast=True),
             "cpu": use_sdpa("cpu", tokens, head_dim),
             "cpu+bf16": use_sdpa("cpu", tokens, head_dim, cpu_autocast=True),
         }
