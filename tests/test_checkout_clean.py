@@ -10,6 +10,8 @@ import sys
 import pytest
 from conftest import CHECKOUT, checkout_state
 
+pytestmark = pytest.mark.slow  # a copy of the checkout and three commands in subprocesses
+
 TINY = ["model.name='tnt_nano'", "model.depth=1", "data.train_size=64", "data.val_size=32"]
 TINY += ["train.epochs=1", "train.batch_size=32", "tracking.system_metrics=false"]
 

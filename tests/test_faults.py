@@ -24,6 +24,9 @@ from optuna.trial import TrialState  # noqa: E402
 
 from suite.cli import main  # noqa: E402
 
+# kill -9 and SIGTERM of train, matrix and search processes, waiting on their checkpoints
+pytestmark = pytest.mark.slow
+
 SETS = [
     "data.train_size=384",
     "data.val_size=64",

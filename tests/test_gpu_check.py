@@ -8,6 +8,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = [
     "bench_tnt_speed",
@@ -20,6 +22,7 @@ STEPS = [
 ]
 
 
+@pytest.mark.slow
 def test_gpu_check_smoke_on_cpu_runs_every_step(tmp_path):
     out = tmp_path / "gpu"
     env = {**os.environ, "PYTHON": sys.executable, "TMPDIR": str(tmp_path)}

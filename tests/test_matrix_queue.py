@@ -145,6 +145,7 @@ def pg_databases(pg_url: str):
         admin.dispose()
 
 
+@pytest.mark.slow
 def test_two_workers_on_postgres_match_one_worker(tmp_path, pg_databases):
     storage = pg_databases()
     cfg = write_matrix(tmp_path)
@@ -228,6 +229,7 @@ def mlflow_server(tmp_path, pg_databases):
         proc.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_two_commands_share_postgres_and_an_mlflow_server(tmp_path, pg_databases, mlflow_server):
     storage = pg_databases()
     cfg = write_matrix(tmp_path)
@@ -242,6 +244,7 @@ def test_two_commands_share_postgres_and_an_mlflow_server(tmp_path, pg_databases
     assert_each_cell_once(mlflow_server, storage, 6)
 
 
+@pytest.mark.slow
 def test_kill9_one_of_two_workers_resumes_its_cell(tmp_path, pg_databases):
     storage = pg_databases()
     cfg = write_matrix(
@@ -281,6 +284,7 @@ def test_kill9_one_of_two_workers_resumes_its_cell(tmp_path, pg_databases):
     assert len(failed) == 1 and failed[0].user_attrs["cell_hash"] == victim["tags.cell_hash"]
 
 
+@pytest.mark.slow
 def test_gpus_per_cell_runs_a_cell_under_torchrun(tmp_path):
     cfg = write_matrix(tmp_path, models='["vit_nano"]', seeds="[0]")
     uri = f"sqlite:///{tmp_path}/m.db"
@@ -293,6 +297,7 @@ def test_gpus_per_cell_runs_a_cell_under_torchrun(tmp_path):
     assert_each_cell_once(uri, storage, 1)
 
 
+@pytest.mark.slow
 def test_status_shows_todo_running_and_finished(tmp_path, capsys):
     cfg = write_matrix(tmp_path, models='["vit_nano"]', seeds="[0, 1]")
     uri = f"sqlite:///{tmp_path}/m.db"

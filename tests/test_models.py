@@ -179,6 +179,7 @@ def test_bf16_cpu_attention_softmax_in_fp32_matches_sdpa():
     torch.testing.assert_close(written, fused, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tnt_nano", "vit_nano"])
 def test_compile_blocks_is_the_same_model(name):
     """Regional torch.compile: same logits and gradients as eager, same state-dict names."""

@@ -4,6 +4,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+pytestmark = pytest.mark.slow  # a PostgreSQL server
+
 
 def test_rdb_storage_roundtrip(pg_storage_url):
     writer = optuna.storages.RDBStorage(pg_storage_url)

@@ -131,6 +131,7 @@ def test_profile_cli_bad_input_is_one_line(argv, words, capsys):
         assert w in err
 
 
+@pytest.mark.slow
 def test_profile_log_to_mlflow(tmp_path, capsys):
     mlflow = pytest.importorskip("mlflow")
     uri = f"sqlite:///{tmp_path}/mlflow.db"

@@ -108,6 +108,7 @@ def _chromium():
     pytest.skip("chromium not installed")
 
 
+@pytest.mark.slow
 def test_html_renders_in_headless_chromium_with_images(store, tmp_path):
     from PIL import Image, ImageStat
 
@@ -143,6 +144,7 @@ def test_html_renders_in_headless_chromium_with_images(store, tmp_path):
     assert img.size == (1200, 3000)
 
 
+@pytest.mark.slow
 def test_ui_serves_the_store_over_rest(store):
     tmp, uri, _ = store
     proc = subprocess.Popen(

@@ -37,6 +37,7 @@ def test_default_compile_setting_is_auto():
     assert load_config().train.compile == "auto"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["whole", "regional"])
 def test_compile_model_times_the_first_call_and_matches_eager(mode):
     eager = create_model("vit_nano", depth=1).eval()

@@ -132,6 +132,7 @@ def test_two_objectives_give_a_non_dominated_pareto_front(tmp_path, capsys):
             assert not (better and strictly)
 
 
+@pytest.mark.slow
 def test_two_workers_on_postgres_record_every_trial_once(tmp_path, pg_storage_url):
     mlflow = pytest.importorskip("mlflow")
     uri = f"sqlite:///{tmp_path}/m.db"
@@ -156,6 +157,7 @@ def test_two_workers_on_postgres_record_every_trial_once(tmp_path, pg_storage_ur
     assert {x.data.tags["mlflow.parentRunId"] for x in runs} == {r.parent_run_id}
 
 
+@pytest.mark.slow
 def test_sigkilled_worker_trial_is_failed_and_retried(tmp_path):
     storage = f"sqlite:///{tmp_path}/optuna.db"
     p = write(

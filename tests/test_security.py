@@ -312,6 +312,7 @@ def test_unreachable_storage_password_is_never_printed_or_stored(tmp_path, capsy
     assert b"Sup3rSecretPw" not in _everything_in(tmp_path)
 
 
+@pytest.mark.slow
 def test_postgres_storage_password_is_not_in_the_store(tmp_path, pg_storage_url, capsys):
     """A real search on PostgreSQL: the URL with its password is logged as a param, in the
     config artifact and in each trial's tags: all redacted, and the report still reads the
@@ -420,6 +421,7 @@ def test_report_never_writes_into_a_storage_the_store_names(searched, tmp_path, 
     assert "study r: 2 complete" in (tmp_path / "rep" / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_report_never_creates_tables_in_a_postgres_database_the_store_names(
     searched, tmp_path, pg_storage_url
 ):

@@ -325,6 +325,7 @@ def test_a_noisy_figure_is_starred_with_a_footnote(repeated):
     )
 
 
+@pytest.mark.slow
 def test_a_logged_noisy_run_carries_the_tag_and_the_conditions(repeated, tmp_path):
     mlflow = pytest.importorskip("mlflow")
     from suite.tracking import make_tracker
@@ -400,6 +401,7 @@ def _burners(n):
     return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
 
 
+@pytest.mark.slow
 def test_a_timing_beside_two_cpu_burners_is_within_1_5x_or_marked():
     quiet = _time("tnt_nano", repeat=2, retries=0)
     reference = 8 / min(r["step_ms"] for r in quiet.repeats) * 1e3  # the least disturbed
@@ -419,6 +421,7 @@ def test_a_timing_beside_two_cpu_burners_is_within_1_5x_or_marked():
         assert loaded.img_per_s >= reference / 1.5, (loaded.img_per_s, reference)
 
 
+@pytest.mark.slow
 def test_a_quiet_timing_is_marked_only_when_others_really_used_the_cores():
     """Other engineers' tests share these cores: a mark is allowed only with evidence. The
     rule's own quiet figures are tested above on synthetic input."""

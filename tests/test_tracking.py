@@ -66,6 +66,7 @@ def test_dataset_record_race_is_retried(tmp_path, monkeypatch):
     assert [d.dataset.name for d in r.inputs.dataset_inputs] == ["synthetic"]
 
 
+@pytest.mark.slow
 def test_silent_server_fails_within_seconds(tmp_path):
     """A server that accepts connections and never answers: one UserError within ~10 s."""
     with socket.socket() as s:

@@ -191,6 +191,7 @@ def test_distilled_student_with_checkpoint_teacher(tmp_path):
     assert "ema_val_top1" in result.metrics
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes_log_one_run(tmp_path):
     mlflow = pytest.importorskip("mlflow")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -222,6 +223,7 @@ def test_torchrun_two_cpu_processes_log_one_run(tmp_path):
     assert runs[0].data.params["global_batch"] == "128"
 
 
+@pytest.mark.slow
 def test_compiled_training_keeps_plain_checkpoint_names(tmp_path):
     """train.compile = true compiles the whole model: it trains, compile time is logged apart
     (compile_s) and the checkpoint loads into an uncompiled model (no ``_orig_mod.``)."""

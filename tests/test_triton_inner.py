@@ -206,6 +206,7 @@ def test_flop_counters_count_the_same_macs_with_either_kernel():
     assert "tntbench::inner_block" not in fv_triton.unsupported
 
 
+@pytest.mark.slow
 def test_torch_compile_traces_the_op_in_one_graph():
     block = _block(12, 2)
     x = torch.randn(3, 16, 12)
