@@ -2,8 +2,8 @@
 
 Every rule here is a measured choice, never a change in what is computed: the written-out
 attention and ``F.scaled_dot_product_attention`` give the same result (tests/test_models.py),
-and so do ``Linear`` and ``nn.Linear``. The figures behind each rule are in the docstrings and
-in ``reports/`` (``reports/cpu/README.md``, ``../shared/reference/gpu_h100_baseline.md``).
+and so do ``Linear`` and ``nn.Linear``. The figures behind each rule are in the docstrings, with
+where and when they were measured (the CPU ones also in ``reports/cpu/README.md``).
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ def use_sdpa(device_type: str, seq_len: int, head_dim: int, cpu_autocast: bool =
     """Whether attention over ``seq_len`` tokens of ``head_dim`` channels should go to
     ``F.scaled_dot_product_attention`` (True) or be written out (False).
 
-    CUDA (H100, bf16, ``../shared/reference/gpu_h100_baseline.md``): only the flash kernel
-    accepts a head dim that is not a multiple of 8 (memory-efficient and cuDNN refuse it), and
-    for TNT-S's inner attention (head dim 6, 16 tokens, B x 196 sequences) it was 3.1x slower
-    than the written-out form (fwd+bwd 8.06 vs 2.59 ms for 65,535 sequences): our TNT-S trained
-    at 744 img/s with SDPA inside, 1,370 written out (timm: 1,081). SDPA wins where the fused
-    kernels are at home: the outer attention (197 tokens, head dim 64), where our DeiT-S with
-    SDPA matched timm's fused attention (4,771 vs 4,671 img/s). So on CUDA: SDPA only for
-    head dims that are multiples of 8 and sequences of at least ``SDPA_MIN_TOKENS``.
+    CUDA (bf16; one H100 80GB, torch 2.11.0+cu130, measured 2026-11-26 at 80cdbbb): only the
+    flash kernel accepts a head dim that is not a multiple of 8 (memory-efficient and cuDNN
+    refuse it), and for TNT-S's inner attention (head dim 6, 16 tokens, B x 196 sequences) it
+    was 3.1x slower than the written-out form (fwd+bwd 8.06 vs 2.59 ms for 65,535 sequences):
+    our TNT-S trained at 744 img/s with SDPA inside, 1,370 written out (timm: 1,081). SDPA wins
+    where the fused kernels are at home: the outer attention (197 tokens, head dim 64), where
+    our DeiT-S with SDPA matched timm's fused attention (4,771 vs 4,671 img/s). So on CUDA: SDPA
+    only for head dims that are multiples of 8 and sequences of at least ``SDPA_MIN_TOKENS``.
 
     CPU (2-core AMD EPYC, ``reports/cpu/README.md``): under bf16 autocast PyTorch's CPU flash
     kernel measured about twice as slow as the written-out form (TNT-S train step 1.66 vs

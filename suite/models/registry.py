@@ -1,8 +1,8 @@
 """Model registry: each entry reads like a row of the paper's table.
 
-Reference values are copied from ``shared/reference/paper_tables.{md,toml}`` with their sources:
-TNT paper (arXiv 2103.00112) Table 3, DeiT paper (arXiv 2012.12877) Table 1, and timm's published
-result CSVs. "gflops" follows the papers' and fvcore's unit: one multiply-add = one flop (GMACs).
+Reference values are copied from their sources: the TNT paper (Han et al. 2021, arXiv
+2103.00112) Table 3, the DeiT paper (arXiv 2012.12877) Table 1, and timm's published result CSVs
+(pytorch-image-models ``results/``). "gflops" follows the papers' and fvcore's unit: one multiply-add = one flop (GMACs).
 """
 
 from __future__ import annotations

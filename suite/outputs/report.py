@@ -34,7 +34,8 @@ from suite.studies.search import count_line
 from suite.studies.storage import readonly_storage
 from suite.tracking import Tracker
 
-# The TNT paper's ablations on TNT-S, ImageNet (shared/reference/paper_tables.md)
+# The TNT paper's ablations on TNT-S, ImageNet top-1 (Han et al. 2021, arXiv 2103.00112,
+# section 4.3: inner heads, pixel size, positional encodings)
 PAPER_ABLATIONS = {
     "inner_heads": {1: 81.0, 2: 81.4, 4: 81.5, 6: 81.3, 8: 81.1},
     "pixel_size": {2: 81.0, 4: 81.5, 8: 81.1},  # 16x16 patches; inner dim 6 / 24 / 96
