@@ -1,4 +1,4 @@
-"""The package's layering, as the README's Architecture section states it: every import
+"""The package's layering, as docs/architecture.md states it: every import
 inside ``suite`` (function-level ones included, read with ``ast``) points to a lower layer,
 or stays inside one component package; modules on one level never import each other."""
 
@@ -45,7 +45,7 @@ def layer(module: str) -> int:
     for i, names in enumerate(LAYERS):
         if name in names or name.removesuffix(".__init__") in names:
             return i
-    raise AssertionError(f"{module} is in no layer: add it to LAYERS and the README")
+    raise AssertionError(f"{module} is in no layer: add it to LAYERS and docs/architecture.md")
 
 
 def suite_imports(path: Path, module: str) -> set[str]:

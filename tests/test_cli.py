@@ -1,11 +1,17 @@
-"""The CLI explains itself: a version, a user description, help text on every option."""
+"""The CLI explains itself: a version, a user description, help text on every option, and the
+README's commands are the CLI's."""
 
 import argparse
+import re
+import shlex
+from pathlib import Path
 
 import pytest
 
 import suite
 from suite.cli import build_parser, main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_version(capsys):
@@ -14,11 +20,15 @@ def test_version(capsys):
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"tntbench {suite.__version__}"
 
 
+def _commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return sub.choices
+
+
 def test_every_option_of_every_command_has_help():
     parser = build_parser()
-    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     missing = []
-    for name, p in sub.choices.items():
+    for name, p in _commands(parser).items():
         for a in p._actions:
             if not isinstance(a, argparse._HelpAction) and not a.help:
                 missing.append(f"{name} {a.option_strings or a.dest}")
@@ -66,3 +76,30 @@ def test_a_set_typo_is_blamed_on_set_not_the_config(command, tmp_path, capsys):
         f"tntbench {command}: error: --set train.epoch: unknown key 'train.epoch'"
     )
     assert err.count("\n") == 1 and "toml" not in err
+
+
+def test_readme_command_table_lists_every_command_with_an_example_that_parses():
+    """Each row of the README's command table: `name` | what | `tntbench name ...`. The table
+    covers the CLI's commands, each example is accepted by the parser as that command, and the
+    files it names exist (running them is the tests' and CI's job: test_demo, test_train, ...)."""
+    text = (ROOT / "README.md").read_text()
+    rows = re.findall(r"^\| `([a-z]+)` \|[^|]*\| `tntbench ([^`]*)` \|$", text, re.M)
+    parser = build_parser()
+    assert sorted(name for name, _ in rows) == sorted(_commands(parser)), rows
+    for name, example in rows:
+        argv = shlex.split(example)
+        args = parser.parse_args(argv)  # an unknown option or a missing argument exits here
+        assert args.command == name, example
+        for word in argv:
+            if word.startswith("experiments/"):
+                assert (ROOT / word).is_file(), example
+    # the quick start: exactly the two commands, the demo and the tests
+    (quick,) = re.findall(r"## Quick start\n.*?```bash\n(.*?)```", text, re.S)
+    commands = [line.split("#")[0].strip() for line in quick.splitlines()]
+    assert commands == ["pip install . && tntbench demo", "pip install tox && tox"]
+
+
+def test_readme_and_docs_link_only_to_files_that_exist():
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", page.read_text()):
+            assert (page.parent / target).is_file(), f"{page.name} links to {target}"
