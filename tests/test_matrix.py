@@ -67,6 +67,7 @@ def test_bad_matrix_is_one_line(tmp_path, capsys):
     assert "matrix.models must be a non-empty list" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_matrix_runs_resumes_and_records_failures(tmp_path):
     mlflow = pytest.importorskip("mlflow")
     uri = f"sqlite:///{tmp_path}/mlflow.db"

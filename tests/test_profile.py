@@ -96,6 +96,7 @@ def test_profile_row_is_consistent():
     assert row.trainable_params_m == row.params_m
 
 
+@pytest.mark.slow
 def test_profile_cli_json(tmp_path, capsys):
     out = tmp_path / "out.json"
     argv = ["profile", "tnt_nano", "vit_nano", "--mode", "train", "--json", str(out)]

@@ -56,6 +56,7 @@ def store(tmp_path_factory):
     return tmp, uri, format_search(res).splitlines()[0]
 
 
+@pytest.mark.slow
 def test_report_tables_equal_mlflow_metrics(store):
     mlflow = pytest.importorskip("mlflow")
     tmp, uri, _ = store
@@ -87,6 +88,7 @@ def test_report_tables_equal_mlflow_metrics(store):
     assert any(a.path.endswith("report.html") for a in arts)
 
 
+@pytest.mark.slow
 def test_report_cli_and_bad_experiment(store, capsys):
     tmp, uri, _ = store
     assert main(["report", "--tracking-uri", uri, "--out", str(tmp / "r2"), "--matrix", "abl"]) == 0
@@ -209,6 +211,7 @@ def _assert_rounded(cells: list[str]) -> None:
     assert not too_long, too_long
 
 
+@pytest.mark.slow
 def test_report_rounds_stamps_counts_and_links(store, monkeypatch):
     tmp, uri, console = store
     rep = build_report(make_tracker(uri), out=tmp / "rep_read")
@@ -249,6 +252,7 @@ def test_report_rounds_stamps_counts_and_links(store, monkeypatch):
     assert git_commit() == "unknown"
 
 
+@pytest.mark.slow
 def test_plots_draw_error_bars_a_frontier_line_and_integer_ticks(store):
     from matplotlib.container import ErrorbarContainer
     from matplotlib.lines import Line2D
@@ -296,6 +300,7 @@ def _fake_run(tracker, experiment, name, metrics, *, params=None, tags=None, sta
     return run.run_id
 
 
+@pytest.mark.slow
 def test_paper_deltas_noisy_marks_and_bold_best(tmp_path):
     """Runs logged directly (no training): TNT-S and DeiT-S on ImageNet, TNT-S on CIFAR-10,
     one run timed under load (timing_noisy)."""
@@ -350,6 +355,7 @@ def test_paper_deltas_noisy_marks_and_bold_best(tmp_path):
     assert "\\textbf{1500}" in (rep.out / "report.tex").read_text()
 
 
+@pytest.mark.slow
 def test_importances_only_from_ten_complete_trials(tmp_path):
     tracker = make_tracker(f"sqlite:///{tmp_path}/mlflow.db")
     for study, n in (("ten", 10), ("nine", 9)):

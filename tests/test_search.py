@@ -78,6 +78,7 @@ def test_unbuildable_trial_is_pruned_with_reason_and_no_training(tmp_path):
     assert all(x.data.tags["mlflow.parentRunId"] == r.parent_run_id for x in runs)
 
 
+@pytest.mark.slow
 def test_tied_inner_dim_keeps_pixels_times_dim(tmp_path):
     p = write(
         tmp_path,
@@ -95,6 +96,7 @@ def test_tied_inner_dim_keeps_pixels_times_dim(tmp_path):
     assert dims == {1: 3, 4: 48}
 
 
+@pytest.mark.slow
 def test_diverging_trial_fails_without_stopping_the_study(tmp_path):
     p = write(
         tmp_path,
@@ -109,6 +111,7 @@ def test_diverging_trial_fails_without_stopping_the_study(tmp_path):
     assert "loss is" in by_lr[1e30].user_attrs["fail_reason"]
 
 
+@pytest.mark.slow
 def test_two_objectives_give_a_non_dominated_pareto_front(tmp_path, capsys):
     from suite.cli import main
 
@@ -208,6 +211,7 @@ def test_sigkilled_worker_trial_is_failed_and_retried(tmp_path):
     assert retried and retried[0].state == TrialState.COMPLETE
 
 
+@pytest.mark.slow
 def test_one_line_per_trial_with_its_state_and_counts_by_state(tmp_path, capsys):
     """Each trial prints a stderr line as it ends (number, short params, Optuna state, top-1 or
     the reason); the summary counts trials by state: complete, pruned, failed."""

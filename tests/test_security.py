@@ -171,6 +171,7 @@ def test_read_pickle_refuses_every_global_but_arrays(tmp_path):
     assert not (tmp_path / "PWNED").exists()
 
 
+@pytest.mark.slow
 def test_train_on_a_planted_cifar_folder_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     folder = write_cifar10(tmp_path / "data")
@@ -394,6 +395,7 @@ def test_report_reads_the_study_counts_from_the_storage_without_writing(searched
     assert sha(storage) == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "kind", ["sqlite-other", "sqlite-missing", "journal-other", "journal-missing"]
 )

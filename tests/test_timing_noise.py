@@ -281,6 +281,7 @@ def _run_cli(argv):
     return buf.getvalue()
 
 
+@pytest.mark.slow
 def test_repeat_gives_n_timings_and_their_median(repeated):
     text, row = repeated
     assert "median of 3 repeats" in text and "img/s min-max" in text
@@ -314,6 +315,7 @@ def _clean(row):  # the measured row may itself be noisy: these cores are shared
     return replace(ProfileRow(**row), timing_noisy=False, timing_noisy_reason="")
 
 
+@pytest.mark.slow
 def test_a_noisy_figure_is_starred_with_a_footnote(repeated):
     _, row = repeated
     text = format_table([_noisy(row), _clean(row)])

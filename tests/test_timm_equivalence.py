@@ -15,7 +15,7 @@ timm = pytest.importorskip("timm")
         "tnt_b_patch16_224",
         "deit_small_patch16_224",
         "deit_small_distilled_patch16_224",
-        "vit_base_patch16_224",
+        pytest.param("vit_base_patch16_224", marks=pytest.mark.slow),  # 86 M params: seconds
     ],
 )
 def test_logits_match_timm(name):

@@ -11,6 +11,9 @@ from suite.tracking import filter_string, make_tracker
 
 mlflow = pytest.importorskip("mlflow")
 
+# each test makes a fresh MLflow store (its schema migrations take seconds) or waits on a server
+pytestmark = pytest.mark.slow
+
 
 def test_filters_match_names_with_quotes(tmp_path):
     tracker = make_tracker(f"sqlite:///{tmp_path}/m.db")
@@ -66,7 +69,6 @@ def test_dataset_record_race_is_retried(tmp_path, monkeypatch):
     assert [d.dataset.name for d in r.inputs.dataset_inputs] == ["synthetic"]
 
 
-@pytest.mark.slow
 def test_silent_server_fails_within_seconds(tmp_path):
     """A server that accepts connections and never answers: one UserError within ~10 s."""
     with socket.socket() as s:

@@ -81,6 +81,7 @@ def test_distillation_losses():
     torch.testing.assert_close(out, -(smoothed * cls_out.log_softmax(-1)).sum(-1).mean())
 
 
+@pytest.mark.slow
 def test_tnt_nano_learns_and_run_is_fully_tracked(tmp_path):
     mlflow = pytest.importorskip("mlflow")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -130,6 +131,7 @@ def test_tnt_nano_learns_and_run_is_fully_tracked(tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path):
     sets = [
         "train.epochs=3",
@@ -156,6 +158,7 @@ def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path):
         assert resumed.history[-1][key] == pytest.approx(full.history[-1][key], abs=1e-6), key
 
 
+@pytest.mark.slow
 def test_failed_run_is_marked_failed_with_error(tmp_path):
     mlflow = pytest.importorskip("mlflow")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -249,6 +252,7 @@ def test_compiled_training_keeps_plain_checkpoint_names(tmp_path):
     assert run.data.metrics["compile_s"] > run.data.metrics["epoch_s"]
 
 
+@pytest.mark.slow
 def test_compile_auto_is_eager_on_cpu(tmp_path):
     mlflow = pytest.importorskip("mlflow")
     uri = f"sqlite:///{tmp_path}/mlflow.db"

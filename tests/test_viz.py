@@ -100,6 +100,7 @@ def trained(tmp_path_factory):
     return tmp, uri, ids
 
 
+@pytest.mark.slow
 def test_viz_writes_figures_and_logs_spread(trained, capsys):
     tmp, uri, ids = trained
     out = tmp / "figs"
@@ -166,6 +167,7 @@ def test_viz_writes_figures_and_logs_spread(trained, capsys):
     assert "tsne_layer02" in (tmp / "report" / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_viz_errors_are_one_line(trained, capsys):
     tmp, uri, ids = trained
     assert main(["viz", "0" * 32, "--tracking-uri", uri]) == 2
