@@ -75,17 +75,18 @@ def _vit_params(img_size, num_classes, patch_size, embed_dim, depth, num_heads):
     return embed + depth * block + 2 * d + d * num_classes + num_classes
 
 
-def _rate_of_window(batch, conditions):
-    """img/s over the whole timed window (wall clock), apart from the median step."""
-    return batch * conditions["timing_steps"] / conditions["timing_window_s"]
+def _agrees_with_its_window(img_per_s, batch, conditions):
+    """img/s (the batch over the median step) against the window's wall clock: at least half
+    the steps take the median or longer, so the window's rate is at most twice img/s; stalls
+    lower it, but not tenfold over a window of a second. A unit or batch slip breaks either."""
+    rate = batch * conditions["timing_steps"] / conditions["timing_window_s"]
+    return rate / 2 <= img_per_s < rate * 10
 
 
 def test_profile_row_is_consistent():
     row = profile_model("vit_nano", batch_size=4, mode="train", warmup=1, steps=3, device="cpu")
-    # the median step's rate agrees with the window's wall clock (a unit or batch slip is >= 4x)
     assert row.conditions["timing_steps"] >= 3
-    rate = _rate_of_window(4, row.conditions)
-    assert rate / 2 < row.img_per_s < rate * 2, (row.img_per_s, rate)
+    assert _agrees_with_its_window(row.img_per_s, 4, row.conditions), (row, row.conditions)
     assert 0 < row.p10_ms <= row.step_ms <= row.p90_ms
     assert row.peak_mb > 0 and 0 < row.mfu < 1.5
     # MFU counts training as 3 x forward = 6 x MACs per image, over the measured peak
@@ -109,8 +110,7 @@ def test_profile_cli_json(tmp_path, capsys):
         for key in ("params_m", "gmacs_fvcore", "gmacs_torch", "img_per_s", "step_ms", "peak_mb"):
             assert r[key] > 0, key
         assert r["mfu"] > 0
-        rate = _rate_of_window(r["batch_size"], r["conditions"])
-        assert rate / 2 < r["img_per_s"] < rate * 2, (r["img_per_s"], rate)
+        assert _agrees_with_its_window(r["img_per_s"], r["batch_size"], r["conditions"]), r
         assert r["p10_ms"] <= r["step_ms"] <= r["p90_ms"]
         assert abs(r["gmacs_fvcore"] - r["gmacs_torch"]) / r["gmacs_torch"] < 0.01
 

@@ -224,8 +224,10 @@ def test_a_window_goes_on_past_its_steps_until_it_lasts_the_minimum():
     # img/s is from the steps timed: the batch over their median step, which sleeps 5 ms
     assert t.step_ms == pytest.approx(c["timing_median_ms"]) and t.step_ms >= 5
     assert 0 < t.img_per_s <= 2 / 0.005  # no step is shorter than its sleep
-    window_rate = 2 * c["timing_steps"] / c["timing_window_s"]  # the window's wall clock
-    assert window_rate / 2 < t.img_per_s < window_rate * 2, (t.img_per_s, window_rate)
+    # at least half the steps take the median or longer: the window's wall clock gives at
+    # most twice the median's rate
+    window_rate = 2 * c["timing_steps"] / c["timing_window_s"]
+    assert t.img_per_s >= window_rate / 2, (t.img_per_s, c)
     assert t.repeats[0]["img_per_s"] == pytest.approx(t.img_per_s)
 
 
@@ -290,11 +292,12 @@ def test_repeat_gives_n_timings_and_their_median(repeated):
     assert row["step_ms"] == pytest.approx(statistics.median(steps))
     rates = [t["img_per_s"] for t in row["timings"]]
     assert row["img_per_s_min"] == min(rates) and row["img_per_s_max"] == max(rates)
-    # the median repeat's rate: within the repeats' spread, and the pooled windows' wall clock
+    # the median repeat's rate lies within the repeats' spread, and near the rate of all their
+    # windows' wall clock (3 windows of a second: a unit or batch slip is far outside)
     assert min(rates) <= row["img_per_s"] <= max(rates)
     c = row["conditions"]
     window_rate = 4 * c["timing_steps"] / c["timing_window_s"]
-    assert window_rate / 2 < row["img_per_s"] < window_rate * 2, (row["img_per_s"], window_rate)
+    assert window_rate / 4 < row["img_per_s"] < window_rate * 10, (row["img_per_s"], c)
     assert f"{min(rates):.1f}-{max(rates):.1f}" in text
     for key in ("timing_p10_ms", "timing_p90_ms", "timing_other_cpu", "load_avg_1m"):
         assert key in row["conditions"], key
