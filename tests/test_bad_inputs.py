@@ -624,3 +624,431 @@ def test_pickle_module_still_runs_the_payload_without_us():
     """Sanity check of the planted file: plain pickle would run it (so the tests mean it)."""
     assert Evil(Path("/nonexistent")).__reduce__()[0] is os.system
     assert pickle.dumps(Evil(Path("/x")))
+
+
+# =============================================================================================
+# Issue 27: results that were silently wrong, tracebacks, odd data. Each bad input is one line
+# naming the field or file (the harness above); inputs that are fine but odd are handled right.
+
+
+def _matrix_with(tmp: Path, lines: str) -> str:
+    """The one-cell matrix of ``_matrix_file`` with more [matrix] lines (axes, seeds)."""
+    body = SEARCH.split("[model]", 1)[1]
+    text = f'[matrix]\nname = "m"\nmodels = ["tnt_nano"]\n{lines}\n[model]{body}'
+    return str(_write(tmp / "m.toml", text))
+
+
+def _space(tmp: Path, spec: str) -> str:
+    """The search file with its one space line replaced by ``spec`` (TOML lines)."""
+    return _search_file(tmp, **{'"model.inner_heads" = { choices = [1, 2] }': spec})
+
+
+def _deleted_experiment(tmp: Path, uri: str) -> str:
+    """A new experiment of the store, deleted; its name (one per test: the store is shared)."""
+    name = f"gone-{tmp.name}"
+    client = mlflow.MlflowClient(uri)
+    client.delete_experiment(client.create_experiment(name))
+    return name
+
+
+def _png(chunks: list[tuple[bytes, bytes]]) -> bytes:
+    import struct
+    import zlib
+
+    out = b"\x89PNG\r\n\x1a\n"
+    for kind, data in chunks:
+        crc = zlib.crc32(kind + data)
+        out += struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+    return out
+
+
+def _bomb_png(side: int = 30000) -> bytes:
+    """A PNG that claims side x side pixels (900 M: past twice PIL's limit) in a few bytes."""
+    import struct
+    import zlib
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    return _png([(b"IHDR", header), (b"IDAT", zlib.compress(b"\0" * 64)), (b"IEND", b"")])
+
+
+def _imagefolder_with(tmp: Path, name: bytes, data: bytes) -> Path:
+    """A small valid ImageFolder, plus ``data`` written as train/a/<name> (bytes: any name)."""
+    from PIL import Image
+
+    root = tmp / "imgs"
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            d = root / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(2):
+                Image.new("RGB", (8, 8), (i * 90, 40, 0)).save(d / f"{i}.png")
+    with open(os.fsencode(root / "train" / "a") + b"/" + name, "wb") as f:
+        f.write(data)
+    return root
+
+
+def _imagefolder_train(t: Path, u: str, root: Path, *extra: str) -> list[str]:
+    return [
+        "train",
+        "--tracking-uri",
+        u,
+        *TRAIN,
+        "--set",
+        "data.name='imagefolder'",
+        "--set",
+        f"data.root='{root}'",
+        "--set",
+        f"train.out_dir='{t}/runs'",
+        *extra,
+    ]
+
+
+def _folder(path: Path) -> str:
+    path.mkdir(parents=True)
+    return str(path)
+
+
+def _sys_path() -> str:
+    """A path even root cannot write (sysfs); the cases using it check that it is so."""
+    return "/sys/tntbench-test/o.journal"
+
+
+ISSUE27_CASES = [
+    # --- A: results silently wrong
+    (
+        "matrix-duplicate-seeds",
+        lambda t, u, r, c: ["matrix", _matrix_with(t, "seeds = [0, 0]"), "--tracking-uri", u],
+        ["matrix.seeds", "twice"],
+    ),
+    (
+        "matrix-duplicate-axis-value",
+        lambda t, u, r, c: [
+            "matrix",
+            _matrix_with(t, '"model.inner_heads" = [1, 2, 1]'),
+            "--tracking-uri",
+            u,
+        ],
+        ["matrix.model.inner_heads", "twice"],
+    ),
+    (
+        "matrix-duplicate-models",
+        lambda t, u, r, c: [
+            "matrix",
+            _matrix_with(t, ""),
+            "--set",
+            "matrix.models=['tnt_nano', 'tnt_nano']",
+            "--tracking-uri",
+            u,
+        ],
+        ["matrix.models", "twice"],
+    ),
+    (
+        "matrix-set-model-name",
+        lambda t, u, r, c: [
+            "matrix",
+            _matrix_file(t),
+            "--set",
+            "model.name='vit_nano'",
+            "--tracking-uri",
+            u,
+        ],
+        ["model.name", "matrix.models"],
+    ),
+    (
+        "matrix-set-train-seed",
+        lambda t, u, r, c: [
+            "matrix",
+            _matrix_file(t),
+            "--set",
+            "train.seed=3",
+            "--tracking-uri",
+            u,
+        ],
+        ["train.seed", "matrix.seeds"],
+    ),
+    (
+        "matrix-model-name-axis",
+        lambda t, u, r, c: [
+            "matrix",
+            _matrix_with(t, '"model.name" = ["vit_nano", "tnt_nano"]'),
+            "--tracking-uri",
+            u,
+        ],
+        ["model.name", "matrix.models"],
+    ),
+    (
+        "matrix-model-name-in-tied-axis",
+        lambda t, u, r, c: [
+            "matrix",
+            _matrix_with(t, 'pair = [{ "model.name" = "vit_nano", "model.depth" = 1 }]'),
+            "--tracking-uri",
+            u,
+        ],
+        ["matrix.pair", "model.name"],
+    ),
+    (
+        "search-gmacs-budget-negative",
+        lambda t, u, r, c: [
+            "search",
+            _search_file(t, **{"n_trials = 2": "n_trials = 2\ngmacs_budget = -1"}),
+            "--tracking-uri",
+            u,
+        ],
+        ["search.gmacs_budget", ">= 0"],
+    ),
+    (
+        "search-timeout-nan",
+        lambda t, u, r, c: ["search", _search_file(t), "--timeout", "nan", "--tracking-uri", u],
+        ["--timeout"],
+    ),
+    (
+        "search-timeout-negative",
+        lambda t, u, r, c: ["search", _search_file(t), "--timeout", "-5", "--tracking-uri", u],
+        ["--timeout"],
+    ),
+    (
+        "model-drop-rate-nan",
+        lambda t, u, r, c: ["train", "--set", "model.drop_rate=nan"],
+        ["drop_rate"],
+    ),
+    (
+        "model-mlp-ratio-inf",
+        lambda t, u, r, c: ["train", "--set", "model.mlp_ratio=inf"],
+        ["mlp_ratio", "finite"],
+    ),
+    (
+        "model-drop-path-nan",
+        lambda t, u, r, c: ["train", "--set", "model.drop_path_rate=nan"],
+        ["drop_path_rate", "finite"],
+    ),
+    (
+        "model-inner-mlp-ratio-inf",
+        lambda t, u, r, c: ["train", "--set", "model.inner_mlp_ratio=inf"],
+        ["inner_mlp_ratio", "finite"],
+    ),
+    (
+        "train-deleted-experiment",
+        lambda t, u, r, c: [
+            "train",
+            "--tracking-uri",
+            u,
+            *TRAIN,
+            "--set",
+            f"tracking.experiment='{_deleted_experiment(t, u)}'",
+            "--set",
+            f"train.out_dir='{t}/runs'",
+        ],
+        ["deleted", "restore", "tracking.experiment"],
+    ),
+    (
+        "resume-into-another-experiment",
+        lambda t, u, r, c: [
+            "train",
+            "--tracking-uri",
+            u,
+            *TRAIN,
+            "--set",
+            "tracking.experiment='elsewhere'",
+            "--resume",
+            r,
+        ],
+        ["--resume", "experiment", "elsewhere"],
+    ),
+    (
+        "resume-with-other-params",
+        lambda t, u, r, c: [
+            "train",
+            "--tracking-uri",
+            u,
+            *TRAIN,
+            "--set",
+            "data.train_size=96",
+            "--resume",
+            r,
+        ],
+        ["--resume", "data.train_size", "96"],
+    ),
+    # --- B: one line, not a traceback
+    (
+        "storage-parent-is-a-file",
+        lambda t, u, r, c: [
+            "matrix",
+            _matrix_file(t),
+            "--storage",
+            f"{_write(t / 'f', 'x')}/o.journal",
+            "--tracking-uri",
+            u,
+        ],
+        ["--storage", "cannot write"],
+    ),
+    (
+        "storage-sqlite-parent-is-a-file",
+        lambda t, u, r, c: [
+            "search",
+            _search_file(t),
+            "--storage",
+            f"sqlite:///{_write(t / 'f', 'x')}/o.db",
+            "--tracking-uri",
+            u,
+        ],
+        ["--storage", "cannot write"],
+    ),
+    (
+        "storage-read-only",
+        lambda t, u, r, c: [
+            "search",
+            _search_file(t),
+            "--storage",
+            _sys_path(),
+            "--tracking-uri",
+            u,
+        ],
+        ["--storage", "/sys/tntbench-test"],
+    ),
+    (
+        "storage-journal-without-path",
+        lambda t, u, r, c: [
+            "search",
+            _search_file(t),
+            "--storage",
+            "journal:",
+            "--tracking-uri",
+            u,
+        ],
+        ["--storage", "journal:"],
+    ),
+    (
+        "storage-is-a-folder",
+        lambda t, u, r, c: [
+            "matrix",
+            _matrix_file(t),
+            "--storage",
+            _folder(t / "q.journal"),
+            "--tracking-uri",
+            u,
+        ],
+        ["--storage", "q.journal", "folder"],
+    ),
+    (
+        "search-storage-is-the-mlflow-store",
+        lambda t, u, r, c: ["search", _search_file(t), "--storage", u, "--tracking-uri", u],
+        ["--storage", "MLflow tracking store"],
+    ),
+    (
+        "matrix-storage-is-the-mlflow-store",
+        lambda t, u, r, c: ["matrix", _matrix_file(t), "--storage", u, "--tracking-uri", u],
+        ["--storage", "MLflow tracking store"],
+    ),
+    (
+        "train-seed-past-int64",
+        lambda t, u, r, c: ["train", "--set", f"train.seed={2**70}"],
+        ["train.seed", "0.."],
+    ),
+    ("data-seed-negative", lambda t, u, r, c: ["train", "--set", "data.seed=-1"], ["data.seed"]),
+    (
+        "epochs-past-int64",
+        lambda t, u, r, c: ["train", "--set", f"train.epochs={2**64}"],
+        ["train.epochs", "64-bit"],
+    ),
+    (
+        "matrix-seed-out-of-range",
+        lambda t, u, r, c: ["matrix", _matrix_with(t, f"seeds = [{2**40}]"), "--tracking-uri", u],
+        ["matrix.seeds"],
+    ),
+    (
+        "search-log-range-from-zero",
+        lambda t, u, r, c: [
+            "search",
+            _space(t, '"train.lr" = { low = 0, high = 0.1, log = true }'),
+            "--tracking-uri",
+            u,
+        ],
+        ["search.space.train.lr", "log"],
+    ),
+    (
+        "search-high-inf",
+        lambda t, u, r, c: [
+            "search",
+            _space(t, '"train.lr" = { low = 0.001, high = inf }'),
+            "--tracking-uri",
+            u,
+        ],
+        ["search.space.train.lr.high", "finite"],
+    ),
+    (
+        "search-low-above-high",
+        lambda t, u, r, c: [
+            "search",
+            _space(t, '"train.lr" = { low = 0.1, high = 0.01 }'),
+            "--tracking-uri",
+            u,
+        ],
+        ["search.space.train.lr", "low"],
+    ),
+    (
+        "search-seed-negative",
+        lambda t, u, r, c: [
+            "search",
+            _search_file(t, **{"n_trials = 2": "n_trials = 2\nseed = -1"}),
+            "--tracking-uri",
+            u,
+        ],
+        ["search.seed"],
+    ),
+    (
+        "search-tie-to-unsearched-key",
+        lambda t, u, r, c: [
+            "search",
+            _space(t, '"model.inner_dim" = { tie = "model.pixel_size", keep = "pixels_x_dim" }'),
+            "--tracking-uri",
+            u,
+        ],
+        ["search.space.model.inner_dim", "model.pixel_size"],
+    ),
+    (
+        "model-depth-huge",
+        lambda t, u, r, c: ["train", "--set", "model.depth=100000000"],
+        ["depth", "at most"],
+    ),
+    (
+        "model-absurd-size",
+        lambda t, u, r, c: ["train", "--set", "model.embed_dim=60000"],
+        ["parameters"],
+    ),
+    (
+        "models-command-depth-huge",
+        lambda t, u, r, c: ["models", "tnt_nano", "--set", "depth=100000000"],
+        ["depth"],
+    ),
+    # --- C: odd data
+    (
+        "imagefolder-decompression-bomb",
+        lambda t, u, r, c: _imagefolder_train(t, u, _imagefolder_with(t, b"bomb.png", _bomb_png())),
+        ["bomb.png", "decompression bomb"],
+    ),
+    (
+        "imagefolder-non-utf8-name",
+        lambda t, u, r, c: _imagefolder_train(t, u, _imagefolder_with(t, b"bad\xff.png", b"junk")),
+        ["bad\\xff.png"],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "argv", "words"), ISSUE27_CASES, ids=[c[0] for c in ISSUE27_CASES]
+)
+def test_issue27_bad_input_is_one_line(case, argv, words, store, tmp_path, capsys, monkeypatch):
+    if case == "storage-read-only" and os.access("/sys", os.W_OK) and _sys_writable():
+        pytest.skip("/sys is writable here")
+    test_bad_input_is_one_line_and_harms_nothing(
+        case, argv, words, store, tmp_path, capsys, monkeypatch
+    )
+
+
+def _sys_writable() -> bool:
+    try:
+        Path("/sys/tntbench-test").mkdir()
+    except OSError:
+        return False
+    Path("/sys/tntbench-test").rmdir()
+    return True
