@@ -1052,3 +1052,261 @@ def _sys_writable() -> bool:
         return False
     Path("/sys/tntbench-test").rmdir()
     return True
+
+
+# --- A: handled right instead of refused
+
+
+def _tiny_matrix(tmp: Path) -> str:
+    return _matrix_file(tmp)
+
+
+def test_issue27_edited_matrix_runs_new_cells_and_summarises_only_them(tmp_path, capsys):
+    """train.epochs 1 -> 2: a new cell (run, not skipped), and the summary has n 1, not the
+    old and new runs pooled as two seeds; the old run is named as left out."""
+    from suite.studies.matrix import run_matrix
+    from suite.tracking import make_tracker
+
+    tracker = make_tracker(f"sqlite:///{tmp_path}/mlflow.db")
+    path = _tiny_matrix(tmp_path)
+    sets = [f"train.out_dir='{tmp_path}/runs'"]
+    first = run_matrix(path, tracker, sets, progress=False, profile_steps=1)
+    assert (first.ran, first.skipped, list(first.summary["n"])) == (1, 0, [1])
+    capsys.readouterr()
+    edited = run_matrix(path, tracker, [*sets, "train.epochs=2"], progress=False, profile_steps=1)
+    assert (edited.ran, edited.skipped) == (1, 0)
+    assert list(edited.summary["n"]) == [1]
+    assert edited.summary["run_ids"].iloc[0] != first.summary["run_ids"].iloc[0]
+    assert "1 finished run(s) of an earlier config" in capsys.readouterr().err
+    again = run_matrix(path, tracker, [*sets, "train.epochs=2"], progress=False, profile_steps=1)
+    assert (again.ran, again.skipped, list(again.summary["n"])) == (0, 1, [1])
+
+
+def test_issue27_grid_search_stops_at_the_grid_size(tmp_path, capsys):
+    """A grid of 2 points with n_trials = 5: 2 trials, no duplicates, and a note."""
+    from suite.studies.search import run_search
+
+    text = SEARCH.replace("n_trials = 2", 'n_trials = 5\nsampler = "grid"')
+    text = text.replace("[train]", f"[train]\nout_dir = '{tmp_path}/runs'")
+    path = _write(tmp_path / "grid.toml", text)
+    r = run_search(
+        path, storage=f"sqlite:///{tmp_path}/o.db", tracking_uri=f"sqlite:///{tmp_path}/m.db"
+    )
+    trials = r.study.get_trials()
+    assert sorted(t.params["model.inner_heads"] for t in trials) == [1, 2]
+    assert "the grid has 2 point(s); n_trials 5 lowered to 2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("workers", "cells", "cuda", "want"),
+    [(16, 2, False, 2), (16, 9, False, 2), (2, 9, False, 2), (1, 0, False, 1), (4, 2, True, 2)],
+    ids=["more-than-cells", "more-than-cores", "fits", "nothing-left", "cuda-cells-only"],
+)
+def test_issue27_matrix_workers_clamped_with_a_note(
+    workers, cells, cuda, want, monkeypatch, capsys
+):
+    from suite.studies import workers as w
+
+    monkeypatch.setattr(w, "cpu_cores", lambda: 2)
+    assert w.clamp_workers(workers, cells, 0, cuda) == want
+    err = capsys.readouterr().err
+    if want < workers:
+        assert err.count("\n") == 1 and f"--workers {workers} lowered to {want}" in err
+    else:
+        assert err == ""
+
+
+def test_issue27_deleted_experiment_stays_deleted(store, tmp_path, capsys):
+    uri = store[0]
+    name = _deleted_experiment(tmp_path, uri)
+    argv = ["train", "--tracking-uri", uri, *TRAIN, "--set", f"tracking.experiment='{name}'"]
+    assert main([*argv, "--set", f"train.out_dir='{tmp_path}/runs'"]) == 2
+    exp = mlflow.MlflowClient(uri).get_experiment_by_name(name)
+    assert exp.lifecycle_stage == "deleted"
+    assert not mlflow.MlflowClient(uri).search_runs([exp.experiment_id], run_view_type=3)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 GB"),
+        MemoryError(),
+    ],
+    ids=["torch-cpu-allocator", "memory-error"],
+)
+def test_issue27_cpu_out_of_memory_is_one_line_and_run_failed(
+    error, store, tmp_path, capsys, monkeypatch
+):
+    import suite.training.fit as fit_module
+
+    def out_of_memory(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(fit_module, "train_one_epoch", out_of_memory)
+    uri = store[0]
+    experiment = f"oom-{tmp_path.name}"
+    argv = ["train", "--tracking-uri", uri, *TRAIN, "--set", f"tracking.experiment='{experiment}'"]
+    capsys.readouterr()
+    assert main([*argv, "--set", f"train.out_dir='{tmp_path}/runs'"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "train.batch_size = 32" in err and "lower train.batch_size" in err
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert run.info.status == "FAILED"
+
+
+def test_issue27_other_runtime_errors_are_not_called_out_of_memory(monkeypatch):
+    from suite.training.fit import is_cpu_oom
+
+    assert is_cpu_oom(RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory"))
+    assert not is_cpu_oom(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+
+
+# --- C: odd images, made here with PIL and numpy
+
+
+def _folder_of(tmp: Path, per_class: int = 3) -> Path:
+    from PIL import Image
+
+    root = tmp / "split"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (8, 8), (i * 60, 0, 0)).save(root / c / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("mode", "value", "want"),
+    [("I;16", 30000, 117), ("I;16", 65535, 255), ("I;16", 0, 0), ("I", 30000, 117)],
+    ids=["I16-grey", "I16-white", "I16-black", "I-grey"],
+)
+def test_issue27_16bit_grey_png_scales_to_8bit(mode, value, want, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from suite.training.data import rgb_loader, to_rgb
+
+    img = Image.fromarray(np.full((4, 4), value, np.uint16 if mode == "I;16" else np.int32))
+    assert img.mode == mode
+    if mode == "I;16":  # a real 16-bit PNG file, through the loader
+        img.save(tmp_path / "g.png")
+        out = np.asarray(rgb_loader(str(tmp_path / "g.png")))
+    else:  # PIL writes no 32-bit PNG: the conversion alone
+        out = np.asarray(to_rgb(img))
+    assert out.shape == (4, 4, 3) and (out == want).all(), out[0, 0]
+
+
+def test_issue27_palette_transparency_becomes_white_not_its_hidden_colour(tmp_path):
+    import warnings
+
+    import numpy as np
+    from PIL import Image
+
+    from suite.training.data import rgb_loader
+
+    img = Image.new("P", (4, 4), 0)
+    img.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)  # 0: red (transparent), 1: blue
+    img.putpixel((0, 0), 1)
+    img.save(tmp_path / "p.png", transparency=0)
+    la = Image.fromarray(np.stack([np.full((4, 4), 20, np.uint8), np.zeros((4, 4), np.uint8)], -1))
+    la.save(tmp_path / "la.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PIL's "Palette images with Transparency" warning too
+        out = np.asarray(rgb_loader(str(tmp_path / "p.png")))
+        clear = np.asarray(rgb_loader(str(tmp_path / "la.png")))
+    assert out[0, 0].tolist() == [0, 0, 255]  # opaque: its own colour
+    assert out[1, 1].tolist() == [255, 255, 255]  # transparent: white, not the hidden red
+    assert (clear == 255).all()
+
+
+def test_issue27_symlink_loop_is_listed_once(tmp_path, capsys):
+    from suite.training.data import CheckedImageFolder
+
+    root = _folder_of(tmp_path)
+    os.symlink("..", root / "a" / "up")  # a -> split: back into listed folders
+    os.symlink(".", root / "b" / "self")
+    ds = CheckedImageFolder(str(root), None, skip_bad=False)
+    assert len(ds) == 6 + 3  # a/up/b is b listed again under class a, once; no loop
+    assert "loop" in capsys.readouterr().err
+
+
+def test_issue27_symlink_to_itself_keeps_six_images(tmp_path, capsys):
+    from suite.training.data import CheckedImageFolder
+
+    root = _folder_of(tmp_path)
+    for c in ("a", "b"):
+        os.symlink(".", root / c / "again")
+    ds = CheckedImageFolder(str(root), None, skip_bad=False)
+    assert len(ds) == 6
+    assert "skipped 2 directory links" in capsys.readouterr().err
+
+
+def test_issue27_fifo_and_socket_are_skipped_and_counted(tmp_path, capsys):
+    import socket
+
+    from suite.training.data import CheckedImageFolder
+
+    root = _folder_of(tmp_path)
+    os.mkfifo(root / "a" / "pipe.png")
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.bind(str(root / "b" / "s.png"))
+    except OSError:  # a path too long for a socket here: the FIFO alone
+        sock.close()
+        sock = None
+    ds = CheckedImageFolder(str(root), None, skip_bad=False)
+    want = 2 if sock else 1
+    assert len(ds) == 6 and len(ds.not_regular) == want
+    assert f"skipped {want} entries that are not regular files" in capsys.readouterr().err
+    for i in range(len(ds)):  # every item loads (a FIFO in the list would block forever)
+        ds[i]
+    if sock:
+        sock.close()
+
+
+def test_issue27_decompression_bomb_skipped_when_asked(tmp_path, capsys):
+    from suite.training.data import CheckedImageFolder
+
+    root = _folder_of(tmp_path)
+    _write(root / "a" / "bomb.png", _bomb_png())
+    ds = CheckedImageFolder(str(root), None, skip_bad=True)
+    items = [ds[i] for i in range(len(ds))]
+    assert len(items) == 7 and ds.skipped == {str(root / "a" / "bomb.png")}
+    assert "bomb.png" in capsys.readouterr().err
+
+
+def test_issue27_image_over_the_warning_limit_is_refused(tmp_path, monkeypatch):
+    """Between PIL's limit and twice it, PIL only warns and decodes: refused here too."""
+    from PIL import Image
+
+    from suite.errors import UserError
+    from suite.training.data import CheckedImageFolder
+
+    root = _folder_of(tmp_path)
+    Image.new("RGB", (10, 10)).save(root / "a" / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 80)  # the 8x8 images fit, 10x10 does not
+    ds = CheckedImageFolder(str(root), None, skip_bad=False)
+    with pytest.raises(UserError, match="big.png"):
+        [ds[i] for i in range(len(ds))]
+
+
+def test_issue27_non_utf8_names_train_and_are_tagged_safely(store, tmp_path, capsys):
+    """A good image and a broken one with names that are not UTF-8: the run trains (the
+    digest reads the names as bytes), the skipped one is named with \\x escapes."""
+    from PIL import Image
+
+    root = _imagefolder_with(tmp_path, b"bad\xff.png", b"junk")
+    good = os.fsencode(root / "train" / "b") + b"/caf\xe9.png"
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(good, format="PNG")
+    uri = store[0]
+    experiment = f"utf-{tmp_path.name}"
+    argv = _imagefolder_train(tmp_path, uri, root, "--set", f"tracking.experiment='{experiment}'")
+    capsys.readouterr()
+    assert main([*argv, "--set", "data.skip_bad_images=true"]) == 0
+    err = capsys.readouterr().err
+    assert "skipped unreadable image" in err and "bad\\xff.png" in err
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert run.info.status == "FINISHED"
