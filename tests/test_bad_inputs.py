@@ -1310,3 +1310,23 @@ def test_issue27_non_utf8_names_train_and_are_tagged_safely(store, tmp_path, cap
     client = mlflow.MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     assert run.info.status == "FINISHED"
+
+
+@pytest.mark.parametrize(
+    ("sets", "same"),
+    [
+        (["data.hflip=true"], True),  # a default spelt out: the same cell
+        ([], True),
+        (["data.hflip=false"], False),
+        (["train.epochs=2"], False),
+        (["model.inner_heads=2"], False),
+    ],
+    ids=["default-spelt-out", "nothing-set", "hflip-off", "epochs-edited", "model-knob"],
+)
+def test_issue27_cell_hash_is_the_resolved_config(sets, same, tmp_path):
+    from suite.studies.matrix import expand
+
+    path = _matrix_file(tmp_path)
+    (before,) = expand(path)[2]
+    (after,) = expand(path, sets)[2]
+    assert (before.digest == after.digest) is same

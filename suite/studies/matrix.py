@@ -14,7 +14,8 @@ A ``[matrix]`` table lists the axes; the config's other sections are the base of
     ]
 
 Cells whose resolved config (hashed, seed included) already has a FINISHED run in the
-experiment are skipped, so a rerun after a crash runs only what is missing. A failing cell is
+experiment are skipped, so a rerun after a crash runs only what is missing; an edited config
+makes new cells, and the summary reads only the runs of the cells as they are now. A failing cell is
 recorded as FAILED with its error and the matrix goes on.
 """
 
@@ -80,8 +81,17 @@ class Cell:
 
 
 def config_digest(raw: dict[str, Any]) -> str:
-    """Hash of a cell's resolved config (everything but tracking), seed included."""
-    body = {k: v for k, v in raw.items() if k not in ("tracking", "matrix", "search")}
+    """Hash of a cell's resolved config (everything but tracking), seed included: every key
+    with its value after defaults, so that spelling out a default changes nothing, while
+    any edited setting (or a changed default) makes a new cell, never pooled with the old
+    runs. A cell whose config is invalid (it fails alone, when it runs) hashes as written."""
+    try:
+        body: dict[str, Any] = from_dict(
+            raw, "cell", check_paths=False, check_model=False
+        ).to_dict()
+    except UserError:
+        body = dict(raw)
+    body = {k: v for k, v in body.items() if k not in ("tracking", "matrix", "search")}
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
