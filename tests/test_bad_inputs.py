@@ -1330,3 +1330,34 @@ def test_issue27_cell_hash_is_the_resolved_config(sets, same, tmp_path):
     (before,) = expand(path)[2]
     (after,) = expand(path, sets)[2]
     assert (before.digest == after.digest) is same
+
+
+@pytest.mark.parametrize(
+    ("storage", "tracking", "refused"),
+    [
+        ("postgresql+psycopg://u@h/db", "postgresql://u@h/db", True),
+        ("sqlite:///{t}/m.db?timeout=5", "sqlite:///{t}/m.db", True),
+        ("journal:{t}/m.db", "sqlite:///{t}/./m.db", True),
+        ("sqlite:///{t}/o.db", "sqlite:///{t}/m.db", False),
+        ("postgresql+psycopg://u@h/optuna", "postgresql://u@h/mlflow", False),
+        ("sqlite:///{t}/o.db", "http://127.0.0.1:5000", False),
+    ],
+    ids=[
+        "pg-driver-spelt-twice",
+        "sqlite-options",
+        "journal-on-the-db",
+        "two-files",
+        "two-dbs",
+        "server",
+    ],
+)
+def test_issue27_storage_must_not_be_the_tracking_store(storage, tracking, refused, tmp_path):
+    from suite.errors import UserError
+    from suite.studies.storage import check_not_tracking_store
+
+    storage, tracking = storage.format(t=tmp_path), tracking.format(t=tmp_path)
+    if refused:
+        with pytest.raises(UserError, match="MLflow tracking store"):
+            check_not_tracking_store(storage, tracking)
+    else:
+        check_not_tracking_store(storage, tracking)

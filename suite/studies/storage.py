@@ -52,7 +52,7 @@ def open_storage(url: str, heartbeat_interval: int, grace_period: int, max_retry
             f"postgresql+psycopg://..., or a path ending in .journal)"
         )
     if url.startswith("sqlite:///") and url != "sqlite:///:memory:":  # a new folder is made
-        _writable_file(url.removeprefix("sqlite:///"), url)
+        _writable_file(url.removeprefix("sqlite:///").partition("?")[0], url)  # no ?options
     try:
         # Optuna builds a new database's schema on first open: two processes doing that at
         # once collide (a unique violation in PostgreSQL's catalog), so one at a time
@@ -101,8 +101,8 @@ def check_not_tracking_store(url: str, tracking_uri: str) -> None:
 
     if tracking_uri and same(url, tracking_uri):
         raise UserError(
-            f"--storage {url}: this is the MLflow tracking store ({tracking_uri}); give Optuna "
-            "a storage of its own (another file or database)"
+            f"--storage {url}: this is the MLflow tracking store (the tracking URI); give "
+            "Optuna a storage of its own (another file or database)"
         )
 
 
@@ -110,7 +110,7 @@ def _local_file(url: str) -> Path | None:
     """The resolved file of an SQLite URL or a journal path; None for servers."""
     path = journal_path(url)
     if path is None and url.startswith("sqlite:///"):
-        path = url.removeprefix("sqlite:///")
+        path = url.removeprefix("sqlite:///").partition("?")[0]
     if path is None or path == ":memory:":
         return None
     return Path(path).expanduser().resolve()
