@@ -1361,3 +1361,17 @@ def test_issue27_storage_must_not_be_the_tracking_store(storage, tracking, refus
             check_not_tracking_store(storage, tracking)
     else:
         check_not_tracking_store(storage, tracking)
+
+
+def test_issue27_search_workers_clamped_to_trials(tmp_path, capsys, monkeypatch):
+    """--workers 4 for a 2-trial search on 2 cores: 2 workers, and a note saying so."""
+    from suite.studies import search, workers
+
+    monkeypatch.setattr(workers, "cpu_cores", lambda: 8)
+    started = []
+    monkeypatch.setattr(search, "_run_workers", lambda args, n: started.append(n))
+    text = SEARCH.replace("[train]", f"[train]\nout_dir = '{tmp_path}/runs'")
+    path = _write(tmp_path / "s.toml", text)
+    search.run_search(path, workers=4, tracking_uri=f"sqlite:///{tmp_path}/m.db")
+    assert started == [2]
+    assert "note: search: --workers 4 lowered to 2 (2 trial(s) to run" in capsys.readouterr().err

@@ -283,8 +283,9 @@ def run_search(
     if workers < 1:
         raise UserError(f"--workers must be >= 1, got {workers}")
     uri = resolve_uri(tracking_uri or cfg.tracking.uri or None)
-    storage = storage or default_storage(uri, workers)
+    storage = storage or default_storage(uri, workers)  # before the clamp: the same file
     check_not_tracking_store(storage, uri)
+    workers = _clamp_search_workers(workers, scfg, cfg)
     directions = [OBJECTIVES[o] for o in scfg.objectives]
     quiet_optuna()
     study = optuna.create_study(
@@ -318,6 +319,17 @@ def run_search(
         _finish(study, scfg, tracker, parent)
         _check_something_was_built(study)
     return SearchResult(study, parent.run_id, storage)
+
+
+def _clamp_search_workers(workers: int, scfg: SearchConfig, cfg: Any) -> int:
+    """More workers than trials wanted, or (on CPU) than cores, only slow every trial down:
+    lowered with a note, as the matrix's are."""
+    import torch
+
+    from suite.studies.workers import clamp_workers
+
+    cuda = cfg.train.device != "cpu" and torch.cuda.is_available()
+    return clamp_workers(workers, scfg.n_trials, 0, cuda, command="search", unit="trial")
 
 
 def space_tables(space: dict[str, Choices | Range | Tie]) -> dict[str, dict[str, Any]]:

@@ -128,7 +128,14 @@ def cpu_cores() -> int:
     return os.cpu_count() or 1
 
 
-def clamp_workers(workers: int, cells: int, gpus_per_cell: int, cuda: bool) -> int:
+def clamp_workers(
+    workers: int,
+    cells: int,
+    gpus_per_cell: int,
+    cuda: bool,
+    command: str = "matrix",
+    unit: str = "cell",
+) -> int:
     """``workers`` lowered to what can run at once here: no more than the cells left (an
     idle worker only splits the cores further), and on CPU no more than the cores (divided
     by a cell's gloo processes); a one-line note on stderr when lowered. 16 workers for 2
@@ -138,8 +145,8 @@ def clamp_workers(workers: int, cells: int, gpus_per_cell: int, cuda: bool) -> i
         limit = min(limit, max(1, cpu_cores() // max(gpus_per_cell, 1)))
     if workers <= limit:
         return workers
-    why = f"{cells} cell(s) to run" + ("" if cuda else f", {cpu_cores()} CPU core(s) here")
-    print(f"note: matrix: --workers {workers} lowered to {limit} ({why})", file=sys.stderr)
+    why = f"{cells} {unit}(s) to run" + ("" if cuda else f", {cpu_cores()} CPU core(s) here")
+    print(f"note: {command}: --workers {workers} lowered to {limit} ({why})", file=sys.stderr)
     return limit
 
 
