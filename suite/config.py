@@ -7,6 +7,7 @@ value raises ``UserError`` naming the key and the value (the CLI prints it and e
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 import tomllib
@@ -133,9 +134,29 @@ _CLASSES = {
 EXTRA_SECTIONS = ("matrix", "search")
 
 
+# TOML integers are 64-bit, but Python's parser takes any size: a larger one would reach
+# torch or numpy and fail there with a traceback (``OverflowError``)
+INT64 = (-(2**63), 2**63 - 1)
+# seeds seed numpy too (and Optuna's samplers), whose seeds are 32-bit unsigned
+SEED_MAX = 2**32 - 1
+SEED_KEYS = ("train.seed", "data.seed", "search.seed")
+
+
+def check_int_range(key: str, value: Any) -> None:
+    """A UserError naming ``key`` for an integer outside int64 (or a seed outside 0..2**32-1)."""
+    if type(value) is not int:
+        return
+    if key.rpartition(": ")[2] in SEED_KEYS:
+        if not 0 <= value <= SEED_MAX:
+            raise UserError(f"{key} = {value}: seeds must be in 0..{SEED_MAX}")
+    elif not INT64[0] <= value <= INT64[1]:
+        raise UserError(f"{key} = {value}: out of the 64-bit integer range")
+
+
 def _check_type(key: str, value: Any, hint: Any) -> Any:
     """Value coerced to the field's type (int -> float only), or a UserError naming the key."""
     origin = typing.get_origin(hint)
+    check_int_range(key, value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is float and isinstance(value, float) and not math.isfinite(value):
@@ -390,11 +411,45 @@ def parse_matrix(raw: dict[str, Any], source: str) -> MatrixConfig:
     seeds = m.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(type(s) is int for s in seeds):
         raise UserError(f"{source}: matrix.seeds must be a non-empty list of integers")
+    for s in seeds:
+        check_int_range(f"{source}: matrix.seeds", s)
+        if not 0 <= s <= SEED_MAX:
+            raise UserError(f"{source}: matrix.seeds: {s} is not in 0..{SEED_MAX}")
     axes.append([{"train.seed": s} for s in seeds])
+    keys = ["models", "datasets", "seeds"]
     for key, values in m.items():
         if key not in MATRIX_AXES:
             axes.append(_dotted_axis(key, values, source))
+            keys.append(key)
+    for key, axis in zip(keys, axes, strict=True):
+        _check_axis(key, axis, source)
     return MatrixConfig(name, tuple(tuple(a) for a in axes))
+
+
+# the keys that the named axes set: a dotted axis (or a tied table) setting one of them would
+# be silently overridden by, or override, its named axis
+OWN_AXIS = {"model.name": "models", "data.name": "datasets", "train.seed": "seeds"}
+
+
+def _check_axis(key: str, axis: list[dict[str, Any]], source: str) -> None:
+    """Refuse an axis that repeats a choice (``seeds = [0, 0]`` would train one cell twice
+    and pool it as two seeds) or that sets a key owned by a named axis."""
+    seen: dict[str, int] = {}
+    for i, choice in enumerate(axis):
+        for k in choice if key not in OWN_AXIS.values() else ():
+            if k in OWN_AXIS:
+                raise UserError(
+                    f"{source}: matrix.{key} sets {k}, which matrix.{OWN_AXIS[k]} sets: "
+                    f"list the values in matrix.{OWN_AXIS[k]}"
+                )
+        text = json.dumps(choice, sort_keys=True, default=str)
+        if text in seen:
+            shown = next(iter(choice.values())) if len(choice) == 1 else choice
+            raise UserError(
+                f"{source}: matrix.{key} lists {shown!r} twice (entries {seen[text] + 1} and "
+                f"{i + 1}): each cell would run twice"
+            )
+        seen[text] = i
 
 
 def _named_axis(
@@ -512,8 +567,30 @@ def parse_search(raw: dict[str, Any], source: str) -> SearchConfig:
             raise UserError(f"{source}: search.{key} = {kind!r}: one of {', '.join(allowed)}")
     if cfg.n_trials < 1:
         raise UserError(f"{source}: search.n_trials = {cfg.n_trials}: must be >= 1")
+    # Optuna would take these and fail inside every trial (or never), so they are named here
+    for key, low in (("gmacs_budget", 0), ("heartbeat_interval", 1), ("grace_period", 1)):
+        if getattr(cfg, key) < low:
+            raise UserError(f"{source}: search.{key} = {getattr(cfg, key)}: must be >= {low}")
+    if cfg.max_retry < 0:
+        raise UserError(f"{source}: search.max_retry = {cfg.max_retry}: must be >= 0")
     specs = {name: _space_spec(name, spec, cfg.sampler, source) for name, spec in space.items()}
+    for name, spec in specs.items():
+        if isinstance(spec, Tie) and spec.key not in _searched_keys(specs):
+            raise UserError(
+                f"{source}: search.space.{name} is tied to {spec.key}, which the space does "
+                f"not search: add {spec.key} to [search.space]"
+            )
     return dataclasses.replace(cfg, space=specs)
+
+
+def _searched_keys(specs: dict[str, Choices | Range | Tie]) -> set[str]:
+    """The dotted keys a space sets: its names, and the keys inside tied choices."""
+    keys = set()
+    for name, spec in specs.items():
+        keys.add(name)
+        if isinstance(spec, Choices):
+            keys |= {k for v in spec.values if isinstance(v, dict) for k in v}
+    return keys
 
 
 def _space_spec(name: str, spec: Any, sampler: str, source: str) -> Choices | Range | Tie:
@@ -535,8 +612,17 @@ def _space_spec(name: str, spec: Any, sampler: str, source: str) -> Choices | Ra
     low, high, log = spec["low"], spec["high"], spec.get("log", False)
     if not all(type(x) in (int, float) for x in (low, high)) or not isinstance(log, bool):
         raise UserError(f"{where}: low and high must be numbers and log true or false")
+    for end, x in (("low", low), ("high", high)):
+        if isinstance(x, float) and not math.isfinite(x):
+            raise UserError(f"{where}.{end} = {x!r}: must be a finite number")
+        check_int_range(f"{where}.{end}", x)
     if not low < high:
-        raise UserError(f"{where}: low must be < high")
+        raise UserError(f"{where}: low = {low!r} must be < high = {high!r}")
+    if log and low <= 0:
+        raise UserError(f"{where}: low = {low!r} with log = true: a log range needs low > 0")
+    unknown = set(spec) - {"low", "high", "log"}
+    if unknown:
+        raise UserError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} (low, high, log)")
     if sampler == "grid":
         raise UserError(f"{where}: the grid sampler needs choices, not a range")
     if "." not in name:

@@ -330,8 +330,12 @@ class MlflowTracker(Tracker):
             )
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
-            if exp.lifecycle_stage == "deleted":
-                self.client.restore_experiment(exp.experiment_id)
+            if exp.lifecycle_stage == "deleted":  # restoring it unasked would revive its runs
+                raise UserError(
+                    f"MLflow experiment {name!r} was deleted in {self.uri}: restore it "
+                    f"(MLFLOW_TRACKING_URI={self.uri} mlflow experiments restore "
+                    f"--experiment-id {exp.experiment_id}) or pick another tracking.experiment"
+                )
             return exp.experiment_id
         return self.client.create_experiment(name, artifact_location=self._artifact_location(name))
 

@@ -624,3 +624,754 @@ def test_pickle_module_still_runs_the_payload_without_us(tmp_path):
     """Sanity check of the planted file: plain pickle does run it (so the tests mean it)."""
     pickle.loads(pickle.dumps(Evil(tmp_path / "PWNED")))
     assert (tmp_path / "PWNED").exists()
+
+
+# =============================================================================================
+# Issue 27: results that were silently wrong, tracebacks, odd data. Each bad input is one line
+# naming the field or file (the harness above); inputs that are fine but odd are handled right.
+
+
+def _matrix_with(tmp: Path, lines: str) -> str:
+    """The one-cell matrix of ``_matrix_file`` with more [matrix] lines (axes, seeds)."""
+    body = SEARCH.split("[model]", 1)[1]
+    text = f'[matrix]\nname = "m"\nmodels = ["tnt_nano"]\n{lines}\n[model]{body}'
+    return str(_write(tmp / "m.toml", text))
+
+
+def _space(tmp: Path, spec: str) -> str:
+    """The search file with its one space line replaced by ``spec`` (TOML lines)."""
+    return _search_file(tmp, **{'"model.inner_heads" = { choices = [1, 2] }': spec})
+
+
+def _deleted_experiment(tmp: Path, uri: str) -> str:
+    """A new experiment of the store, deleted; its name (one per test: the store is shared)."""
+    name = f"gone-{tmp.name}"
+    client = mlflow.MlflowClient(uri)
+    client.delete_experiment(client.create_experiment(name))
+    return name
+
+
+def _png(chunks: list[tuple[bytes, bytes]]) -> bytes:
+    import struct
+    import zlib
+
+    out = b"\x89PNG\r\n\x1a\n"
+    for kind, data in chunks:
+        crc = zlib.crc32(kind + data)
+        out += struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+    return out
+
+
+def _bomb_png(side: int = 30000) -> bytes:
+    """A PNG that claims side x side pixels (900 M: past twice PIL's limit) in a few bytes."""
+    import struct
+    import zlib
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    return _png([(b"IHDR", header), (b"IDAT", zlib.compress(b"\0" * 64)), (b"IEND", b"")])
+
+
+def _imagefolder_with(tmp: Path, name: bytes, data: bytes) -> Path:
+    """A small valid ImageFolder, plus ``data`` written as train/a/<name> (bytes: any name)."""
+    from PIL import Image
+
+    root = tmp / "imgs"
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            d = root / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(2):
+                Image.new("RGB", (8, 8), (i * 90, 40, 0)).save(d / f"{i}.png")
+    with open(os.fsencode(root / "train" / "a") + b"/" + name, "wb") as f:
+        f.write(data)
+    return root
+
+
+def _imagefolder_train(t: Path, u: str, root: Path, *extra: str) -> list[str]:
+    return [
+        "train",
+        "--tracking-uri",
+        u,
+        *TRAIN,
+        "--set",
+        "data.name='imagefolder'",
+        "--set",
+        f"data.root='{root}'",
+        "--set",
+        f"train.out_dir='{t}/runs'",
+        *extra,
+    ]
+
+
+def _folder(path: Path) -> str:
+    path.mkdir(parents=True)
+    return str(path)
+
+
+def _sys_path() -> str:
+    """A path even root cannot write (sysfs); the cases using it check that it is so."""
+    return "/sys/tntbench-test/o.journal"
+
+
+ISSUE27_CASES = [
+    # --- A: results silently wrong
+    (
+        "matrix-duplicate-seeds",
+        lambda t, u, r, c: ["matrix", _matrix_with(t, "seeds = [0, 0]"), "--tracking-uri", u],
+        ["matrix.seeds", "twice"],
+    ),
+    (
+        "matrix-duplicate-axis-value",
+        lambda t, u, r, c: [
+            "matrix",
+            _matrix_with(t, '"model.inner_heads" = [1, 2, 1]'),
+            "--tracking-uri",
+            u,
+        ],
+        ["matrix.model.inner_heads", "twice"],
+    ),
+    (
+        "matrix-duplicate-models",
+        lambda t, u, r, c: [
+            "matrix",
+            _matrix_with(t, ""),
+            "--set",
+            "matrix.models=['tnt_nano', 'tnt_nano']",
+            "--tracking-uri",
+            u,
+        ],
+        ["matrix.models", "twice"],
+    ),
+    (
+        "matrix-set-model-name",
+        lambda t, u, r, c: [
+            "matrix",
+            _matrix_file(t),
+            "--set",
+            "model.name='vit_nano'",
+            "--tracking-uri",
+            u,
+        ],
+        ["model.name", "matrix.models"],
+    ),
+    (
+        "matrix-set-train-seed",
+        lambda t, u, r, c: [
+            "matrix",
+            _matrix_file(t),
+            "--set",
+            "train.seed=3",
+            "--tracking-uri",
+            u,
+        ],
+        ["train.seed", "matrix.seeds"],
+    ),
+    (
+        "matrix-model-name-axis",
+        lambda t, u, r, c: [
+            "matrix",
+            _matrix_with(t, '"model.name" = ["vit_nano", "tnt_nano"]'),
+            "--tracking-uri",
+            u,
+        ],
+        ["model.name", "matrix.models"],
+    ),
+    (
+        "matrix-model-name-in-tied-axis",
+        lambda t, u, r, c: [
+            "matrix",
+            _matrix_with(t, 'pair = [{ "model.name" = "vit_nano", "model.depth" = 1 }]'),
+            "--tracking-uri",
+            u,
+        ],
+        ["matrix.pair", "model.name"],
+    ),
+    (
+        "search-gmacs-budget-negative",
+        lambda t, u, r, c: [
+            "search",
+            _search_file(t, **{"n_trials = 2": "n_trials = 2\ngmacs_budget = -1"}),
+            "--tracking-uri",
+            u,
+        ],
+        ["search.gmacs_budget", ">= 0"],
+    ),
+    (
+        "search-timeout-nan",
+        lambda t, u, r, c: ["search", _search_file(t), "--timeout", "nan", "--tracking-uri", u],
+        ["--timeout"],
+    ),
+    (
+        "search-timeout-negative",
+        lambda t, u, r, c: ["search", _search_file(t), "--timeout", "-5", "--tracking-uri", u],
+        ["--timeout"],
+    ),
+    (
+        "model-drop-rate-nan",
+        lambda t, u, r, c: ["train", "--set", "model.drop_rate=nan"],
+        ["drop_rate"],
+    ),
+    (
+        "model-mlp-ratio-inf",
+        lambda t, u, r, c: ["train", "--set", "model.mlp_ratio=inf"],
+        ["mlp_ratio", "finite"],
+    ),
+    (
+        "model-drop-path-nan",
+        lambda t, u, r, c: ["train", "--set", "model.drop_path_rate=nan"],
+        ["drop_path_rate", "finite"],
+    ),
+    (
+        "model-inner-mlp-ratio-inf",
+        lambda t, u, r, c: ["train", "--set", "model.inner_mlp_ratio=inf"],
+        ["inner_mlp_ratio", "finite"],
+    ),
+    (
+        "train-deleted-experiment",
+        lambda t, u, r, c: [
+            "train",
+            "--tracking-uri",
+            u,
+            *TRAIN,
+            "--set",
+            f"tracking.experiment='{_deleted_experiment(t, u)}'",
+            "--set",
+            f"train.out_dir='{t}/runs'",
+        ],
+        ["deleted", "restore", "tracking.experiment"],
+    ),
+    (
+        "resume-into-another-experiment",
+        lambda t, u, r, c: [
+            "train",
+            "--tracking-uri",
+            u,
+            *TRAIN,
+            "--set",
+            "tracking.experiment='elsewhere'",
+            "--resume",
+            r,
+        ],
+        ["--resume", "experiment", "elsewhere"],
+    ),
+    (
+        "resume-with-other-params",
+        lambda t, u, r, c: [
+            "train",
+            "--tracking-uri",
+            u,
+            *TRAIN,
+            "--set",
+            "data.train_size=96",
+            "--resume",
+            r,
+        ],
+        ["--resume", "data.train_size", "96"],
+    ),
+    # --- B: one line, not a traceback
+    (
+        "storage-parent-is-a-file",
+        lambda t, u, r, c: [
+            "matrix",
+            _matrix_file(t),
+            "--storage",
+            f"{_write(t / 'f', 'x')}/o.journal",
+            "--tracking-uri",
+            u,
+        ],
+        ["--storage", "cannot write"],
+    ),
+    (
+        "storage-sqlite-parent-is-a-file",
+        lambda t, u, r, c: [
+            "search",
+            _search_file(t),
+            "--storage",
+            f"sqlite:///{_write(t / 'f', 'x')}/o.db",
+            "--tracking-uri",
+            u,
+        ],
+        ["--storage", "cannot write"],
+    ),
+    (
+        "storage-read-only",
+        lambda t, u, r, c: [
+            "search",
+            _search_file(t),
+            "--storage",
+            _sys_path(),
+            "--tracking-uri",
+            u,
+        ],
+        ["--storage", "/sys/tntbench-test"],
+    ),
+    (
+        "storage-journal-without-path",
+        lambda t, u, r, c: [
+            "search",
+            _search_file(t),
+            "--storage",
+            "journal:",
+            "--tracking-uri",
+            u,
+        ],
+        ["--storage", "journal:"],
+    ),
+    (
+        "storage-is-a-folder",
+        lambda t, u, r, c: [
+            "matrix",
+            _matrix_file(t),
+            "--storage",
+            _folder(t / "q.journal"),
+            "--tracking-uri",
+            u,
+        ],
+        ["--storage", "q.journal", "folder"],
+    ),
+    (
+        "search-storage-is-the-mlflow-store",
+        lambda t, u, r, c: ["search", _search_file(t), "--storage", u, "--tracking-uri", u],
+        ["--storage", "MLflow tracking store"],
+    ),
+    (
+        "matrix-storage-is-the-mlflow-store",
+        lambda t, u, r, c: ["matrix", _matrix_file(t), "--storage", u, "--tracking-uri", u],
+        ["--storage", "MLflow tracking store"],
+    ),
+    (
+        "train-seed-past-int64",
+        lambda t, u, r, c: ["train", "--set", f"train.seed={2**70}"],
+        ["train.seed", "0.."],
+    ),
+    ("data-seed-negative", lambda t, u, r, c: ["train", "--set", "data.seed=-1"], ["data.seed"]),
+    (
+        "epochs-past-int64",
+        lambda t, u, r, c: ["train", "--set", f"train.epochs={2**64}"],
+        ["train.epochs", "64-bit"],
+    ),
+    (
+        "matrix-seed-out-of-range",
+        lambda t, u, r, c: ["matrix", _matrix_with(t, f"seeds = [{2**40}]"), "--tracking-uri", u],
+        ["matrix.seeds"],
+    ),
+    (
+        "search-log-range-from-zero",
+        lambda t, u, r, c: [
+            "search",
+            _space(t, '"train.lr" = { low = 0, high = 0.1, log = true }'),
+            "--tracking-uri",
+            u,
+        ],
+        ["search.space.train.lr", "log"],
+    ),
+    (
+        "search-high-inf",
+        lambda t, u, r, c: [
+            "search",
+            _space(t, '"train.lr" = { low = 0.001, high = inf }'),
+            "--tracking-uri",
+            u,
+        ],
+        ["search.space.train.lr.high", "finite"],
+    ),
+    (
+        "search-low-above-high",
+        lambda t, u, r, c: [
+            "search",
+            _space(t, '"train.lr" = { low = 0.1, high = 0.01 }'),
+            "--tracking-uri",
+            u,
+        ],
+        ["search.space.train.lr", "low"],
+    ),
+    (
+        "search-seed-negative",
+        lambda t, u, r, c: [
+            "search",
+            _search_file(t, **{"n_trials = 2": "n_trials = 2\nseed = -1"}),
+            "--tracking-uri",
+            u,
+        ],
+        ["search.seed"],
+    ),
+    (
+        "search-tie-to-unsearched-key",
+        lambda t, u, r, c: [
+            "search",
+            _space(t, '"model.inner_dim" = { tie = "model.pixel_size", keep = "pixels_x_dim" }'),
+            "--tracking-uri",
+            u,
+        ],
+        ["search.space.model.inner_dim", "model.pixel_size"],
+    ),
+    (
+        "model-depth-huge",
+        lambda t, u, r, c: ["train", "--set", "model.depth=100000000"],
+        ["depth", "at most"],
+    ),
+    (
+        "model-absurd-size",
+        lambda t, u, r, c: ["train", "--set", "model.embed_dim=60000"],
+        ["parameters"],
+    ),
+    (
+        "models-command-depth-huge",
+        lambda t, u, r, c: ["models", "tnt_nano", "--set", "depth=100000000"],
+        ["depth"],
+    ),
+    # --- C: odd data
+    (
+        "imagefolder-decompression-bomb",
+        lambda t, u, r, c: _imagefolder_train(t, u, _imagefolder_with(t, b"bomb.png", _bomb_png())),
+        ["bomb.png", "decompression bomb"],
+    ),
+    (
+        "imagefolder-non-utf8-name",
+        lambda t, u, r, c: _imagefolder_train(t, u, _imagefolder_with(t, b"bad\xff.png", b"junk")),
+        ["bad\\xff.png"],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "argv", "words"), ISSUE27_CASES, ids=[c[0] for c in ISSUE27_CASES]
+)
+def test_issue27_bad_input_is_one_line(case, argv, words, store, tmp_path, capsys, monkeypatch):
+    if case == "storage-read-only" and os.access("/sys", os.W_OK) and _sys_writable():
+        pytest.skip("/sys is writable here")
+    test_bad_input_is_one_line_and_harms_nothing(
+        case, argv, words, store, tmp_path, capsys, monkeypatch
+    )
+
+
+def _sys_writable() -> bool:
+    try:
+        Path("/sys/tntbench-test").mkdir()
+    except OSError:
+        return False
+    Path("/sys/tntbench-test").rmdir()
+    return True
+
+
+# --- A: handled right instead of refused
+
+
+def _tiny_matrix(tmp: Path) -> str:
+    return _matrix_file(tmp)
+
+
+def test_issue27_edited_matrix_runs_new_cells_and_summarises_only_them(tmp_path, capsys):
+    """train.epochs 1 -> 2: a new cell (run, not skipped), and the summary has n 1, not the
+    old and new runs pooled as two seeds; the old run is named as left out."""
+    from suite.studies.matrix import run_matrix
+    from suite.tracking import make_tracker
+
+    tracker = make_tracker(f"sqlite:///{tmp_path}/mlflow.db")
+    path = _tiny_matrix(tmp_path)
+    sets = [f"train.out_dir='{tmp_path}/runs'"]
+    first = run_matrix(path, tracker, sets, progress=False, profile_steps=1)
+    assert (first.ran, first.skipped, list(first.summary["n"])) == (1, 0, [1])
+    capsys.readouterr()
+    edited = run_matrix(path, tracker, [*sets, "train.epochs=2"], progress=False, profile_steps=1)
+    assert (edited.ran, edited.skipped) == (1, 0)
+    assert list(edited.summary["n"]) == [1]
+    assert edited.summary["run_ids"].iloc[0] != first.summary["run_ids"].iloc[0]
+    assert "1 finished run(s) of an earlier config" in capsys.readouterr().err
+    again = run_matrix(path, tracker, [*sets, "train.epochs=2"], progress=False, profile_steps=1)
+    assert (again.ran, again.skipped, list(again.summary["n"])) == (0, 1, [1])
+
+
+def test_issue27_grid_search_stops_at_the_grid_size(tmp_path, capsys):
+    """A grid of 2 points with n_trials = 5: 2 trials, no duplicates, and a note."""
+    from suite.studies.search import run_search
+
+    text = SEARCH.replace("n_trials = 2", 'n_trials = 5\nsampler = "grid"')
+    text = text.replace("[train]", f"[train]\nout_dir = '{tmp_path}/runs'")
+    path = _write(tmp_path / "grid.toml", text)
+    r = run_search(
+        path, storage=f"sqlite:///{tmp_path}/o.db", tracking_uri=f"sqlite:///{tmp_path}/m.db"
+    )
+    trials = r.study.get_trials()
+    assert sorted(t.params["model.inner_heads"] for t in trials) == [1, 2]
+    assert "the grid has 2 point(s); n_trials 5 lowered to 2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("workers", "cells", "cuda", "want"),
+    [(16, 2, False, 2), (16, 9, False, 2), (2, 9, False, 2), (1, 0, False, 1), (4, 2, True, 2)],
+    ids=["more-than-cells", "more-than-cores", "fits", "nothing-left", "cuda-cells-only"],
+)
+def test_issue27_matrix_workers_clamped_with_a_note(
+    workers, cells, cuda, want, monkeypatch, capsys
+):
+    from suite.studies import workers as w
+
+    monkeypatch.setattr(w, "cpu_cores", lambda: 2)
+    assert w.clamp_workers(workers, cells, 0, cuda) == want
+    err = capsys.readouterr().err
+    if want < workers:
+        assert err.count("\n") == 1 and f"--workers {workers} lowered to {want}" in err
+    else:
+        assert err == ""
+
+
+def test_issue27_deleted_experiment_stays_deleted(store, tmp_path, capsys):
+    uri = store[0]
+    name = _deleted_experiment(tmp_path, uri)
+    argv = ["train", "--tracking-uri", uri, *TRAIN, "--set", f"tracking.experiment='{name}'"]
+    assert main([*argv, "--set", f"train.out_dir='{tmp_path}/runs'"]) == 2
+    exp = mlflow.MlflowClient(uri).get_experiment_by_name(name)
+    assert exp.lifecycle_stage == "deleted"
+    assert not mlflow.MlflowClient(uri).search_runs([exp.experiment_id], run_view_type=3)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 GB"),
+        MemoryError(),
+    ],
+    ids=["torch-cpu-allocator", "memory-error"],
+)
+def test_issue27_cpu_out_of_memory_is_one_line_and_run_failed(
+    error, store, tmp_path, capsys, monkeypatch
+):
+    import suite.training.fit as fit_module
+
+    def out_of_memory(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(fit_module, "train_one_epoch", out_of_memory)
+    uri = store[0]
+    experiment = f"oom-{tmp_path.name}"
+    argv = ["train", "--tracking-uri", uri, *TRAIN, "--set", f"tracking.experiment='{experiment}'"]
+    capsys.readouterr()
+    assert main([*argv, "--set", f"train.out_dir='{tmp_path}/runs'"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "train.batch_size = 32" in err and "lower train.batch_size" in err
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert run.info.status == "FAILED"
+
+
+def test_issue27_other_runtime_errors_are_not_called_out_of_memory(monkeypatch):
+    from suite.training.fit import is_cpu_oom
+
+    assert is_cpu_oom(RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory"))
+    assert not is_cpu_oom(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+
+
+# --- C: odd images, made here with PIL and numpy
+
+
+def _folder_of(tmp: Path, per_class: int = 3) -> Path:
+    from PIL import Image
+
+    root = tmp / "split"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (8, 8), (i * 60, 0, 0)).save(root / c / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("mode", "value", "want"),
+    [("I;16", 30000, 117), ("I;16", 65535, 255), ("I;16", 0, 0), ("I", 30000, 117)],
+    ids=["I16-grey", "I16-white", "I16-black", "I-grey"],
+)
+def test_issue27_16bit_grey_png_scales_to_8bit(mode, value, want, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from suite.training.data import rgb_loader, to_rgb
+
+    img = Image.fromarray(np.full((4, 4), value, np.uint16 if mode == "I;16" else np.int32))
+    assert img.mode == mode
+    if mode == "I;16":  # a real 16-bit PNG file, through the loader
+        img.save(tmp_path / "g.png")
+        out = np.asarray(rgb_loader(str(tmp_path / "g.png")))
+    else:  # PIL writes no 32-bit PNG: the conversion alone
+        out = np.asarray(to_rgb(img))
+    assert out.shape == (4, 4, 3) and (out == want).all(), out[0, 0]
+
+
+def test_issue27_palette_transparency_becomes_white_not_its_hidden_colour(tmp_path):
+    import warnings
+
+    import numpy as np
+    from PIL import Image
+
+    from suite.training.data import rgb_loader
+
+    img = Image.new("P", (4, 4), 0)
+    img.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)  # 0: red (transparent), 1: blue
+    img.putpixel((0, 0), 1)
+    img.save(tmp_path / "p.png", transparency=0)
+    la = Image.fromarray(np.stack([np.full((4, 4), 20, np.uint8), np.zeros((4, 4), np.uint8)], -1))
+    la.save(tmp_path / "la.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PIL's "Palette images with Transparency" warning too
+        out = np.asarray(rgb_loader(str(tmp_path / "p.png")))
+        clear = np.asarray(rgb_loader(str(tmp_path / "la.png")))
+    assert out[0, 0].tolist() == [0, 0, 255]  # opaque: its own colour
+    assert out[1, 1].tolist() == [255, 255, 255]  # transparent: white, not the hidden red
+    assert (clear == 255).all()
+
+
+def test_issue27_symlink_loop_is_listed_once(tmp_path, capsys):
+    from suite.training.data import CheckedImageFolder
+
+    root = _folder_of(tmp_path)
+    os.symlink("..", root / "a" / "up")  # a -> split: back into listed folders
+    os.symlink(".", root / "b" / "self")
+    ds = CheckedImageFolder(str(root), None, skip_bad=False)
+    assert len(ds) == 6 + 3  # a/up/b is b listed again under class a, once; no loop
+    assert "loop" in capsys.readouterr().err
+
+
+def test_issue27_symlink_to_itself_keeps_six_images(tmp_path, capsys):
+    from suite.training.data import CheckedImageFolder
+
+    root = _folder_of(tmp_path)
+    for c in ("a", "b"):
+        os.symlink(".", root / c / "again")
+    ds = CheckedImageFolder(str(root), None, skip_bad=False)
+    assert len(ds) == 6
+    assert "skipped 2 directory links" in capsys.readouterr().err
+
+
+def test_issue27_fifo_and_socket_are_skipped_and_counted(tmp_path, capsys):
+    import socket
+
+    from suite.training.data import CheckedImageFolder
+
+    root = _folder_of(tmp_path)
+    os.mkfifo(root / "a" / "pipe.png")
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.bind(str(root / "b" / "s.png"))
+    except OSError:  # a path too long for a socket here: the FIFO alone
+        sock.close()
+        sock = None
+    ds = CheckedImageFolder(str(root), None, skip_bad=False)
+    want = 2 if sock else 1
+    assert len(ds) == 6 and len(ds.not_regular) == want
+    assert f"skipped {want} entries that are not regular files" in capsys.readouterr().err
+    for i in range(len(ds)):  # every item loads (a FIFO in the list would block forever)
+        ds[i]
+    if sock:
+        sock.close()
+
+
+def test_issue27_decompression_bomb_skipped_when_asked(tmp_path, capsys):
+    from suite.training.data import CheckedImageFolder
+
+    root = _folder_of(tmp_path)
+    _write(root / "a" / "bomb.png", _bomb_png())
+    ds = CheckedImageFolder(str(root), None, skip_bad=True)
+    items = [ds[i] for i in range(len(ds))]
+    assert len(items) == 7 and ds.skipped == {str(root / "a" / "bomb.png")}
+    assert "bomb.png" in capsys.readouterr().err
+
+
+def test_issue27_image_over_the_warning_limit_is_refused(tmp_path, monkeypatch):
+    """Between PIL's limit and twice it, PIL only warns and decodes: refused here too."""
+    from PIL import Image
+
+    from suite.errors import UserError
+    from suite.training.data import CheckedImageFolder
+
+    root = _folder_of(tmp_path)
+    Image.new("RGB", (10, 10)).save(root / "a" / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 80)  # the 8x8 images fit, 10x10 does not
+    ds = CheckedImageFolder(str(root), None, skip_bad=False)
+    with pytest.raises(UserError, match="big.png"):
+        [ds[i] for i in range(len(ds))]
+
+
+def test_issue27_non_utf8_names_train_and_are_tagged_safely(store, tmp_path, capsys):
+    """A good image and a broken one with names that are not UTF-8: the run trains (the
+    digest reads the names as bytes), the skipped one is named with \\x escapes."""
+    from PIL import Image
+
+    root = _imagefolder_with(tmp_path, b"bad\xff.png", b"junk")
+    good = os.fsencode(root / "train" / "b") + b"/caf\xe9.png"
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(good, format="PNG")
+    uri = store[0]
+    experiment = f"utf-{tmp_path.name}"
+    argv = _imagefolder_train(tmp_path, uri, root, "--set", f"tracking.experiment='{experiment}'")
+    capsys.readouterr()
+    assert main([*argv, "--set", "data.skip_bad_images=true"]) == 0
+    err = capsys.readouterr().err
+    assert "skipped unreadable image" in err and "bad\\xff.png" in err
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert run.info.status == "FINISHED"
+
+
+@pytest.mark.parametrize(
+    ("sets", "same"),
+    [
+        (["data.hflip=true"], True),  # a default spelt out: the same cell
+        ([], True),
+        (["data.hflip=false"], False),
+        (["train.epochs=2"], False),
+        (["model.inner_heads=2"], False),
+    ],
+    ids=["default-spelt-out", "nothing-set", "hflip-off", "epochs-edited", "model-knob"],
+)
+def test_issue27_cell_hash_is_the_resolved_config(sets, same, tmp_path):
+    from suite.studies.matrix import expand
+
+    path = _matrix_file(tmp_path)
+    (before,) = expand(path)[2]
+    (after,) = expand(path, sets)[2]
+    assert (before.digest == after.digest) is same
+
+
+@pytest.mark.parametrize(
+    ("storage", "tracking", "refused"),
+    [
+        ("postgresql+psycopg://u@h/db", "postgresql://u@h/db", True),
+        ("sqlite:///{t}/m.db?timeout=5", "sqlite:///{t}/m.db", True),
+        ("journal:{t}/m.db", "sqlite:///{t}/./m.db", True),
+        ("sqlite:///{t}/o.db", "sqlite:///{t}/m.db", False),
+        ("postgresql+psycopg://u@h/optuna", "postgresql://u@h/mlflow", False),
+        ("sqlite:///{t}/o.db", "http://127.0.0.1:5000", False),
+    ],
+    ids=[
+        "pg-driver-spelt-twice",
+        "sqlite-options",
+        "journal-on-the-db",
+        "two-files",
+        "two-dbs",
+        "server",
+    ],
+)
+def test_issue27_storage_must_not_be_the_tracking_store(storage, tracking, refused, tmp_path):
+    from suite.errors import UserError
+    from suite.studies.storage import check_not_tracking_store
+
+    storage, tracking = storage.format(t=tmp_path), tracking.format(t=tmp_path)
+    if refused:
+        with pytest.raises(UserError, match="MLflow tracking store"):
+            check_not_tracking_store(storage, tracking)
+    else:
+        check_not_tracking_store(storage, tracking)
+
+
+def test_issue27_search_workers_clamped_to_trials(tmp_path, capsys, monkeypatch):
+    """--workers 4 for a 2-trial search on 2 cores: 2 workers, and a note saying so."""
+    from suite.studies import search, workers
+
+    monkeypatch.setattr(workers, "cpu_cores", lambda: 8)
+    started = []
+    monkeypatch.setattr(search, "_run_workers", lambda args, n: started.append(n))
+    text = SEARCH.replace("[train]", f"[train]\nout_dir = '{tmp_path}/runs'")
+    path = _write(tmp_path / "s.toml", text)
+    search.run_search(path, workers=4, tracking_uri=f"sqlite:///{tmp_path}/m.db")
+    assert started == [2]
+    assert "note: search: --workers 4 lowered to 2 (2 trial(s) to run" in capsys.readouterr().err

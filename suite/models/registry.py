@@ -129,40 +129,60 @@ def _check_knob(name: str, key: str, value: Any, default: Any) -> None:
             f"{key}={value!r} for model {name} must be {expected.__name__}, "
             f"not {type(value).__name__}"
         )
+    if expected is float and not math.isfinite(value):  # nan passes every comparison below
+        raise ValueError(f"{key}={value!r} for model {name} must be a finite number")
+    if expected is int and key in MAX_KNOB and value > MAX_KNOB[key]:
+        raise ValueError(
+            f"{key}={value!r} for model {name} is out of range (at most {MAX_KNOB[key]})"
+        )
     if expected in (int, float) and not isinstance(value, bool):
         low = 0 if key in _MAY_BE_ZERO else 1e-12
-        high = _MAX.get(key, math.inf)
-        if (
-            not (low <= value <= high)
-            or (key.endswith("drop_rate") or key == "drop_path_rate")
-            and value >= 1
-        ):
-            # not (low <= v <= high) also refuses nan, which every comparison calls False
-            limit = f" (at most {high:g})" if value > high else ""
-            raise ValueError(f"{key}={value!r} for model {name} is out of range{limit}")
+        if value < low or (key.endswith("drop_rate") or key == "drop_path_rate") and value >= 1:
+            raise ValueError(f"{key}={value!r} for model {name} is out of range")
+
+
+# the structural knobs' maxima, far beyond any model of the papers (TNT-B: depth 12, dim 640;
+# ViT-H: dim 1280): checked before anything is built, since even a meta-device build of
+# depth 100000000 runs for hours (and a number past int64 fails in torch with a traceback)
+MAX_KNOB = {
+    "depth": 1024,
+    "embed_dim": 65536,
+    "inner_dim": 65536,
+    "num_heads": 4096,
+    "inner_heads": 4096,
+    "img_size": 8192,
+    "patch_size": 8192,
+    "pixel_size": 8192,
+    "in_chans": 1024,
+    "num_classes": 1_000_000,
+}
+# an absurd model (each knob in range, together 10^12 weights) is refused from an estimate
+MAX_PARAMS = 20e9
+_MAX_FLOAT_KNOB = {"mlp_ratio": 64.0, "inner_mlp_ratio": 64.0}
+
+
+def estimate_params(kw: dict[str, Any]) -> float:
+    """Roughly the parameter count of a ViT/TNT with constructor arguments ``kw``, from the
+    shapes alone (the blocks' attention and MLP weights, embeddings, head), without building."""
+    d, depth = float(kw.get("embed_dim", 0)), float(kw.get("depth", 0))
+    mlp, img, patch = (
+        float(kw.get("mlp_ratio", 4.0)),
+        kw.get("img_size", 224),
+        kw.get("patch_size", 16),
+    )
+    n = (img // max(patch, 1)) ** 2 + 1
+    total = depth * (4 + 2 * mlp) * d * d + n * d + d * kw.get("num_classes", 1000)
+    total += patch * patch * kw.get("in_chans", 3) * d
+    if "inner_dim" in kw:  # TNT: the inner blocks and the pixel -> patch projections
+        c, px = float(kw["inner_dim"]), kw.get("pixel_size", 4)
+        pixels = (patch // max(px, 1)) ** 2
+        total += depth * ((4 + 2 * float(kw.get("inner_mlp_ratio", 4.0))) * c * c + pixels * c * d)
+        total += pixels * c * d
+    return total
 
 
 # knobs where 0 is meaningful: no classifier head, no dropout / stochastic depth
 _MAY_BE_ZERO = {"num_classes", "drop_rate", "attn_drop_rate", "drop_path_rate"}
-# Upper bounds on the structural knobs, far above any model worth training, so that a config or
-# a checkpoint's stored arguments cannot make the suite build (or sit validating) a model of a
-# hundred million layers: ViT-H has depth 32, width 1280, 16 heads, and 14x14 patches.
-_MAX: dict[str, float] = {
-    "img_size": 4096,
-    "in_chans": 64,
-    "num_classes": 1_000_000,
-    "patch_size": 1024,
-    "pixel_size": 1024,
-    "embed_dim": 16_384,
-    "inner_dim": 4096,
-    "depth": 256,
-    "num_heads": 256,
-    "inner_heads": 256,
-    "mlp_ratio": 64.0,
-    "inner_mlp_ratio": 64.0,
-}
-# and on the whole: more parameters than this is a typo, not a model (ViT-G/14 has 1.8B)
-MAX_PARAMS = 10_000_000_000
 
 
 def resolve_kwargs(name: str, **overrides: Any) -> dict[str, Any]:
@@ -174,32 +194,24 @@ def resolve_kwargs(name: str, **overrides: Any) -> dict[str, Any]:
         if key not in params:
             raise ValueError(f"unknown knob '{key}' for model {name}; valid: {', '.join(params)}")
         _check_knob(name, key, value, params[key].default)
-    return {**entry.kwargs, **overrides}
+        if key in _MAX_FLOAT_KNOB and value > _MAX_FLOAT_KNOB[key]:
+            raise ValueError(
+                f"{key}={value!r} for model {name} is out of range (at most "
+                f"{_MAX_FLOAT_KNOB[key]:g})"
+            )
+    kwargs = {**entry.kwargs, **overrides}
+    n = estimate_params({k: v.default for k, v in params.items()} | kwargs)
+    if n > MAX_PARAMS:
+        raise ValueError(
+            f"model {name} with {', '.join(f'{k}={v}' for k, v in overrides.items())} would "
+            f"have about {n / 1e9:,.0f}B parameters (more than {MAX_PARAMS / 1e9:.0f}B)"
+        )
+    return kwargs
 
 
 def create_model(name: str, **overrides: Any) -> nn.Module:
     """Build a registered model, with any constructor argument overridden (as timm does)."""
     entry = get_entry(name)
-    kwargs = resolve_kwargs(name, **overrides)
-    n = estimate_params(kwargs)
-    if n > MAX_PARAMS:
-        raise ValueError(
-            f"model {name} with {overrides} would have about {n / 1e9:.0f}B parameters "
-            f"(the suite builds at most {MAX_PARAMS / 1e9:.0f}B)"
-        )
-    model = entry.arch(**kwargs)
+    model = entry.arch(**resolve_kwargs(name, **overrides))
     model.model_name = name
     return model
-
-
-def estimate_params(kwargs: dict[str, Any]) -> float:
-    """Roughly the parameter count of a ViT or TNT with these arguments, from the shapes alone:
-    per block 4 d^2 (attention) + 2 r d^2 (MLP), plus TNT's inner blocks and projection. Used to
-    refuse absurd models before anything is allocated (the meta device still takes time)."""
-    d, depth = kwargs.get("embed_dim", 768), kwargs.get("depth", 12)
-    n = depth * (4 + 2 * kwargs.get("mlp_ratio", 4.0)) * d * d
-    if "inner_dim" in kwargs:  # TNT: an inner block and a (pixels * c) x d projection per layer
-        c = kwargs["inner_dim"]
-        pixels = (kwargs.get("patch_size", 16) // max(kwargs.get("pixel_size", 4), 1)) ** 2
-        n += depth * ((4 + 2 * kwargs.get("inner_mlp_ratio", 4.0)) * c * c + pixels * c * d)
-    return n + kwargs.get("num_classes", 1000) * d

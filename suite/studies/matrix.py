@@ -14,7 +14,8 @@ A ``[matrix]`` table lists the axes; the config's other sections are the base of
     ]
 
 Cells whose resolved config (hashed, seed included) already has a FINISHED run in the
-experiment are skipped, so a rerun after a crash runs only what is missing. A failing cell is
+experiment are skipped, so a rerun after a crash runs only what is missing; an edited config
+makes new cells, and the summary reads only the runs of the cells as they are now. A failing cell is
 recorded as FAILED with its error and the matrix goes on.
 """
 
@@ -33,8 +34,15 @@ from typing import Any
 
 import pandas as pd
 
-from suite.config import apply_sets, from_dict, parse_matrix, read_toml, with_values
-from suite.errors import MissingPathError, UserError, redact
+from suite.config import (
+    OWN_AXIS,
+    apply_sets,
+    from_dict,
+    parse_matrix,
+    read_toml,
+    with_values,
+)
+from suite.errors import MissingPathError, UserError, parse_assignment, redact
 from suite.tracking import Tracker, flatten, process_is_gone
 
 
@@ -73,14 +81,30 @@ class Cell:
 
 
 def config_digest(raw: dict[str, Any]) -> str:
-    """Hash of a cell's resolved config (everything but tracking), seed included."""
-    body = {k: v for k, v in raw.items() if k not in ("tracking", "matrix", "search")}
+    """Hash of a cell's resolved config (everything but tracking), seed included: every key
+    with its value after defaults, so that spelling out a default changes nothing, while
+    any edited setting (or a changed default) makes a new cell, never pooled with the old
+    runs. A cell whose config is invalid (it fails alone, when it runs) hashes as written."""
+    try:
+        body: dict[str, Any] = from_dict(
+            raw, "cell", check_paths=False, check_model=False
+        ).to_dict()
+    except UserError:
+        body = dict(raw)
+    body = {k: v for k, v in body.items() if k not in ("tracking", "matrix", "search")}
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def expand(path: str | Path, sets: list[str] | None = None) -> tuple[str, dict, list[Cell]]:
     """(matrix name, base raw config, cells) from a matrix TOML; every cell's config validated
     lazily (a bad cell fails alone, when it runs)."""
+    for text in sets or []:  # the named axes set these in every cell: --set would be lost
+        key = parse_assignment(text, "--set")[0]
+        if key in OWN_AXIS:
+            raise UserError(
+                f"--set {key}: a matrix sets {key} from matrix.{OWN_AXIS[key]}; use "
+                f"--set matrix.{OWN_AXIS[key]}=[...] instead"
+            )
     raw = apply_sets(read_toml(path), sets)
     mcfg = parse_matrix(raw, str(path))
     name, axes = mcfg.name, mcfg.axes
@@ -175,9 +199,9 @@ def finish_parent(
     """Summary, finished cell runs and failed count, logged onto the parent: the summary as
     text and CSV, and per group the mean top-1 and img/s (so the collapsed parent row in the
     MLflow UI already answers the matrix's question)."""
-    runs = cell_runs(tracker, experiment, name)
-    summary = summarize(runs, seeds=len({c.seed for c in cells}))
     wanted = {c.digest for c in cells}
+    runs = cell_runs(tracker, experiment, name, wanted)
+    summary = summarize(runs, seeds=len({c.seed for c in cells}))
     got = set(runs["tags.cell_hash"]) if len(runs) else set()
     failed = len(wanted - got)
     if len(summary):
@@ -428,12 +452,27 @@ SUMMARY_METRICS = {
 }
 
 
-def cell_runs(tracker: Tracker, experiment: str, matrix: str) -> pd.DataFrame:
-    """The matrix's FINISHED cell runs (newest per cell hash), one row each."""
+def cell_runs(
+    tracker: Tracker, experiment: str, matrix: str, digests: set[str] | None = None
+) -> pd.DataFrame:
+    """The matrix's FINISHED cell runs (newest per cell hash), one row each; with ``digests``
+    (the current cells' config hashes) only those: runs of an earlier version of the matrix
+    (train.epochs edited, say) are other cells, and pooling them with the new runs would
+    count them as extra seeds. How many were left out is said on stderr."""
     df = tracker.runs(experiment, status="FINISHED", kind="cell", matrix=matrix)
     if df.empty:
         return df
     df = df.sort_values("start_time").drop_duplicates("tags.cell_hash", keep="last")
+    if digests is not None:
+        stale = ~df["tags.cell_hash"].isin(digests)
+        if stale.any():
+            print(
+                f"note: matrix {matrix}: {int(stale.sum())} finished run(s) of an earlier "
+                "config of this matrix left out of the summary (their cells' settings differ "
+                "from the config now)",
+                file=sys.stderr,
+            )
+        df = df[~stale]
     return df.reset_index(drop=True)
 
 

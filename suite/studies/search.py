@@ -43,7 +43,7 @@ from suite.config import (
 )
 from suite.errors import UserError, redact
 from suite.runtime import spawn_workers
-from suite.studies.storage import open_storage, quiet_optuna
+from suite.studies.storage import check_not_tracking_store, open_storage, quiet_optuna
 from suite.tracking import (
     Tracker,
     flatten,
@@ -277,11 +277,15 @@ def run_search(
 ) -> SearchResult:
     import optuna
 
+    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+        raise UserError(f"--timeout {timeout}: must be a positive number of seconds")
     scfg, cfg = _load(path, sets, study_name, n_trials)
     if workers < 1:
         raise UserError(f"--workers must be >= 1, got {workers}")
     uri = resolve_uri(tracking_uri or cfg.tracking.uri or None)
-    storage = storage or default_storage(uri, workers)
+    storage = storage or default_storage(uri, workers)  # before the clamp: the same file
+    check_not_tracking_store(storage, uri)
+    workers = _clamp_search_workers(workers, scfg, cfg)
     directions = [OBJECTIVES[o] for o in scfg.objectives]
     quiet_optuna()
     study = optuna.create_study(
@@ -317,6 +321,17 @@ def run_search(
     return SearchResult(study, parent.run_id, storage)
 
 
+def _clamp_search_workers(workers: int, scfg: SearchConfig, cfg: Any) -> int:
+    """More workers than trials wanted, or (on CPU) than cores, only slow every trial down:
+    lowered with a note, as the matrix's are."""
+    import torch
+
+    from suite.studies.workers import clamp_workers
+
+    cuda = cfg.train.device != "cpu" and torch.cuda.is_available()
+    return clamp_workers(workers, scfg.n_trials, 0, cuda, command="search", unit="trial")
+
+
 def space_tables(space: dict[str, Choices | Range | Tie]) -> dict[str, dict[str, Any]]:
     return {k: spec_table(v) for k, v in space.items()}
 
@@ -349,6 +364,15 @@ def _load(
         if n_trials < 1:
             raise UserError(f"--n-trials must be >= 1, got {n_trials}")
         scfg = SearchConfig(**{**scfg.__dict__, "n_trials": n_trials})
+    if scfg.sampler == "grid":
+        size = math.prod(len(v) for v in grid_space(scfg.space).values())
+        if scfg.n_trials > size:  # past the grid, GridSampler repeats points: duplicates
+            print(
+                f"note: search: the grid has {size} point(s); n_trials {scfg.n_trials} "
+                f"lowered to {size}",
+                file=sys.stderr,
+            )
+            scfg = SearchConfig(**{**scfg.__dict__, "n_trials": size})
     base = {k: v for k, v in raw.items() if k not in ("search", "matrix")}
     return scfg, from_dict(base, str(path))  # the base must be a valid run on its own
 

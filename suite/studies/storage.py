@@ -43,7 +43,9 @@ def open_storage(url: str, heartbeat_interval: int, grace_period: int, max_retry
     url = unredacted_for_connect(url)
     path = journal_path(url)
     if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        if not path.strip():
+            raise UserError(f"--storage {url}: no file after 'journal:' (journal:PATH)")
+        _writable_file(path, url)
         return JournalStorage(JournalFileBackend(path))
     if "://" not in url:
         raise UserError(
@@ -51,7 +53,7 @@ def open_storage(url: str, heartbeat_interval: int, grace_period: int, max_retry
             f"postgresql+psycopg://..., or a path ending in .journal)"
         )
     if url.startswith("sqlite:///") and url != "sqlite:///:memory:":  # a new folder is made
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        _writable_file(url.removeprefix("sqlite:///").partition("?")[0], url)  # no ?options
     try:
         # Optuna builds a new database's schema on first open: two processes doing that at
         # once collide (a unique violation in PostgreSQL's catalog), so one at a time
@@ -111,6 +113,60 @@ def readonly_storage(url: str) -> Iterator[Any]:
         yield None
         return
     yield RDBStorage(url, **kwargs)
+
+
+def _writable_file(path: str, url: str) -> None:
+    """Make the storage file's folder and check that the file can be written (opened for
+    appending, nothing written), so that a folder that cannot be made (its parent a file),
+    read-only or an immutable file is one line naming --storage, not a traceback from inside
+    Optuna at its first write."""
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"--storage {url}: {p} is a folder; name a file inside it")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        # an empty file left by the probe is an empty journal, or an empty SQLite database
+        with open(p, "ab"):
+            pass
+    except OSError as e:
+        where = e.filename or p
+        raise UserError(
+            f"--storage {url}: cannot write {where} ({e.strerror or type(e).__name__})"
+        ) from None
+
+
+def check_not_tracking_store(url: str, tracking_uri: str) -> None:
+    """The MLflow store given as --storage: Optuna's tables would go into MLflow's database
+    (both keep an ``alembic_version`` table: each would read the other's schema version), or
+    a journal would be appended to the SQLite file. Refused with one line."""
+
+    def same(a: str, b: str) -> bool:
+        pa, pb = _local_file(a), _local_file(b)
+        if pa is not None or pb is not None:
+            return pa is not None and pb is not None and pa == pb
+        return _without_driver(a) == _without_driver(b)
+
+    if tracking_uri and same(url, tracking_uri):
+        raise UserError(
+            f"--storage {url}: this is the MLflow tracking store (the tracking URI); give "
+            "Optuna a storage of its own (another file or database)"
+        )
+
+
+def _local_file(url: str) -> Path | None:
+    """The resolved file of an SQLite URL or a journal path; None for servers."""
+    path = journal_path(url)
+    if path is None and url.startswith("sqlite:///"):
+        path = url.removeprefix("sqlite:///").partition("?")[0]
+    if path is None or path == ":memory:":
+        return None
+    return Path(path).expanduser().resolve()
+
+
+def _without_driver(url: str) -> str:
+    """``postgresql+psycopg://...`` and ``postgresql://...`` name the same database."""
+    scheme, sep, rest = url.partition("://")
+    return f"{scheme.partition('+')[0]}{sep}{rest.rstrip('/')}"
 
 
 @contextlib.contextmanager

@@ -37,7 +37,7 @@ from suite.studies.matrix import (
     run_cell,
 )
 from suite.studies.queue import GRACE_S, HEARTBEAT_S, MAX_RETRY, MatrixQueue, study_name
-from suite.studies.storage import open_storage
+from suite.studies.storage import check_not_tracking_store, open_storage
 from suite.tracking import Tracker, make_tracker, resolve_uri, worker_id
 
 
@@ -89,7 +89,9 @@ def run_queued_matrix(
     todo = [c for c in cells if c.digest not in done]
     check_paths(todo, path)  # a missing data root stops the matrix before any work
     storage = storage or default_storage(tracker.uri)
+    check_not_tracking_store(storage, tracker.uri)
     cuda = on_cuda(cells)
+    workers = clamp_workers(workers, len(todo), gpus_per_cell, cuda)
     worker_env(0, workers, gpus_per_cell, cuda)  # a plan that cannot fit fails before any work
     queue = MatrixQueue(storage, name)
     queue.check_cells([c.digest for c in cells])
@@ -119,6 +121,35 @@ def _start_workers(plan: Plan) -> None:
     spawn_workers(_worker_main, [(plan, s) for s in range(plan.workers)])
 
 
+def cpu_cores() -> int:
+    """The cores this process may run on (its affinity mask, else the machine's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
+def clamp_workers(
+    workers: int,
+    cells: int,
+    gpus_per_cell: int,
+    cuda: bool,
+    command: str = "matrix",
+    unit: str = "cell",
+) -> int:
+    """``workers`` lowered to what can run at once here: no more than the cells left (an
+    idle worker only splits the cores further), and on CPU no more than the cores (divided
+    by a cell's gloo processes); a one-line note on stderr when lowered. 16 workers for 2
+    cells on 2 cores each got 1/8 of a core: 4x slower, and nothing said so."""
+    limit = max(1, cells)
+    if not cuda:
+        limit = min(limit, max(1, cpu_cores() // max(gpus_per_cell, 1)))
+    if workers <= limit:
+        return workers
+    why = f"{cells} {unit}(s) to run" + ("" if cuda else f", {cpu_cores()} CPU core(s) here")
+    print(f"note: {command}: --workers {workers} lowered to {limit} ({why})", file=sys.stderr)
+    return limit
+
+
 def on_cuda(cells: list) -> bool:
     """Whether any cell trains on CUDA (``train.device`` auto with a GPU here, or cuda...): a
     CPU matrix on a GPU machine splits only the cores."""
@@ -134,8 +165,7 @@ def worker_env(slot: int, workers: int, gpus_per_cell: int, cuda: bool) -> dict[
     and with ``cuda`` its own group of ``max(gpus_per_cell, 1)`` GPUs."""
     import torch
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    threads = max(1, (cores or 1) // workers)
+    threads = max(1, cpu_cores() // workers)
     env = {"OMP_NUM_THREADS": str(max(1, threads // max(gpus_per_cell, 1)))}
     if cuda:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")

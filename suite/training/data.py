@@ -21,11 +21,14 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import stat
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
@@ -344,42 +347,149 @@ def _build_cifar(cfg: DataConfig, img_size: int) -> tuple[Dataset, Dataset, Data
     return train, val, info
 
 
+def shown(path: str | bytes | os.PathLike) -> str:
+    """A file name fit for any message, log line or MLflow tag: a name that is not UTF-8
+    (Python keeps its bytes as lone surrogates, which no encoder accepts: printing it or
+    storing it in a tag would raise UnicodeEncodeError) has those bytes as ``\\xff``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+# modes of 16-bit (and 32-bit integer) greyscale: PIL's convert("RGB") clips them at 255, so a
+# 16-bit PNG of grey 30000/65535 would load as white
+_WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+# modes with an alpha channel; a palette or an RGB/L image may also carry a transparency key
+_ALPHA = ("RGBA", "LA", "PA", "La", "RGBa")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as 8-bit RGB: 16-bit greyscale scaled (65535 -> 255, not clipped), transparent
+    pixels composited onto white (their hidden colour, e.g. a palette entry, is arbitrary;
+    white is what a viewer shows behind them), everything else by PIL's convert."""
+    if img.mode in _WIDE_GREY:
+        wide = np.asarray(img, dtype=np.float64)
+        grey = np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8)  # 65535 / 257 = 255
+        return Image.fromarray(grey, "L").convert("RGB")
+    if img.mode in _ALPHA or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
 def rgb_loader(path: str) -> Image.Image:
-    """Any image file as RGB (grayscale 'L', palette, RGBA, CMYK all become 3 channels)."""
-    with open(path, "rb") as f:
-        return Image.open(f).convert("RGB")
+    """Any image file as RGB (grayscale 'L' and 16-bit, palette, RGBA, CMYK all become 3
+    channels, see ``to_rgb``). An image past PIL's decompression-bomb limit is an error here
+    (PIL only warns below twice the limit, then decodes it: gigabytes for one sample)."""
+    with open(path, "rb") as f, warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return to_rgb(Image.open(f))
+
+
+# what PIL raises for a file that is not a readable image (a bomb: DecompressionBomb*)
+BAD_IMAGE_ERRORS = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    Image.DecompressionBombError,
+    Image.DecompressionBombWarning,
+)
 
 
 class CheckedImageFolder(datasets.ImageFolder):
-    """ImageFolder whose unreadable images (corrupt, truncated, not images) either stop the run
-    with one line naming the file, or, with ``skip_bad``, are replaced by the next readable
-    image of the folder and counted, with a warning line for each."""
+    """ImageFolder whose unreadable images (corrupt, truncated, not images, decompression
+    bombs) either stop the run with one line naming the file, or, with ``skip_bad``, are
+    replaced by the next readable image of the folder and counted, with a warning line for
+    each. Its file list (``make_dataset``) follows directory links but never a loop, and
+    leaves out what is not a regular file (a FIFO would block the loader forever)."""
 
     def __init__(self, root: str, transform: Callable, skip_bad: bool) -> None:
+        self.not_regular: list[str] = []  # filled by make_dataset, during __init__
+        self.loops: list[str] = []
         super().__init__(root, transform, loader=rgb_loader)
         self.skip_bad = skip_bad
         self.skipped: set[str] = set()
+        for what, found in (
+            (
+                "entries that are not regular files (FIFOs, sockets, devices, broken links)",
+                self.not_regular,
+            ),
+            ("directory links back into folders already listed (a loop)", self.loops),
+        ):
+            if found:
+                print(
+                    f"warning: data: {shown(root)}: skipped {len(found)} {what}, e.g. "
+                    f"{shown(found[0])}",
+                    file=sys.stderr,
+                )
+
+    def make_dataset(  # type: ignore[override]
+        self,
+        directory: str,
+        class_to_idx: dict[str, int],
+        extensions: tuple[str, ...] | None = None,
+        is_valid_file: Callable[[str], bool] | None = None,
+        allow_empty: bool = False,
+    ) -> list[tuple[str, int]]:
+        """torchvision's listing, made safe: ``os.walk(followlinks=True)`` goes round a link
+        loop until the path is too long (6 images became 246 samples), so each folder is
+        listed once by its real path; non-regular files are counted in ``not_regular``."""
+        from torchvision.datasets.folder import has_file_allowed_extension
+
+        def valid(path: str) -> bool:
+            if is_valid_file is not None:
+                return is_valid_file(path)
+            return has_file_allowed_extension(path, extensions or ())
+
+        samples = []
+        for cls in sorted(class_to_idx):
+            seen: set[str] = set()
+            for folder, dirs, files in os.walk(os.path.join(directory, cls), followlinks=True):
+                real = os.path.realpath(folder)
+                if real in seen:
+                    self.loops.append(folder)
+                    dirs[:] = []
+                    continue
+                seen.add(real)
+                dirs.sort()
+                for name in sorted(files):
+                    path = os.path.join(folder, name)
+                    if not valid(path):
+                        continue
+                    try:
+                        regular = stat.S_ISREG(os.stat(path).st_mode)
+                    except OSError:  # a broken link, or gone since the listing
+                        regular = False
+                    if regular:
+                        samples.append((path, class_to_idx[cls]))
+                    else:
+                        self.not_regular.append(path)
+        found = {target for _, target in samples}
+        empty = sorted(c for c, i in class_to_idx.items() if i not in found)
+        if empty and not allow_empty:
+            names = ", ".join(shown(c) for c in empty)
+            raise FileNotFoundError(f"Found no valid image file for the classes {names}")
+        return samples
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         for j in range(len(self)):
             path = self.samples[(i + j) % len(self)][0]
             try:
                 return super().__getitem__((i + j) % len(self))
-            except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bad files
-                reason = (str(e).splitlines() or [type(e).__name__])[0]
+            except BAD_IMAGE_ERRORS as e:  # PIL's errors for bad files
+                reason = shown((str(e).splitlines() or [type(e).__name__])[0])
                 if not self.skip_bad:
                     raise UserError(
-                        f"data.root: cannot read image {path} ({reason}); remove it "
+                        f"data.root: cannot read image {shown(path)} ({reason}); remove it "
                         "or set data.skip_bad_images = true"
                     ) from None
                 if path not in self.skipped:
                     self.skipped.add(path)
                     print(
-                        f"warning: data: skipped unreadable image {path} ({reason}); "
+                        f"warning: data: skipped unreadable image {shown(path)} ({reason}); "
                         f"{len(self.skipped)} skipped so far",
                         file=sys.stderr,
                     )
-        raise UserError(f"data.root: no readable image in {self.root}")
+        raise UserError(f"data.root: no readable image in {shown(self.root)}")
 
 
 def _build_imagefolder(cfg: DataConfig, img_size: int) -> tuple[Dataset, Dataset, DataInfo]:
@@ -398,20 +508,22 @@ def _build_imagefolder(cfg: DataConfig, img_size: int) -> tuple[Dataset, Dataset
         train = CheckedImageFolder(str(root / "train"), t_train, cfg.skip_bad_images)
         val = CheckedImageFolder(str(root / "val"), t_val, cfg.skip_bad_images)
     except (FileNotFoundError, OSError) as e:  # a class folder without images, unreadable dirs
-        why = (str(e).splitlines() or [type(e).__name__])[0]
+        why = shown((str(e).splitlines() or [type(e).__name__])[0])
         raise UserError(f"data.root: {cfg.root}: {why} ({expected})") from None
     if train.classes != val.classes:
         only_t = sorted(set(train.classes) - set(val.classes))
         only_v = sorted(set(val.classes) - set(train.classes))
         raise UserError(
             f"data.root: class folders differ between {root / 'train'} and {root / 'val'} "
-            f"(only in train: {', '.join(only_t) or '-'}; only in val: {', '.join(only_v) or '-'})"
+            f"(only in train: {', '.join(map(shown, only_t)) or '-'}; "
+            f"only in val: {', '.join(map(shown, only_v)) or '-'})"
         )
     # digest: the sorted (relative path, size) list; reading every image would be too slow
     files = sorted(
         (os.path.relpath(p, root), os.path.getsize(p)) for p, _ in train.samples + val.samples
     )
-    h = hashlib.sha256("\n".join(f"{p}\t{s}" for p, s in files).encode())
+    # the names as bytes: a name that is not UTF-8 cannot be str.encode()d
+    h = hashlib.sha256(b"\n".join(os.fsencode(p) + b"\t%d" % s for p, s in files))
     info = DataInfo(
         name="imagefolder",
         num_classes=len(train.classes),

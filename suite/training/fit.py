@@ -129,9 +129,25 @@ def fit(
     except torch.cuda.OutOfMemoryError:
         # the run is already FAILED (with the error as a tag); the user gets one line
         raise UserError(oom_message("train.batch_size", cfg.train.batch_size, device)) from None
+    except (MemoryError, RuntimeError) as e:
+        # CPU: torch's allocator raises RuntimeError ("DefaultCPUAllocator: can't allocate
+        # memory"), Python's MemoryError; the run is FAILED with it as well
+        if isinstance(e, RuntimeError) and not is_cpu_oom(e):
+            raise
+        why = (str(e).splitlines() or [type(e).__name__])[0][:120]
+        raise UserError(
+            f"train.batch_size = {cfg.train.batch_size} does not fit in memory on {device} "
+            f"({type(e).__name__}: {why}); lower train.batch_size"
+        ) from None
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def is_cpu_oom(e: BaseException) -> bool:
+    """Whether ``e`` is torch's CPU out-of-memory RuntimeError."""
+    text = str(e)
+    return "DefaultCPUAllocator" in text or "can't allocate memory" in text
 
 
 def _fit(
@@ -154,6 +170,8 @@ def _fit(
     run_id = continue_run
     if ckpt_path is not None:
         run_id = Checkpointer.restore(ckpt_path, state, cfg.model.name, device) or run_id
+        if resume and run_id and tracker.uri:
+            check_resumed_run(tracker, run_id, cfg, resume)
     state.net = state.model
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
@@ -375,6 +393,50 @@ def log_missing_epochs(run: Run, tracker: Tracker, history: list[dict[str, float
     run.log_metric_rows(
         [(int(h["epoch"]), _epoch_row(h)) for h in history if int(h["epoch"]) not in logged]
     )
+
+
+# settings that may change on a resume: where things are and how they run, not what is
+# trained (the run's params keep the first values; these do not describe the result)
+RESUME_MAY_CHANGE = (
+    "train.out_dir",
+    "train.device",
+    "train.checkpoint",
+    "data.workers",
+    "data.root",
+)
+
+
+def check_resumed_run(tracker: Tracker, run_id: str, cfg: Config, resume: str) -> None:
+    """``--resume`` goes on in the checkpoint's own run: refused when that run is in another
+    experiment than tracking.experiment, or when its logged params disagree with the config
+    (a resumed run keeps its first params, so the record would describe another training)."""
+    try:
+        run = tracker.get_run(run_id)
+    except Exception as e:
+        why = (str(e).splitlines() or [type(e).__name__])[0]
+        raise UserError(
+            f"--resume {resume}: its run {run_id} is not in {tracker.uri} ({why})"
+        ) from None
+    client = getattr(tracker, "client", None)
+    if client is not None:
+        experiment = client.get_experiment(run.info.experiment_id).name
+        if experiment != cfg.tracking.experiment:
+            raise UserError(
+                f"--resume {resume}: its run {run_id} belongs to experiment {experiment!r}, "
+                f"not tracking.experiment = {cfg.tracking.experiment!r}"
+            )
+    logged = run.data.params
+    settings = flatten({k: v for k, v in cfg.to_dict().items() if k != "tracking"})
+    for key, value in settings.items():
+        was = logged.get(key)
+        # a value over MLflow's length limit was logged as its hash (suite.tracking)
+        if was is None or key in RESUME_MAY_CHANGE or was.startswith("sha256:"):
+            continue
+        if was != str(value):
+            raise UserError(
+                f"--resume {resume}: the run logged {key} = {logged[key]}, the config now "
+                f"says {value!r}; resume with the run's settings or start a new run"
+            )
 
 
 def start_point(
