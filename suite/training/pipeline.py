@@ -130,9 +130,13 @@ def decode_rgb(src: EncodedJpeg | Image.Image, want: tuple[int, int] | None) -> 
     r = dct_reduction(w0, h0, want) if want is not None else 1
     if r == 1 and src.mode in ("RGB", "L"):
         try:
-            return decode_jpeg(
-                torch.frombuffer(src.data, dtype=torch.uint8), mode=ImageReadMode.RGB
-            )  # (3, H, W), strides (1, 3W, 3)
+            with warnings.catch_warnings():
+                # torchvision 0.29 deprecates its decoders for TorchCodec's (not installed
+                # here); the warning would repeat for every image
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return decode_jpeg(
+                    torch.frombuffer(src.data, dtype=torch.uint8), mode=ImageReadMode.RGB
+                )  # (3, H, W), strides (1, 3W, 3)
         except RuntimeError as e:  # torchvision's message: "decode_jpeg, <file:line>, <why>"
             raise OSError(str(e).rsplit(", ", 1)[-1]) from None
     with Image.open(io.BytesIO(src.data)) as im:
@@ -250,19 +254,21 @@ class PilTrainTransform:
     def __call__(self, src: EncodedJpeg | Image.Image) -> Tensor:
         S = self.size
         w0, h0 = src_size(src)
-        if self.rrc:
+        if not self.rrc:  # today's Resize(S) + CenterCrop(S)
+            rw, rh = resized_size(w0, h0, S)
+            x = decode_rgb(src, (rw, rh) if self.draft else None)
+            out = resize_centre_crop(x, (rw, rh), S)
+        else:
             i, j, h, w = rrc_box(w0, h0, self.scale)
             box = (float(j), float(i), float(j + w), float(i + h))  # (left, top, right, bottom)
-        else:  # today's Resize(S) + CenterCrop(S), as one box on the original
-            box = centre_box(w0, h0, S, S)
-        want = draft_size(w0, h0, box[2] - box[0], box[3] - box[1], S) if self.draft else None
-        x = decode_rgb(src, want)  # (3, H, W) uint8, H, W the decoded (maybe reduced) size
-        if self.pil_resize:
-            im = Image.fromarray(x.permute(1, 2, 0).numpy())
-            im = im.resize((S, S), Image.Resampling.BILINEAR, box=scaled_box(box, x, (w0, h0)))
-            out = pil_to_tensor(im)
-        else:
-            out = resized_crop(x, scaled_box(box, x, (w0, h0)), S)  # (3, S, S)
+            want = draft_size(w0, h0, w, h, S) if self.draft else None
+            x = decode_rgb(src, want)  # (3, H, W) uint8, H, W the decoded (maybe reduced) size
+            box = scaled_box(box, x, (w0, h0))
+            if self.pil_resize:
+                im = Image.fromarray(x.permute(1, 2, 0).numpy())
+                out = pil_to_tensor(im.resize((S, S), Image.Resampling.BILINEAR, box=box))
+            else:
+                out = resized_crop(x, box, S)  # (3, S, S)
         flip = self.hflip and torch.rand(1).item() < 0.5  # v2.RandomHorizontalFlip's draw
         if self.randaugment is None:
             return out.flip(-1) if flip else out
@@ -274,33 +280,39 @@ class PilTrainTransform:
         return pil_to_tensor(self.randaugment(im))
 
 
-def centre_box(width: int, height: int, resize: int, crop: int) -> tuple[float, ...]:
-    """The box on a (height, width) image that Resize(resize) (shorter side) then
-    CenterCrop(crop) keep, in the original's coordinates (left, top, right, bottom)."""
-    f = min(width, height) / resize  # original px per resized px
-    # the resized image's size, as torchvision computes it (the longer side truncated)
+def resized_size(width: int, height: int, resize: int) -> tuple[int, int]:
+    """(w, h) after torchvision's Resize(resize): the shorter side ``resize``, the longer one
+    scaled and truncated."""
     if width <= height:
-        rw, rh = resize, int(resize * height / width)
-    else:
-        rw, rh = int(resize * width / height), resize
+        return resize, int(resize * height / width)
+    return int(resize * width / height), resize
+
+
+def resize_centre_crop(x: Tensor, size: tuple[int, int], crop: int) -> Tensor:
+    """x (3, h, w) uint8 resized to ``size`` (w, h) then centre-cropped to (3, crop, crop):
+    today's Resize + CenterCrop, two steps as there (one box resize would land the crop on
+    sub-pixel offsets that differ from today's by up to half a pixel)."""
+    rw, rh = size
+    x = x[None].contiguous(memory_format=torch.channels_last)  # (1, 3, h, w): fast kernel
+    x = torch.nn.functional.interpolate(
+        x, size=(rh, rw), mode="bilinear", antialias=True, align_corners=False
+    )
     top, left = int(round((rh - crop) / 2.0)), int(round((rw - crop) / 2.0))
-    return (left * f, top * f, (left + crop) * f, (top + crop) * f)
+    return x[0, :, top : top + crop, left : left + crop]  # (3, crop, crop) view
 
 
 class PilEvalTransform:
-    """Resize to size / crop_pct (shorter side), centre crop size, uint8 (3, size, size) out,
-    in one resize of the kept box; a JPEG decoded at reduced scale when the box allows."""
+    """Resize to size / crop_pct (shorter side), centre crop size, uint8 (3, size, size) out;
+    a JPEG decoded at reduced scale when the resize stays a downscale."""
 
     def __init__(self, size: int, crop_pct: float, draft: bool = True) -> None:
         self.size, self.resize, self.draft = size, int(size / crop_pct), draft
 
     def __call__(self, src: EncodedJpeg | Image.Image) -> Tensor:
-        S = self.size
         w0, h0 = src_size(src)
-        box = centre_box(w0, h0, self.resize, S)
-        want = draft_size(w0, h0, box[2] - box[0], box[3] - box[1], S) if self.draft else None
-        x = decode_rgb(src, want)
-        return resized_crop(x, scaled_box(box, x, (w0, h0)), S)
+        rw, rh = resized_size(w0, h0, self.resize)
+        x = decode_rgb(src, (rw, rh) if self.draft else None)
+        return resize_centre_crop(x, (rw, rh), self.size)
 
 
 def pil_transforms(cfg: DataConfig, img_size: int) -> tuple[PilTrainTransform, PilEvalTransform]:
