@@ -291,6 +291,24 @@ def test_batch_mix_equals_torchvision_mixup_cutmix(mixup, cutmix):
         torch.testing.assert_close(got_y, want_y)
 
 
+@pytest.mark.parametrize("mixup,cutmix", [(0.8, 0.0), (0.0, 1.0), (0.8, 1.0)])
+def test_batch_prep_with_mix_equals_erase_then_torchvision_mix(mixup, cutmix):
+    """uint8 in: BatchPrep's fused mixing (no float roll; erased boxes taken out after) gives
+    today's order exactly: normalise, erase, then v2.MixUp / v2.CutMix."""
+    fused = BatchPrep(MEAN, STD, 0.5, BatchMix(mixup, cutmix, 10))
+    plain = BatchPrep(MEAN, STD, 0.5)
+    theirs = build_mixup(DataConfig(mixup=mixup, cutmix=cutmix), 10)
+    x = torch.randint(0, 256, (8, 3, 24, 24), dtype=torch.uint8)
+    y = torch.arange(8) % 10
+    for seed in range(8):
+        torch.manual_seed(seed)
+        got_x, got_y = fused(x, y)
+        torch.manual_seed(seed)
+        want_x, want_y = theirs(*plain(x, y))
+        torch.testing.assert_close(got_x, want_x, atol=1e-4, rtol=0)
+        torch.testing.assert_close(got_y, want_y)
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad files
 
