@@ -173,7 +173,8 @@ def variants(root: str, size: int) -> list[Variant]:
         mix = build_mixup(cfg, len(tr.classes))
         today, _, info = build_datasets(cfg, size)
         new, _, _ = build_datasets(cfg, size, uint8=True)
-        prep = batch_preps(cfg, info.mean, info.std, info.num_classes)[0]
+        # reuse_output: as the training loop on CPU uses it (fit.build_data)
+        prep = batch_preps(cfg, info.mean, info.std, info.num_classes, True)[0]
 
         def today_batch(x: torch.Tensor, y: torch.Tensor, mix=mix) -> object:
             return mix(x, y) if mix is not None else x
@@ -203,7 +204,7 @@ def variants(root: str, size: int) -> list[Variant]:
     _, val_today, info = build_datasets(plain, size)
     _, val_new, _ = build_datasets(plain, size, uint8=True)
     out.append(Variant("eval: today", val_today, None))
-    eval_prep = batch_preps(plain, info.mean, info.std, info.num_classes)[1]
+    eval_prep = batch_preps(plain, info.mean, info.std, info.num_classes, True)[1]
     out.append(Variant("eval: new", val_new, eval_prep))
     return out
 

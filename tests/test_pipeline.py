@@ -393,3 +393,21 @@ def test_report_marks_data_bound_rows():
     col = list(shown.cells["train img/s"])
     assert col[0].endswith("†") and not col[1].endswith("†")
     assert DATA_BOUND_NOTE in shown.notes
+
+
+def test_batch_prep_reusing_its_output_gives_the_same_batches():
+    x = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
+    y = torch.arange(6)
+    for mix in (None, BatchMix(0.8, 1.0, 6)):
+        fresh = BatchPrep(MEAN, STD, 0.5, mix)
+        reuse = BatchPrep(MEAN, STD, 0.5, mix, reuse_output=True)
+        outs = []
+        for seed in range(4):
+            torch.manual_seed(seed)
+            want = fresh(x, y)
+            torch.manual_seed(seed)
+            got = reuse(x, y)
+            torch.testing.assert_close(got, want)
+            outs.append(got[0])
+        # one buffer (two with MixUp's partner): the next batch overwrites the last
+        assert len({o.data_ptr() for o in outs}) == 1

@@ -266,7 +266,10 @@ def build_data(cfg: Config, device: torch.device) -> Data:
     img_size = model_img_size(cfg.model.name, cfg.model.overrides)
     # uint8 items; DataInfo's mean/std normalise them per batch on the device (data.prep)
     train_ds, val_ds, info = build_datasets(cfg.data, img_size, uint8=True)
-    prep, eval_prep = batch_preps(cfg.data, info.mean, info.std, info.num_classes)
+    # on CPU each batch goes into the same float buffers (the loop is done with a batch before
+    # it takes the next one): a fresh tensor per batch costs page faults there
+    cpu = device.type == "cpu"
+    prep, eval_prep = batch_preps(cfg.data, info.mean, info.std, info.num_classes, cpu)
     drop_last = len(train_ds) >= t.batch_size * world
     sampler = DistributedSampler(
         train_ds, num_replicas=world, rank=rank, shuffle=True, seed=t.seed, drop_last=drop_last
