@@ -360,7 +360,9 @@ def train_end_to_end(root: str, model: str, workers: int, epochs: int, tmp: Path
             sets += ["data.name='imagefolder'", f"data.root='{root}'"]
             sets += [f"data.{k}={json.dumps(v)}" for k, v in DEIT.items()]
         else:
-            sets += ["data.name='synthetic'", f"data.train_size={n}", "data.val_size=256"]
+            # at most 2,048 made in memory (4,096 at 224 px take GBs and tens of seconds)
+            sets += ["data.name='synthetic'", f"data.train_size={min(n, 2048)}"]
+            sets += ["data.val_size=256"]
             sets += ["data.img_size=224", "data.num_classes=10"]
         try:
             result = fit(load_config(None, sets), make_tracker(None, enabled=False), progress=False)

@@ -15,9 +15,9 @@
 #   7. benchmarks/bench_data.py (issue 23): the input pipeline on an ImageNet-like JPEG folder
 #      it makes, today's against the uint8 one, per core and with 6 workers; the GPU pipeline
 #      (nvJPEG + v2 transforms on CUDA); tntbench train of TNT-S and DeiT-S on the folder
-#      against synthetic data (eager, 2 epochs of 4,096 images);
+#      against synthetic data (eager, 2 epochs; 4,096 JPEGs, 2,048 synthetic images);
 #   8. the CUDA tests (tests/test_cuda.py).
-# Each step is bounded by a timeout (together 645 s: with the wheel install the whole check
+# Each step is bounded by a timeout (together 675 s: with the wheel install the whole check
 # runs past one 10-minute device call, so there run it as two, the second with
 # --only bench_data,cuda_tests); a step that fails or times out is
 # recorded and the rest still run. Results go to reports/gpu/<device>/: each step's log, JSON,
@@ -120,7 +120,7 @@ else
     prof_train=(--batch-size 128) prof_infer=(--batch-size 256)
     train=(--set data.train_size=10000 --set data.val_size=2000 --set train.batch_size=256
            --set data.workers=6 --set train.device=\'cuda\')
-    data=(--device cuda --rounds 3 --images 256 --workers 6 --train-images 4096 --val-images 256)
+    data=(--device cuda --rounds 2 --images 128 --workers 6 --train-images 4096 --val-images 256)
 fi
 
 step bench_tnt_speed 190 "$py" benchmarks/bench_tnt_speed.py --dtypes bf16 --compile \
@@ -138,7 +138,7 @@ step profile_train 20 "$py" -m suite profile "${big[@]}" --mode train "${prof[@]
     "${prof_train[@]}" --json "$out/profile_train.json"
 step profile_infer 15 "$py" -m suite profile "${big[@]}" --mode infer "${prof[@]}" \
     "${prof_infer[@]}" --json "$out/profile_infer.json"
-step bench_data 90 "$py" benchmarks/bench_data.py "${data[@]}" --json "$out/bench_data.json"
+step bench_data 120 "$py" benchmarks/bench_data.py "${data[@]}" --json "$out/bench_data.json"
 step cuda_tests 100 "$py" -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider \
     --junitxml "$out/cuda_tests.xml"
 "$py" benchmarks/gpu_report.py "$out" --tracking-uri "sqlite:///$work/mlflow.db" --device-name "$name" \

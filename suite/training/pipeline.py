@@ -1,21 +1,23 @@
 """The fast input pipeline (issue 23): uint8 images out of the workers, float work per batch.
 
-Per image, in the DataLoader workers, everything stays uint8 and, for JPEG folders, in PIL:
+Per image, in the DataLoader workers, everything stays uint8:
 
-- ``open_image`` reads a file's bytes but does not decode a JPEG yet, so that the crop can be
-  chosen first and the JPEG decoded at reduced scale (libjpeg's DCT scaling, PIL ``draft``)
-  whenever the chosen box still has at least the output's pixels in each direction;
-- ``PilTrainTransform`` draws RandomResizedCrop's box exactly as torchvision does, then crops
-  and resizes in one PIL call (SIMD resampling on the decoded image: measured faster than
-  torchvision's tensor path, see benchmarks/bench_data.py), flips, runs RandAugment on the
-  PIL image (uint8 ops, no float round trip) and returns a uint8 tensor (3, S, S);
-- ``PilEvalTransform``: resize and centre crop in one call, uint8 out.
+- ``open_image`` reads a file's bytes and its JPEG header only, so that the crop is chosen
+  before decoding; ``decode_rgb`` then decodes the JPEG at reduced scale (libjpeg's DCT
+  scaling, PIL ``draft``) when the chosen box still spans the output's pixels each way, else
+  at full size with torchvision's libjpeg-turbo decoder straight into a tensor;
+- ``PilTrainTransform`` draws RandomResizedCrop's box exactly as torchvision does, crops and
+  resizes on the uint8 tensor with torch's antialiased kernel (channels-last: its fast path;
+  measured faster than PIL's resize here, see benchmarks/bench_data.py), flips, and runs
+  RandAugment on a PIL image (uint8 kernels; torchvision's tensor kernels go through float);
+- ``PilEvalTransform``: resize and centre crop, uint8 out.
 
 Per batch, on the training device (CPU or GPU), ``BatchPrep`` turns the uint8 batch into the
-normalised float batch the model sees (DataInfo's mean/std) and applies random erasing
-(batched, the same box distribution as torchvision's ``RandomErasing``); MixUp/CutMix follow
-it in the loop, as before. 4x less data crosses the worker queues and the host-to-device copy,
+normalised float batch the model sees (DataInfo's mean/std), applies random erasing (batched,
+torchvision's box distribution) and MixUp/CutMix (``BatchMix``: torchvision's draws, without
+its full-batch copies). 4x less data crosses the worker queues and the host-to-device copy,
 and the float work runs once per batch instead of once per image (as timm's PrefetchLoader).
+Synthetic and CIFAR sets (uint8 in memory) go through the same ``BatchPrep``.
 """
 
 from __future__ import annotations
