@@ -220,6 +220,39 @@ def draft_size(width: int, height: int, box_w: float, box_h: float, out: int) ->
     return (math.ceil(width * out / box_w), math.ceil(height * out / box_h))
 
 
+class PilRandAugment(v2.RandAugment):
+    """``v2.RandAugment`` for one PIL image, without its per-call input flattening and
+    magnitude tables: the same draws in the same order (op index, then the sign of a signed
+    op's magnitude), the same op kernels (``_apply_image_or_video_transform``), the magnitude
+    tables made once per image size."""
+
+    def forward(self, *inputs: object) -> object:
+        if len(inputs) != 1 or not isinstance(inputs[0], Image.Image):
+            return super().forward(*inputs)
+        im = inputs[0]
+        width, height = im.size
+        table = self._tables(height, width)
+        for _ in range(self.num_ops):
+            k = int(torch.randint(len(table), ()))  # v2's _get_random_item draw
+            op, magnitude, signed = table[k]
+            if signed and torch.rand(()) <= 0.5:
+                magnitude = -magnitude
+            im = self._apply_image_or_video_transform(
+                im, op, magnitude, interpolation=self.interpolation, fill=self._fill
+            )
+        return im
+
+    def _tables(self, height: int, width: int) -> list[tuple[str, float, bool]]:
+        cache = self.__dict__.setdefault("_table_cache", {})
+        if (height, width) not in cache:
+            rows = []
+            for op, (magnitudes_fn, signed) in self._AUGMENTATION_SPACE.items():
+                mags = magnitudes_fn(self.num_magnitude_bins, height, width)
+                rows.append((op, float(mags[self.magnitude]) if mags is not None else 0.0, signed))
+            cache[(height, width)] = rows
+        return cache[(height, width)]
+
+
 # ---------------------------------------------------------------------------------------------
 # Per-image transforms (workers): encoded JPEG or PIL in, uint8 tensor (3, S, S) out
 
@@ -251,7 +284,7 @@ class PilTrainTransform:
     ) -> None:
         self.size, self.rrc, self.scale, self.hflip = size, random_resized_crop, scale, hflip
         self.draft, self.pil_resize = draft, pil_resize
-        self.randaugment = v2.RandAugment(magnitude=magnitude) if randaugment else None
+        self.randaugment = PilRandAugment(magnitude=magnitude) if randaugment else None
 
     def __call__(self, src: EncodedJpeg | Image.Image) -> Tensor:
         S = self.size
