@@ -411,3 +411,21 @@ def test_batch_prep_reusing_its_output_gives_the_same_batches():
             outs.append(got[0])
         # one buffer (two with MixUp's partner): the next batch overwrites the last
         assert len({o.data_ptr() for o in outs}) == 1
+
+
+def test_training_data_is_uint8_normalised_per_batch_with_datainfo_stats():
+    """fit's loaders carry uint8; their BatchPrep uses the dataset's DataInfo mean/std and the
+    config's erasing and mixing; eval's only normalises."""
+    from suite.config import load_config
+    from suite.training.fit import build_data
+
+    sets = ["data.train_size=16", "data.val_size=8", "data.random_erasing=0.25"]
+    sets += ["data.mixup=0.8", "data.cutmix=1.0", "train.batch_size=8", "model.name='vit_nano'"]
+    data = build_data(load_config(None, sets), torch.device("cpu"))
+    x, y = next(iter(data.train))
+    assert x.dtype == torch.uint8 and x.shape == (8, 3, 32, 32)
+    assert (data.prep.mean, data.prep.std) == (data.info.mean, data.info.std)
+    assert data.prep.random_erasing == 0.25 and data.prep.mix is not None
+    assert data.eval_prep.random_erasing == 0 and data.eval_prep.mix is None
+    xf, soft = data.prep(x, y)
+    assert xf.dtype == torch.float32 and soft.shape == (8, 10)
