@@ -212,6 +212,21 @@ def test_eval_path_uint8_matches_todays(tmp_path):
     torch.testing.assert_close(x_new_f.mean((0, 2, 3)), x_today.mean((0, 2, 3)), atol=0.02, rtol=0)
 
 
+def test_jpeg_over_the_decompression_bomb_limit_goes_to_the_rgb_loader(tmp_path, monkeypatch):
+    Image.new("RGB", (60, 50)).save(tmp_path / "big.jpg")
+    seen = []
+
+    def loader(path):
+        seen.append(path)
+        raise Image.DecompressionBombError("too many pixels")
+
+    assert open_image(str(tmp_path / "big.jpg"), loader).size == (60, 50)  # under the limit
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(Image.DecompressionBombError):
+        open_image(str(tmp_path / "big.jpg"), loader)
+    assert seen == [str(tmp_path / "big.jpg")]
+
+
 def test_jpeg_header_agrees_with_pil(tmp_path):
     for mode, kw in [("RGB", {}), ("L", {"progressive": True}), ("CMYK", {})]:
         Image.new(mode, (37, 21)).save(tmp_path / f"{mode}.jpg", **kw)

@@ -490,7 +490,7 @@ def _build_imagefolder(
             raise UserError(f"data.root: {cfg.root} has no {split}/ folder ({expected})")
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     # ImageFolder images come in any size: the train resize is never skipped (native None)
-    if uint8:  # PIL crop/resize/RandAugment, JPEGs decoded at reduced scale (pipeline.py)
+    if uint8:  # uint8 crop/resize, PIL RandAugment, JPEGs decoded at reduced scale (pipeline.py)
         t_train, t_val = pil_transforms(cfg, img_size)
     else:
         t_train = v2.Compose([v2.ToImage(), train_transform(cfg, img_size, None, mean, std)])

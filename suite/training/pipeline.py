@@ -97,11 +97,16 @@ def jpeg_header(data: bytes | bytearray) -> tuple[tuple[int, int], str] | None:
 
 def open_image(path: str, fallback: Callable[[str], Image.Image]) -> EncodedJpeg | Image.Image:
     """A JPEG as its bytes and header (the transform decodes it, perhaps at reduced scale);
-    any other file through ``fallback`` (the dataset's RGB loader, which knows odd formats).
-    A file PIL cannot identify raises PIL's OSError, as the RGB loader would."""
+    any other file through ``fallback`` (the dataset's RGB loader, which knows odd formats),
+    and so is a JPEG over PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``), whose
+    policy is the loader's. A file PIL cannot identify raises PIL's OSError, as the RGB
+    loader would."""
     with open(path, "rb") as f:
         data = bytearray(f.read())
     header = jpeg_header(data)
+    limit = Image.MAX_IMAGE_PIXELS
+    if header is not None and limit is not None and header[0][0] * header[0][1] > limit:
+        return fallback(path)
     if header is not None:
         return EncodedJpeg(path, data, *header)
     with Image.open(io.BytesIO(data)) as im:  # PIL's parser: other formats, odd JPEGs
