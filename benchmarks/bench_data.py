@@ -400,6 +400,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
         if args.root:
             root = args.root
+            if not Path(root, "val").is_dir():  # train/ alone: eval variants read it too
+                root = str(Path(tmp, "root"))
+                Path(root).mkdir()
+                Path(root, "train").symlink_to(Path(args.root, "train").resolve())
+                Path(root, "val").symlink_to(Path(args.root, "train").resolve())
         else:
             t0 = time.perf_counter()
             folder = Path(tmp, "imagenet")
