@@ -12,9 +12,14 @@
 #   5. a 2-epoch tracked tntbench train on synthetic CIFAR-sized data (MLflow system metrics,
 #      the GPU's included), as the default run goes (train.compile = auto: compiled on CUDA);
 #   6. tntbench profile, train and infer, bf16, for TNT-S and DeiT-S;
-#   7. the CUDA tests (tests/test_cuda.py).
-# Each step is bounded by a timeout (together 555 s, so that with the wheel install the whole
-# check fits one 10-minute device call); a step that fails or times out is
+#   7. benchmarks/bench_data.py (issue 23): the input pipeline on an ImageNet-like JPEG folder
+#      it makes, today's against the uint8 one, per core and with 6 workers; the GPU pipeline
+#      (nvJPEG + v2 transforms on CUDA); tntbench train of TNT-S and DeiT-S on the folder
+#      against synthetic data (eager, 2 epochs; 4,096 JPEGs, 2,048 synthetic images);
+#   8. the CUDA tests (tests/test_cuda.py).
+# Each step is bounded by a timeout (together 675 s: with the wheel install the whole check
+# runs past one 10-minute device call, so there run it as two, the second with
+# --only bench_data,cuda_tests); a step that fails or times out is
 # recorded and the rest still run. Results go to reports/gpu/<device>/: each step's log, JSON,
 # and a README.md table (benchmarks/gpu_report.py). The exit status is the number of failed steps.
 #
@@ -100,6 +105,8 @@ if [[ $smoke == 1 ]]; then  # the same steps, tiny
     prof_train=() prof_infer=()
     train=(--set data.train_size=64 --set data.val_size=32 --set train.batch_size=32
            --set train.device=\'cpu\' --set model.depth=1)
+    data=(--device cpu --rounds 1 --images 8 --batch-size 4 --train-images 16 --val-images 8
+          --size 32 --workers 1)
 else
     step inner_sweep 75 "$py" benchmarks/bench_inner_kernel.py --models tnt_s --compile-limit 60 \
         --batch-size 128 --json "$out/inner_sweep.json"
@@ -113,6 +120,7 @@ else
     prof_train=(--batch-size 128) prof_infer=(--batch-size 256)
     train=(--set data.train_size=10000 --set data.val_size=2000 --set train.batch_size=256
            --set data.workers=6 --set train.device=\'cuda\')
+    data=(--device cuda --rounds 2 --images 128 --workers 6 --train-images 4096 --val-images 256)
 fi
 
 step bench_tnt_speed 190 "$py" benchmarks/bench_tnt_speed.py --dtypes bf16 --compile \
@@ -130,6 +138,7 @@ step profile_train 20 "$py" -m suite profile "${big[@]}" --mode train "${prof[@]
     "${prof_train[@]}" --json "$out/profile_train.json"
 step profile_infer 15 "$py" -m suite profile "${big[@]}" --mode infer "${prof[@]}" \
     "${prof_infer[@]}" --json "$out/profile_infer.json"
+step bench_data 120 "$py" benchmarks/bench_data.py "${data[@]}" --json "$out/bench_data.json"
 step cuda_tests 100 "$py" -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider \
     --junitxml "$out/cuda_tests.xml"
 "$py" benchmarks/gpu_report.py "$out" --tracking-uri "sqlite:///$work/mlflow.db" --device-name "$name" \

@@ -173,6 +173,22 @@ def main() -> None:
             f"{workers['ratio']:.2f} (target <= {workers['target']}).",
         ]
 
+    data = read_json(out / "bench_data.json")
+    if data:
+        lines += [
+            "",
+            f"## bench_data.py: input pipeline img/s, today's and the uint8 one ({data['device']})",
+            "",
+            f"`{data['command']}`; {data['workers']['n']} workers; target: "
+            f"{data['target']['key']} >= {data['target']['min']} "
+            f"({'met' if data['target']['met'] else 'missed'}).",
+            "",
+        ]
+        lines += table(["ratio", "value"], [[k, f"{v:.2f}"] for k, v in data["ratios"].items()])
+        gpu = data.get("gpu") or {}
+        if gpu:
+            lines += ["", *(f"- {k}: {v}" for k, v in gpu.items())]
+
     for mode in ("train", "infer"):
         rows = read_json(out / f"profile_{mode}.json")
         if not rows:

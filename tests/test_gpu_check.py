@@ -18,6 +18,7 @@ STEPS = [
     "train",
     "profile_train",
     "profile_infer",
+    "bench_data",
     "cuda_tests",
 ]
 
@@ -51,9 +52,12 @@ def test_gpu_check_smoke_on_cpu_runs_every_step(tmp_path):
     train = json.loads((out / "train.json").read_text())
     assert train["status"] == "FINISHED" and [e["epoch"] for e in train["epochs"]] == [1, 2]
     assert train["tags"]["compile"] == "eager"  # train.compile = auto on CPU
+    data = json.loads((out / "bench_data.json").read_text())
+    assert data["ratios"]["deit recipe per core: new / today"] > 0 and data["device"] == "cpu"
     readme = (out / "README.md").read_text()
     assert all(f"| {s} | ok |" in readme for s in STEPS)
     assert "ours/timm TNT-S" in readme and "tnt_nano" in readme
+    assert "deit recipe per core: new / today" in readme
     assert "System metrics logged by MLflow" in readme  # MLflow samples them every 5 s
 
 

@@ -98,11 +98,12 @@ def _pos_label(row: pd.Series) -> str | None:
     }[(patch, pixel)]
 
 
-def _noisy(g: pd.DataFrame) -> str:
-    """The reasons some of the group's runs were timed under load (``timing_noisy`` tag)."""
-    if "tags.timing_noisy" not in g:
+def _noisy(g: pd.DataFrame, tag: str = "timing_noisy") -> str:
+    """The reasons some of the group's runs were timed under load (``timing_noisy`` tag), or
+    another such mark (``data_bound``: an epoch waited for its data, issue 23)."""
+    if f"tags.{tag}" not in g:
         return ""
-    return "; ".join(sorted({str(v) for v in g["tags.timing_noisy"].dropna() if str(v).strip()}))
+    return "; ".join(sorted({str(v) for v in g[f"tags.{tag}"].dropna() if str(v).strip()}))
 
 
 def is_imagenet(g: pd.DataFrame) -> bool:
@@ -150,11 +151,13 @@ def main_table(df: pd.DataFrame) -> pd.DataFrame:
         row["device / dtype"] = f"{one_value(g, 'tags.device_name')} / {one_value(g, 'tags.amp')}"
         paper_columns(row, g, paper_config)
         row["timing_noisy"] = _noisy(g)
+        row["data_bound"] = _noisy(g, "data_bound")
         row["run_ids"] = " ".join(g["run_id"])
         rows.append(row)
     t = pd.DataFrame(rows)
     # columns no row fills (no paper config, no inference timing) would only read "-"
-    empty = [c for c in t.columns if c != "timing_noisy" and t[c].isna().all()]
+    marks = ("timing_noisy", "data_bound")
+    empty = [c for c in t.columns if c not in marks and t[c].isna().all()]
     if t["device / dtype"].nunique() == 1:
         empty.append("device / dtype")  # one for all: the header says it
     t = t.drop(columns=empty)

@@ -24,6 +24,10 @@ import pandas as pd
 from suite.tracking import git
 
 NOISY_NOTE = "\\* timing disturbed (load or spread); see the run's timing_noisy tag"
+DATA_BOUND_NOTE = (
+    "† data-bound: the model waited for data over 10% of an epoch's wall time (a figure of the"
+    " loader, not the model); see the run's data_bound tag"
+)
 # columns where "best" means something, and which way; others are never bolded
 BEST = {
     "top-1 (%)": "max",
@@ -33,7 +37,7 @@ BEST = {
     "infer peak MB": "min",
 }
 # raw columns the reader does not see as such (merged into another, or read for marks)
-HIDDEN = {"timing_noisy", "top-1 std", "top-5 std", "run_ids", "n planned"}
+HIDDEN = {"timing_noisy", "data_bound", "top-1 std", "top-5 std", "run_ids", "n planned"}
 PARTIAL_NOTE = "n of N: a partial group (its matrix is still running, or some seeds failed)"
 
 
@@ -171,6 +175,13 @@ def present(df: pd.DataFrame) -> Shown:
             cells.loc[noisy & cells[c].ne("-"), c] += "*"
         if timing and noisy.any():
             notes.append(NOISY_NOTE)
+    if "data_bound" in df:
+        bound = df["data_bound"].fillna("").astype(str).str.strip().ne("")
+        train = [c for c in cells.columns if c.startswith("train img/s")]
+        for c in train:
+            cells.loc[bound & cells[c].ne("-"), c] += "†"
+        if train and bound.any():
+            notes.append(DATA_BOUND_NOTE)
     if "n planned" in df and "n" in cells:
         planned = pd.to_numeric(df["n planned"], errors="coerce")
         partial = planned.notna() & (pd.to_numeric(df["n"], errors="coerce") < planned)

@@ -18,6 +18,7 @@ photographs: a crop would cut blocks at the border and rescale the texture).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -39,6 +40,7 @@ from torchvision.transforms import v2
 from suite.config import DATASETS, DataConfig
 from suite.errors import UserError
 from suite.training.cifar import load_cifar
+from suite.training.pipeline import open_image, pil_transforms
 
 SYNTHETIC_MEAN = (0.5, 0.5, 0.5)
 SYNTHETIC_STD = (0.5, 0.5, 0.5)
@@ -229,12 +231,19 @@ def make_synthetic(
 
 
 def train_transform(
-    cfg: DataConfig, img_size: int, native: int | None, mean: tuple, std: tuple
+    cfg: DataConfig,
+    img_size: int,
+    native: int | None,
+    mean: tuple,
+    std: tuple,
+    uint8: bool = False,
 ) -> v2.Compose:
     """Crop/resize, flip, RandAugment (uint8), to float, normalise, RandomErasing (float).
 
     ``native`` is the dataset's square image size when every image has it (None otherwise):
-    with random_resized_crop off and native == img_size the resize is skipped.
+    with random_resized_crop off and native == img_size the resize is skipped. ``uint8``:
+    stop before the float part (items stay uint8 (3, S, S)); the training loop normalises and
+    erases per batch on the device (``suite.training.pipeline.BatchPrep``).
     """
     ops: list[v2.Transform] = []
     if cfg.random_resized_crop:
@@ -245,6 +254,8 @@ def train_transform(
         ops.append(v2.RandomHorizontalFlip())
     if cfg.randaugment:
         ops.append(v2.RandAugment(magnitude=cfg.randaugment_magnitude))
+    if uint8:
+        return v2.Compose([*ops, v2.ToPureTensor()])
     ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
     if cfg.random_erasing > 0:
         ops.append(v2.RandomErasing(p=cfg.random_erasing))
@@ -252,13 +263,21 @@ def train_transform(
 
 
 def eval_transform(
-    img_size: int, native: int | None, mean: tuple, std: tuple, crop_pct: float
+    img_size: int,
+    native: int | None,
+    mean: tuple,
+    std: tuple,
+    crop_pct: float,
+    uint8: bool = False,
 ) -> v2.Compose:
-    """Resize to img_size / crop_pct, centre crop img_size, normalise; no-ops are left out."""
+    """Resize to img_size / crop_pct, centre crop img_size, normalise; no-ops are left out.
+    ``uint8``: no normalisation (done per batch, ``BatchPrep``), items stay uint8."""
     ops: list[v2.Transform] = []
     resize = int(img_size / crop_pct)
     if native != img_size or resize != img_size:
         ops += [v2.Resize(resize, antialias=True), v2.CenterCrop(img_size)]
+    if uint8:
+        return v2.Compose([*ops, v2.ToPureTensor()])
     ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
     return v2.Compose([*ops, v2.ToPureTensor()])
 
@@ -292,7 +311,9 @@ def _sha256_files(paths: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def _build_synthetic(cfg: DataConfig, img_size: int) -> tuple[Dataset, Dataset, DataInfo]:
+def _build_synthetic(
+    cfg: DataConfig, img_size: int, uint8: bool = False
+) -> tuple[Dataset, Dataset, DataInfo]:
     native = cfg.img_size or img_size
     x_tr, y_tr = make_synthetic(cfg.train_size, native, cfg.num_classes, cfg.seed, split=0)
     x_va, y_va = make_synthetic(cfg.val_size, native, cfg.num_classes, cfg.seed, split=1)
@@ -301,10 +322,11 @@ def _build_synthetic(cfg: DataConfig, img_size: int) -> tuple[Dataset, Dataset, 
         h.update(t.numpy().tobytes())
     mean, std = SYNTHETIC_MEAN, SYNTHETIC_STD
     classes = synthetic_classes(cfg.num_classes)
-    train = TensorImages(x_tr, y_tr, train_transform(cfg, img_size, native, mean, std), classes)
+    t_train = train_transform(cfg, img_size, native, mean, std, uint8)
+    train = TensorImages(x_tr, y_tr, t_train, classes)
     # eval sees the whole image: blocks reach the border, and eval_crop_pct's zoom would also
     # rescale the texture periods away from the training geometry
-    val = TensorImages(x_va, y_va, eval_transform(img_size, native, mean, std, 1.0), classes)
+    val = TensorImages(x_va, y_va, eval_transform(img_size, native, mean, std, 1.0, uint8), classes)
     source = (
         f"synthetic(seed={cfg.seed},train={cfg.train_size},val={cfg.val_size},"
         f"img={native},classes={cfg.num_classes})"
@@ -323,14 +345,16 @@ def _build_synthetic(cfg: DataConfig, img_size: int) -> tuple[Dataset, Dataset, 
     return train, val, info
 
 
-def _build_cifar(cfg: DataConfig, img_size: int) -> tuple[Dataset, Dataset, DataInfo]:
+def _build_cifar(
+    cfg: DataConfig, img_size: int, uint8: bool = False
+) -> tuple[Dataset, Dataset, DataInfo]:
     # the batches are read by suite.training.cifar's restricted unpickler: never pickle.load
     mean, std = {"cifar10": (CIFAR10_MEAN, CIFAR10_STD), "cifar100": (CIFAR100_MEAN, CIFAR100_STD)}[
         cfg.name
     ]
     arrays = load_cifar(cfg.name, cfg.root)
-    t_train = train_transform(cfg, img_size, 32, mean, std)
-    t_val = eval_transform(img_size, 32, mean, std, cfg.eval_crop_pct)
+    t_train = train_transform(cfg, img_size, 32, mean, std, uint8)
+    t_val = eval_transform(img_size, 32, mean, std, cfg.eval_crop_pct, uint8)
     train = TensorImages(arrays.x_train, arrays.y_train, t_train, arrays.classes)
     val = TensorImages(arrays.x_val, arrays.y_val, t_val, arrays.classes)
     info = DataInfo(
@@ -492,7 +516,9 @@ class CheckedImageFolder(datasets.ImageFolder):
         raise UserError(f"data.root: no readable image in {shown(self.root)}")
 
 
-def _build_imagefolder(cfg: DataConfig, img_size: int) -> tuple[Dataset, Dataset, DataInfo]:
+def _build_imagefolder(
+    cfg: DataConfig, img_size: int, uint8: bool = False
+) -> tuple[Dataset, Dataset, DataInfo]:
     root = Path(cfg.root).expanduser()
     expected = f"expected {root}/train/<class>/* and {root}/val/<class>/*"
     if not root.is_dir():
@@ -502,14 +528,21 @@ def _build_imagefolder(cfg: DataConfig, img_size: int) -> tuple[Dataset, Dataset
             raise UserError(f"data.root: {cfg.root} has no {split}/ folder ({expected})")
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     # ImageFolder images come in any size: the train resize is never skipped (native None)
-    t_train = v2.Compose([v2.ToImage(), train_transform(cfg, img_size, None, mean, std)])
-    t_val = v2.Compose([v2.ToImage(), eval_transform(img_size, None, mean, std, cfg.eval_crop_pct)])
+    if uint8:  # uint8 crop/resize, PIL RandAugment, JPEGs decoded at reduced scale (pipeline.py)
+        t_train, t_val = pil_transforms(cfg, img_size)
+    else:
+        t_train = v2.Compose([v2.ToImage(), train_transform(cfg, img_size, None, mean, std)])
+        t_val = v2.Compose(
+            [v2.ToImage(), eval_transform(img_size, None, mean, std, cfg.eval_crop_pct)]
+        )
     try:
         train = CheckedImageFolder(str(root / "train"), t_train, cfg.skip_bad_images)
         val = CheckedImageFolder(str(root / "val"), t_val, cfg.skip_bad_images)
     except (FileNotFoundError, OSError) as e:  # a class folder without images, unreadable dirs
         why = shown((str(e).splitlines() or [type(e).__name__])[0])
         raise UserError(f"data.root: {cfg.root}: {why} ({expected})") from None
+    if uint8:  # JPEGs opened undecoded (the transform picks the DCT scale), others as before
+        train.loader = val.loader = functools.partial(open_image, fallback=rgb_loader)
     if train.classes != val.classes:
         only_t = sorted(set(train.classes) - set(val.classes))
         only_v = sorted(set(val.classes) - set(train.classes))
@@ -542,17 +575,21 @@ def _build_imagefolder(cfg: DataConfig, img_size: int) -> tuple[Dataset, Dataset
 # Public API
 
 
-def build_datasets(cfg: DataConfig, img_size: int) -> tuple[Dataset, Dataset, DataInfo]:
+def build_datasets(
+    cfg: DataConfig, img_size: int, uint8: bool = False
+) -> tuple[Dataset, Dataset, DataInfo]:
     """(train, val, info) for ``cfg.name``; items are (float (3, img_size, img_size), int).
 
-    ``img_size`` is the model's input size; every transform ends there. Raises ``UserError``
-    for a missing or malformed ``data.root``.
+    ``img_size`` is the model's input size; every transform ends there. ``uint8``: items are
+    uint8 (3, img_size, img_size) instead, not normalised nor erased: the training loop does
+    that per batch on the device with ``pipeline.BatchPrep(info.mean, info.std, ...)``.
+    Raises ``UserError`` for a missing or malformed ``data.root``.
     """
     if cfg.name not in BUILDERS:
         raise UserError(f"data.name = {cfg.name!r}: must be one of {', '.join(BUILDERS)}")
     if cfg.name != "synthetic" and not cfg.root:
         raise UserError(f"data.root = '': required for {cfg.name}")
-    return BUILDERS[cfg.name](cfg, img_size)
+    return BUILDERS[cfg.name](cfg, img_size, uint8)
 
 
 # one builder per name of config.DATASETS, the list the validator reads

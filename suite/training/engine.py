@@ -21,6 +21,10 @@ from suite import noise
 from suite.config import DistillConfig
 from suite.runtime import autocast
 
+# an epoch whose model waited for data longer than this share of its wall time is data-bound:
+# its img/s measures the loader, not the model (issue 23); the epoch line and the run say so
+DATA_BOUND_FRAC = 0.10
+
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW; no weight decay on biases, norms, tokens and position tables (DeiT, timm)."""
@@ -236,6 +240,7 @@ class EpochClock:
         compute = elapsed - wait
         out = {
             "data_wait_s": wait,
+            "data_wait_frac": wait / elapsed if elapsed > 0 else 0.0,  # of the wall time
             "train_img_per_s": seen / compute if compute > 0 else 0.0,
             "train_img_per_s_wall": seen / elapsed if elapsed > 0 else 0.0,
         }
@@ -267,6 +272,7 @@ def train_one_epoch(
     clip_grad: float = 0.0,
     ema: nn.Module | None = None,
     mixup: Callable | None = None,
+    prep: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
     teacher: nn.Module | None = None,
     log_every: int = 20,
     on_log: Callable[[int, dict[str, float]], None] | None = None,
@@ -276,6 +282,8 @@ def train_one_epoch(
     stalls are apart as data_wait_s; train_img_per_s_wall is the wall-clock rate), epoch_s,
     steps, and the timing conditions (``EpochClock``). Per-step metrics go to ``on_log``
     every ``log_every`` steps (the caller buffers them: no logging inside the timed loop).
+    ``prep(x, y)``: the batch-level part of the input pipeline, on the device (uint8 images
+    normalised, erased and mixed: ``pipeline.BatchPrep``), before ``mixup`` if both are given.
     Raises NonFiniteLoss if the loss diverges."""
     model.train()
     loss_sum = torch.zeros((), device=device)  # summed on device: no sync per step
@@ -286,6 +294,8 @@ def train_one_epoch(
         for x, y in clock.batches(loader):
             x = x.to(device, non_blocking=True)
             y = y.to(device, non_blocking=True)
+            if prep is not None:  # (B, 3, H, W) uint8 -> normalised float, erased, mixed
+                x, y = prep(x, y)
             if mixup is not None:
                 x, y = mixup(x, y)
             loss = forward_loss(model, x, y, criterion, teacher, device, amp)
@@ -315,6 +325,17 @@ def train_one_epoch(
     }
 
 
+def data_bound(metrics: dict[str, float]) -> str:
+    """Why an epoch was data-bound ("" = it was not): the share of its wall time the model
+    waited for the loader (``data_wait_frac``) above ``DATA_BOUND_FRAC``."""
+    frac = metrics.get("data_wait_frac", 0.0)
+    if frac <= DATA_BOUND_FRAC:
+        return ""
+    return (
+        f"waited for data {100 * frac:.0f}% of the wall time (limit {100 * DATA_BOUND_FRAC:.0f}%)"
+    )
+
+
 def training_noise(metrics: dict[str, float], device: torch.device) -> str:
     """Why an epoch's train_img_per_s cannot be trusted ("" = it can): ``suite.noise``'s rule
     applied to the conditions ``train_one_epoch`` returned."""
@@ -336,9 +357,14 @@ def _check_and_log(
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader: Iterable, device: torch.device, amp: str = "fp32"
+    model: nn.Module,
+    loader: Iterable,
+    device: torch.device,
+    amp: str = "fp32",
+    prep: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> dict[str, float]:
-    """Loss, top-1 and top-5 (in %) over ``loader``, summed across ranks under DDP."""
+    """Loss, top-1 and top-5 (in %) over ``loader``, summed across ranks under DDP. ``prep``:
+    the batch-level input pipeline (uint8 -> normalised float; it must not mix labels)."""
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct1 = torch.zeros((), dtype=torch.float64, device=device)
@@ -347,6 +373,8 @@ def evaluate(
     for x, y in loader:
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
+        if prep is not None:
+            x, y = prep(x, y)
         with autocast(device, amp):
             logits = model(x)
         logits = logits.float()

@@ -41,17 +41,19 @@ from suite.runtime import (
 )
 from suite.tracking import Run, Tracker, environment_tags, flatten, make_tracker
 from suite.training.checkpoint import Checkpointer, load_checkpoint, load_weights, model_state
-from suite.training.data import DataInfo, build_datasets, build_mixup
+from suite.training.data import DataInfo, build_datasets
 from suite.training.engine import (
     Criterion,
     TrainState,
     build_ema,
     build_optimizer,
     build_scheduler,
+    data_bound,
     evaluate,
     train_one_epoch,
     training_noise,
 )
+from suite.training.pipeline import BatchPrep, batch_preps
 
 
 @dataclass
@@ -72,6 +74,10 @@ class Data:
     sampler: DistributedSampler
     info: DataInfo
     img_size: int
+    # the batch-level pipeline on the device: uint8 items -> normalised float (train: erased
+    # and mixed too); the loaders carry uint8 (issue 23: 4x less to move, float work per batch)
+    prep: BatchPrep | None = None
+    eval_prep: BatchPrep | None = None
 
 
 @dataclass
@@ -83,7 +89,7 @@ class Recipe:
     amp: str  # the precision resolved: fp32, bf16 or fp16
     data: Data
     criterion: Criterion
-    mixup: Callable | None
+    mixup: Callable | None  # a batch-level mix apart from data.prep (None: prep mixes)
     teacher: nn.Module | None
 
 
@@ -229,6 +235,9 @@ def train_epochs(
             run.log_metric_rows([*step_rows, (epoch + 1, _epoch_row(metrics))])
             if reason := training_noise(metrics, recipe.device):  # the report marks it
                 run.set_tags({"timing_noisy": f"train img/s, epoch {epoch + 1}: {reason}"})
+            if why := data_bound(metrics):  # the loader, not the model, set the pace
+                w = recipe.cfg.data.workers
+                run.set_tags({"data_bound": f"epoch {epoch + 1}: {why}; data.workers = {w}"})
             if on_epoch is not None:
                 on_epoch(epoch, metrics)
     except KeyboardInterrupt:
@@ -253,8 +262,8 @@ def prepare(
     state, lr = build_state(cfg, data, device, amp)
     teacher = load_teacher(cfg, device, tracker)
     criterion = Criterion(cfg.train.label_smoothing, cfg.distill if teacher is not None else None)
-    mixup = build_mixup(cfg.data, data.info.num_classes)
-    return Recipe(cfg, device, amp, data, criterion, mixup, teacher), state, lr
+    # MixUp/CutMix: part of data.prep (BatchMix), after normalisation and erasing, as before
+    return Recipe(cfg, device, amp, data, criterion, None, teacher), state, lr
 
 
 def checkpoint_meta(cfg: Config, recipe: Recipe, run_id: str) -> dict[str, Any]:
@@ -274,7 +283,12 @@ def build_data(cfg: Config, device: torch.device) -> Data:
     rank, _, world = dist_env()
     t = cfg.train
     img_size = model_img_size(cfg.model.name, cfg.model.overrides)
-    train_ds, val_ds, info = build_datasets(cfg.data, img_size)
+    # uint8 items; DataInfo's mean/std normalise them per batch on the device (data.prep)
+    train_ds, val_ds, info = build_datasets(cfg.data, img_size, uint8=True)
+    # on CPU each batch goes into the same float buffers (the loop is done with a batch before
+    # it takes the next one): a fresh tensor per batch costs page faults there
+    cpu = device.type == "cpu"
+    prep, eval_prep = batch_preps(cfg.data, info.mean, info.std, info.num_classes, cpu)
     drop_last = len(train_ds) >= t.batch_size * world
     sampler = DistributedSampler(
         train_ds, num_replicas=world, rank=rank, shuffle=True, seed=t.seed, drop_last=drop_last
@@ -287,7 +301,7 @@ def build_data(cfg: Config, device: torch.device) -> Data:
     )
     train = DataLoader(train_ds, t.batch_size, sampler=sampler, drop_last=drop_last, **kw)
     val = DataLoader(val_ds, t.batch_size, sampler=val_sampler, **kw)
-    return Data(train, val, sampler, info, img_size)
+    return Data(train, val, sampler, info, img_size, prep, eval_prep)
 
 
 def build_state(
@@ -519,6 +533,7 @@ def run_epoch(
         clip_grad=cfg.train.clip_grad,
         ema=state.ema,
         mixup=recipe.mixup,
+        prep=data.prep,
         teacher=recipe.teacher,
         log_every=cfg.tracking.log_every,
         on_log=lambda s, v: step_rows.append((base_step + s, v)),
@@ -526,21 +541,24 @@ def run_epoch(
     )
     if bar is not None:
         bar.close()
-    m.update(evaluate(state.model, data.val, device, amp))
+    m.update(evaluate(state.model, data.val, device, amp, data.eval_prep))
     if state.ema is not None:
-        ema = evaluate(state.ema.module, data.val, device, amp)
+        ema = evaluate(state.ema.module, data.val, device, amp, data.eval_prep)
         m.update({f"ema_{k}": v for k, v in ema.items()})
     m["epoch"] = float(epoch + 1)
     if progress:
         from tqdm import tqdm
 
         noisy = training_noise(m, device)  # a disturbed figure is marked, with the reason
+        bound = data_bound(m)  # so is an epoch that waited for its data
         # through tqdm: a matrix's bar above is cleared and redrawn, not written over
         tqdm.write(
             f"epoch {epoch + 1}/{cfg.train.epochs}  train_loss {m['train_loss']:.4f}  "
             f"val_loss {m['val_loss']:.4f}  val_top1 {m['val_top1']:.2f}  "
             f"val_top5 {m['val_top5']:.2f}  {m['train_img_per_s']:.0f}{'*' if noisy else ''} "
-            f"img/s  {m['epoch_s']:.1f}s" + (f"  (* timing disturbed: {noisy})" if noisy else ""),
+            f"img/s  {m['epoch_s']:.1f}s"
+            + (f"  (* timing disturbed: {noisy})" if noisy else "")
+            + (f"  (data-bound: {bound}; raise data.workers)" if bound else ""),
             file=sys.stderr,
         )
     return m, step_rows
