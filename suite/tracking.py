@@ -119,8 +119,50 @@ class Tracker:
 
         return pd.DataFrame(columns=["run_id", "run_name", "status", "start_time"])
 
-    def checkpoint_from_uri(self, uri: str) -> Path:
+    def checkpoint_from_uri(self, uri: str, dst: str | Path | None = None) -> Path:
         raise UserError(f"{uri}: tracking is off, so MLflow URIs cannot be read")
+
+    def read_only(self) -> Tracker:
+        """This tracker for a torchrun rank other than 0: lookups go to the store, runs are
+        no-ops (only rank 0 records). The no-op tracker has nothing to look up anyway."""
+        return self
+
+
+class ReadOnlyTracker(Tracker):
+    """The store's lookups (a run's tags, metric history, artifacts) without recording:
+    what torchrun's other ranks need to resume a cut-short run, whose checkpoint folder only
+    the store knows. The store is opened on the first lookup, so that ranks which never look
+    anything up never race rank 0 creating it."""
+
+    def __init__(self, uri: str | None = None, real: Tracker | None = None) -> None:
+        self.uri = resolve_uri(uri) if real is None else real.uri
+        self._real = real
+
+    def _store(self) -> Tracker:
+        if self._real is None:
+            self._real = MlflowTracker(self.uri)
+        return self._real
+
+    def get_run(self, run_id: str) -> Any:
+        return self._store().get_run(run_id)
+
+    def experiment_names(self) -> list[str]:
+        return self._store().experiment_names()
+
+    def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        return self._store().metric_history(run_id, key)
+
+    def list_artifacts(self, run_id: str, path: str = "") -> list[str]:
+        return self._store().list_artifacts(run_id, path)
+
+    def download_artifacts(self, run_id: str, path: str, dst: str | Path) -> Path:
+        return self._store().download_artifacts(run_id, path, dst)
+
+    def runs(self, experiment: str, status: str | None = None, **tags: str) -> Any:
+        return self._store().runs(experiment, status, **tags)
+
+    def checkpoint_from_uri(self, uri: str, dst: str | Path | None = None) -> Path:
+        return self._store().checkpoint_from_uri(uri, dst)
 
 
 def filter_string(status: str | None = None, **tags: str) -> str:
@@ -406,10 +448,14 @@ class MlflowTracker(Tracker):
         Path(dst).mkdir(parents=True, exist_ok=True)
         return Path(self.client.download_artifacts(run_id, path, str(dst)))
 
-    def checkpoint_from_uri(self, uri: str) -> Path:
+    def read_only(self) -> Tracker:
+        return ReadOnlyTracker(real=self)
+
+    def checkpoint_from_uri(self, uri: str, dst: str | Path | None = None) -> Path:
         """The checkpoint file behind ``runs:/<run id>[/<artifact path>.pt]`` or
-        ``models:/<name>/<version or @alias>`` (the registered model's source run), downloaded:
-        the run's ``checkpoints/best.pt`` artifact unless the URI names a ``.pt`` file."""
+        ``models:/<name>/<version or @alias>`` (the registered model's source run), downloaded
+        into ``dst`` (default: a new temporary folder, the caller's to remove): the run's
+        ``checkpoints/best.pt`` artifact unless the URI names a ``.pt`` file."""
         try:
             if uri.startswith("models:/"):
                 name, _, ref = uri.removeprefix("models:/").partition("/")
@@ -421,7 +467,7 @@ class MlflowTracker(Tracker):
             else:
                 run_id, _, path = uri.removeprefix("runs:/").partition("/")
             path = path if path.endswith(".pt") else "checkpoints/best.pt"
-            dst = Path(tempfile.mkdtemp(prefix="tntbench-teacher-"))
+            dst = Path(dst or tempfile.mkdtemp(prefix="tntbench-teacher-"))
             return self.download_artifacts(run_id, path, dst)
         except UserError:
             raise
@@ -674,5 +720,9 @@ def process_is_gone(host: str, pid: int, started: Any) -> bool:
     return created > start_s + 1.0
 
 
-def make_tracker(uri: str | None = None, enabled: bool = True) -> Tracker:
-    return MlflowTracker(uri) if enabled else Tracker()
+def make_tracker(uri: str | None = None, enabled: bool = True, rank: int = 0) -> Tracker:
+    """The store's tracker; the no-op one when tracking is off; for a torchrun rank other than
+    0, lookups only (``ReadOnlyTracker``: only rank 0 records)."""
+    if not enabled:
+        return Tracker()
+    return MlflowTracker(uri) if rank == 0 else ReadOnlyTracker(uri)

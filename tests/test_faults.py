@@ -491,3 +491,118 @@ def test_planted_pickles_are_refused_by_resume_teacher_and_viz(tmp_path, capsys)
         lines = [x for x in err.splitlines() if not x.startswith("viz: ")]  # viz's stage lines
         assert len(lines) == 1 and "cannot be read safely" in lines[0], err
     assert not (tmp_path / "PWNED").exists()
+
+
+# =============================================================================================
+# Issue 27: distributed cells, a lost tracking server, a lost queue, broken stores, leftovers
+
+
+def watch_tree(proc: subprocess.Popen, seen: dict[int, psutil.Process]) -> None:
+    """Add every process now under ``proc`` to ``seen`` (pid -> process)."""
+    try:
+        for p in psutil.Process(proc.pid).children(recursive=True):
+            seen.setdefault(p.pid, p)
+    except psutil.NoSuchProcess:
+        pass
+
+
+def survivors(seen: dict[int, psutil.Process], timeout: float = 10) -> list[int]:
+    """The pids of ``seen`` still alive after ``timeout`` s (zombies count as gone)."""
+    _, alive = psutil.wait_procs(list(seen.values()), timeout=timeout)
+    out = []
+    for p in alive:
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def one_line_terminated(proc: subprocess.Popen, err: str) -> None:
+    assert proc.returncode == 143, err[-3000:]
+    assert "Traceback" not in err and "Error" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == "tntbench: terminated (SIGTERM)", err[-3000:]
+
+
+def torchrun_argv(tmp_path: Path) -> tuple[str, list[str]]:
+    uri = f"sqlite:///{tmp_path}/m.db"
+    cfg = tmp_path / "m.toml"
+    cfg.write_text(MATRIX.format(tmp=tmp_path))
+    argv = ["matrix", str(cfg), "--tracking-uri", uri, "--no-progress", "--gpus-per-cell", "2"]
+    return uri, [*argv, "--set", "matrix.models=['tnt_nano']", "--set", "data.train_size=1024"]
+
+
+def test_sigterm_torchrun_cell_ends_it_killed_then_rerun_resumes_it(tmp_path):
+    """SIGTERM to `matrix --gpus-per-cell 2` mid-cell (2 gloo ranks): one line, exit 143, the
+    launcher and both ranks gone, the cell's run KILLED; the rerun goes on in that run from
+    its last.pt (rank 1 looks the run up too) and finishes it, each epoch logged once."""
+    uri, argv = torchrun_argv(tmp_path)
+    proc = start(argv, tmp_path, stderr=subprocess.PIPE)
+    seen: dict[int, psutil.Process] = {}
+
+    def a_checkpointed_cell():
+        watch_tree(proc, seen)
+        for r in runs(uri, "tags.kind = 'cell' and attributes.status = 'RUNNING'"):
+            d = r.data.tags.get("checkpoint_dir")
+            if d and checkpoint_epoch(Path(d)) >= 1:
+                return r
+        return None
+
+    try:
+        cell = wait_for(a_checkpointed_cell, 240, "the cell's first checkpoint", proc)
+        watch_tree(proc, seen)
+        assert len(seen) >= 3  # the launcher and its two ranks
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            kill9(proc)
+    one_line_terminated(proc, err)
+    assert not survivors(seen), "processes left behind"
+    killed = mlflow.MlflowClient(uri).get_run(cell.info.run_id)
+    assert killed.info.status == "KILLED" and "SIGTERM" in killed.data.tags["error"]
+    assert main(argv) == 0
+    (after,) = runs(uri, "tags.kind = 'cell'")  # not duplicated: the same run went on
+    assert after.info.run_id == cell.info.run_id and after.info.status == "FINISHED"
+    assert epochs_logged(uri, after.info.run_id) == [1, 2, 3]
+    assert "error" not in after.data.tags
+    assert not runs(uri, "attributes.status = 'RUNNING'")
+
+
+@pytest.mark.parametrize("delay", [2.0, 0.5])
+def test_sigterm_torchrun_cell_while_its_ranks_start_leaves_no_process(tmp_path, delay):
+    """SIGTERM `delay` s after the launcher appears (its ranks starting, or in their
+    rendezvous): no launcher or rank survives, nothing is left RUNNING."""
+    uri, argv = torchrun_argv(tmp_path)
+    proc = start(argv, tmp_path, stderr=subprocess.PIPE)
+    seen: dict[int, psutil.Process] = {}
+
+    def launcher():
+        watch_tree(proc, seen)
+        return any("torchrun_main" in " ".join(p.cmdline()) for p in seen.values() if _alive(p))
+
+    try:
+        wait_for(launcher, 180, "the torchrun launcher", proc)
+        end = time.time() + delay
+        while time.time() < end:
+            watch_tree(proc, seen)
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        while proc.poll() is None and time.time() < end + 90:
+            watch_tree(proc, seen)
+            time.sleep(0.05)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            kill9(proc)
+    one_line_terminated(proc, err)
+    assert not survivors(seen), "processes left behind"
+    assert not runs(uri, "attributes.status = 'RUNNING'")
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -14,7 +14,6 @@ Many machines: the same command on each, with one PostgreSQL storage and one MLf
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from typing import Any
 import pandas as pd
 
 from suite.errors import UserError
-from suite.runtime import spawn_workers
+from suite.runtime import run_launcher, spawn_workers
 from suite.studies.matrix import (
     RESUMABLE,
     Cell,
@@ -200,7 +199,12 @@ def _run_popped(
     print(f"{who}: {what} {'resumed' if resume else 'started'}", file=sys.stderr, flush=True)
     t0 = time.monotonic()
     if plan.gpus_per_cell:
-        _torchrun_cell(plan, cell, resume)
+        started = time.time()
+        try:
+            _torchrun_cell(plan, cell, resume)
+        except KeyboardInterrupt as e:  # its ranks are stopped: the cell's run ends KILLED
+            _end_killed(tracker, experiment, cell.digest, resume, started, e)
+            raise
     else:
         run_cell(cell, name, experiment, plan.parent_id, tracker, plan.profile_steps, resume)
     value = _top1(tracker, experiment, cell.digest)
@@ -230,13 +234,32 @@ def _torchrun_cell(plan: Plan, cell: Cell, resume: str | None) -> None:
     """The cell under torchrun on this worker's GPUs (or K gloo processes on CPU)."""
     sets = [a for s in plan.sets for a in ("--set", s)]
     cmd = [
-        *(sys.executable, "-m", "torch.distributed.run", "--standalone"),
-        *(f"--nproc_per_node={plan.gpus_per_cell}", "-m", "suite", "matrix", plan.path),
+        *("--standalone", f"--nproc_per_node={plan.gpus_per_cell}"),
+        *("-m", "suite", "matrix", plan.path),
         *sets,
         *("--tracking-uri", plan.tracking_uri, "--run-cell", cell.digest),
         *("--parent-run", plan.parent_id, *(("--continue-run", resume) if resume else ())),
     ]
-    subprocess.run(cmd, check=False)  # its run records the outcome; a crash leaves it unfinished
+    run_launcher(cmd)  # its run records the outcome; a crash leaves it unfinished
+
+
+def _end_killed(
+    tracker: Tracker,
+    experiment: str,
+    digest: str,
+    resume: str | None,
+    started: float,
+    e: KeyboardInterrupt,
+) -> None:
+    """The cell's run of this attempt (the one continued, or one begun since ``started``)
+    ended KILLED, resumable, whatever its ranks managed to record as they were stopped (still
+    RUNNING after a SIGKILL, FAILED when a rank saw its peer vanish mid-collective)."""
+    df = tracker.runs(experiment, kind="cell", cell_hash=digest)
+    if df.empty:
+        return  # stopped before rank 0 opened a run: nothing to end
+    mine = (df["run_id"] == resume) | (df["start_time"] >= int(started * 1000) - 1000)
+    for _, r in df[mine & (df["status"] != "FINISHED")].iterrows():
+        tracker.attach(r["run_id"]).fail(f"interrupted ({e or 'KeyboardInterrupt'})", "KILLED")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,5 +347,5 @@ def run_one_cell(
     if cell is None:
         raise UserError(f"--run-cell {digest}: no cell of {path} has this hash")
     experiment = base.get("tracking", {}).get("experiment") or name
-    tracker = make_tracker(tracking_uri, enabled=dist_env()[0] == 0)
+    tracker = make_tracker(tracking_uri, rank=dist_env()[0])  # rank != 0: lookups only
     return run_cell(cell, name, experiment, parent_id, tracker, 3, continue_run)
