@@ -606,3 +606,174 @@ def _alive(p: psutil.Process) -> bool:
         return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def answers(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def start_server(tmp_path: Path, port: int) -> subprocess.Popen:
+    """A loopback ``mlflow server`` on ``port`` (its own session, to be killed whole) with an
+    SQLite store and artifacts in ``tmp_path``, waited for until it answers."""
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--workers", "1"]
+    cmd += ["--artifacts-destination", str(tmp_path / "artifacts")]
+    proc = subprocess.Popen(
+        cmd,
+        env=ENV,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_for(lambda: answers(f"http://127.0.0.1:{port}"), 120, "the MLflow server", proc)
+    except BaseException:
+        kill_group(proc)
+        raise
+    return proc
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    from contextlib import suppress
+
+    with suppress(ProcessLookupError):  # the whole group is gone already
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def test_tracking_server_killed_mid_training_one_line_then_resume(tmp_path):
+    """The MLflow server dies in epoch 2: within seconds one line naming the server and the
+    run, exit 2, the checkpoint kept; with the server back, --resume finishes the same run,
+    each epoch logged once."""
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_server(tmp_path, port)
+    try:
+        argv = ["train", "--tracking-uri", uri]
+        argv += sets("train.epochs=5", "data.train_size=1024", f"train.out_dir='{tmp_path}/r'")
+        proc = start(argv, tmp_path, stderr=subprocess.PIPE)
+        try:
+            run = wait_for(lambda: runs(uri), 120, "the run to start", proc)[0]
+            tag = lambda: runs(uri)[0].data.tags.get("checkpoint_dir")  # noqa: E731
+            folder = Path(wait_for(tag, 60, "tags", proc))
+            wait_for(lambda: checkpoint_epoch(folder) >= 1, 120, "epoch 1's checkpoint", proc)
+            kill_group(server)
+            t0 = time.monotonic()
+            _, err = proc.communicate(timeout=300)
+            took = time.monotonic() - t0
+        finally:
+            if proc.poll() is None:
+                kill9(proc)
+        print(f"server killed -> one-line error in {took:.1f} s")
+        assert proc.returncode == 2, err[-3000:]
+        assert "Traceback" not in err, err[-3000:]
+        last = err.strip().splitlines()[-1]
+        assert last.startswith(f"tntbench train: error: tracking server {uri} unreachable"), err
+        assert run.info.run_id in last
+        assert sum("error" in line for line in err.splitlines()) == 1, err[-3000:]
+        assert took < 30
+        done = checkpoint_epoch(folder)
+        assert 1 <= done < 5  # kept, and the run was cut short
+        server = start_server(tmp_path, port)
+        assert mlflow.MlflowClient(uri).get_run(run.info.run_id).info.status == "RUNNING"
+        assert main([*argv, "--resume", run.info.run_id]) == 0
+        (after,) = runs(uri)
+        assert after.info.run_id == run.info.run_id and after.info.status == "FINISHED"
+        assert epochs_logged(uri, run.info.run_id) == [1, 2, 3, 4, 5]  # each epoch once
+    finally:
+        kill_group(server)
+
+
+FSIZE_CREATE = """
+import sys
+import mlflow
+mlflow.MlflowClient(sys.argv[1]).search_experiments()
+"""
+
+
+def under_file_size_limit(limit: int):
+    """A preexec_fn: files of at most ``limit`` bytes, and SIGXFSZ ignored (so that a write
+    past it fails with EFBIG, as a full disk does, instead of killing the process)."""
+    import resource
+
+    def limited() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return limited
+
+
+@pytest.mark.parametrize("limit", [20_000, 300_000])
+def test_store_whose_creation_failed_on_a_size_limit_is_rebuilt(tmp_path, capsys, limit):
+    """MLflow creating a store under a file-size limit dies mid-schema (`disk I/O error`),
+    leaving a half-built file (at 300 kB: tables of the next migration made, its revision not
+    recorded, which MLflow then trips over as `table spans already exists` forever). The
+    suite sees the schema short of MLflow's and builds it anew; the suite's own creation
+    under the limit fails in one line and leaves no file."""
+    db = tmp_path / "m.db"
+    made = subprocess.run(
+        [sys.executable, "-c", FSIZE_CREATE, f"sqlite:///{db}"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        preexec_fn=under_file_size_limit(limit),
+    )
+    assert made.returncode != 0 and "disk I/O error" in made.stderr, made.stderr[-2000:]
+    assert db.stat().st_size > 0  # half-built
+    report = ["report", "--tracking-uri", f"sqlite:///{db}", "--out", str(tmp_path / "r")]
+    assert main(report) == 2
+    assert "no finished runs" in capsys.readouterr().err  # rebuilt, and empty
+    assert runs(f"sqlite:///{db}") == []  # usable by MLflow itself again
+    fresh = tmp_path / "fresh.db"
+    ours = subprocess.run(
+        [sys.executable, "-m", "suite", "report", "--tracking-uri", f"sqlite:///{fresh}"],
+        env=ENV,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        preexec_fn=under_file_size_limit(limit),
+    )
+    err = ours.stderr.strip().splitlines()
+    assert ours.returncode == 2 and "Traceback" not in ours.stderr, ours.stderr[-2000:]
+    assert len(err) == 1 and str(fresh) in err[0] and "disk I/O error" in err[0]
+    assert not fresh.exists()  # nothing half-built left behind
+
+
+@pytest.mark.parametrize("uri", ["sqlite:///", "sqlite:///:memory:", "sqlite://"])
+def test_in_memory_tracking_stores_are_refused(tmp_path, capsys, uri):
+    assert main(["report", "--tracking-uri", uri, "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "in-memory" in err[0] and uri in err[0], err
+
+
+def test_garbage_or_truncated_store_file_is_one_line_naming_it(tmp_path, capsys):
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"not a database\n" * 1000)
+    full = tmp_path / "full.db"
+    subprocess.run([sys.executable, "-c", CREATE, f"sqlite:///{full}"], check=True, env=ENV)
+    truncated = tmp_path / "truncated.db"
+    truncated.write_bytes(full.read_bytes()[: full.stat().st_size // 3])
+    for db in (garbage, truncated):
+        before = db.read_bytes()
+        argv = ["report", "--tracking-uri", f"sqlite:///{db}", "--out", str(tmp_path / "r")]
+        assert main(argv) == 2
+        out = capsys.readouterr()
+        err = [line for line in out.err.strip().splitlines() if line.startswith("tntbench")]
+        assert len(err) == 1 and str(db) in err[0], out.err
+        assert "Traceback" not in out.err
+        assert db.read_bytes() == before  # left as it was, for the user to look at
