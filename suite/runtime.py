@@ -359,3 +359,42 @@ def stop_launcher(proc: subprocess.Popen, grace_s: float) -> None:
     finally:
         for s, h in zip(sigs if main else (), old, strict=True):
             signal.signal(s, h)
+
+
+class _GroupStop(Exception):
+    """SIGTERM or Ctrl-C reached ``guard_main``."""
+
+
+def guard_main(argv: list[str], grace_s: float = 10.0) -> int:
+    """Run ``argv`` in this process's group (a session of its own, made by the caller) and
+    stop the whole group - ``argv`` and whatever it started, e.g. ``mlflow server``'s uvicorn
+    - when this process gets SIGTERM or Ctrl-C, or when its parent dies, even by kill -9
+    (``die_with_parent``): a server is never left serving behind a dead ``tntbench ui``.
+    Started with its parent's pid in ``OWNER_ENV``."""
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise _GroupStop(signum)
+
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, on_term)
+    die_with_parent(signal.SIGTERM, int(os.environ[OWNER_ENV]))
+    child = subprocess.Popen(argv)
+    try:
+        return child.wait()
+    except _GroupStop:
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, signal.SIG_IGN)  # the group's SIGTERM below reaches this one too
+        os.killpg(0, signal.SIGTERM)
+        with suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=grace_s)
+        os.killpg(0, signal.SIGKILL)  # what is left of the group, this process included
+        return 143
+
+
+def start_guarded(argv: list[str], **popen: Any) -> subprocess.Popen:
+    """``argv`` under ``guard_main``, in a session of its own (its group is stopped whole)."""
+    code = "import sys; from suite.runtime import guard_main; sys.exit(guard_main(sys.argv[1:]))"
+    env = {**popen.pop("env", os.environ), OWNER_ENV: str(os.getpid())}
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *argv], env=env, start_new_session=True, **popen
+    )

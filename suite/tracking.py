@@ -561,8 +561,9 @@ def serve_ui(uri: str | None = None, port: int = 0, host: str = "127.0.0.1") -> 
     SIGTERM, which stop the server's whole process group (its own session) too."""
     import signal
     import socket
-    import subprocess
     import threading
+
+    from suite.runtime import start_guarded
 
     uri = resolve_uri(uri)
     if not port:
@@ -581,8 +582,9 @@ def serve_ui(uri: str | None = None, port: int = 0, host: str = "127.0.0.1") -> 
     old = [signal.getsignal(s) for s in sigs] if main else []
     if main:
         signal.signal(signal.SIGTERM, on_term)
-    # its own session: a terminal's Ctrl-C reaches only us, and we stop the whole group
-    proc = subprocess.Popen(cmd, start_new_session=True)
+    # its own session: a terminal's Ctrl-C reaches only us, and we stop the whole group;
+    # guarded, so that the group stops too when this process is killed -9
+    proc = start_guarded(cmd)
     try:
         return proc.wait()
     except (KeyboardInterrupt, _Stop):

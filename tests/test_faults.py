@@ -777,3 +777,56 @@ def test_garbage_or_truncated_store_file_is_one_line_naming_it(tmp_path, capsys)
         assert len(err) == 1 and str(db) in err[0], out.err
         assert "Traceback" not in out.err
         assert db.read_bytes() == before  # left as it was, for the user to look at
+
+
+def test_kill9_ui_leaves_no_server_serving(tmp_path):
+    """`tntbench ui` killed -9: the MLflow server it supervised (and its uvicorn) stops too,
+    and the port is free again."""
+    port = free_port()
+    uri = f"sqlite:///{tmp_path}/m.db"
+    proc = start(["ui", "--tracking-uri", uri, "--port", str(port)], tmp_path)
+    seen: dict[int, psutil.Process] = {}
+    try:
+        wait_for(lambda: answers(f"http://127.0.0.1:{port}"), 180, "the UI to answer", proc)
+        watch_tree(proc, seen)
+        assert len(seen) >= 2  # the guard and mlflow server (and its uvicorn)
+    finally:
+        kill9(proc)
+    assert not survivors(seen, timeout=20), "processes left behind"
+    assert not answers(f"http://127.0.0.1:{port}")
+    import socket
+
+    with socket.socket() as s:  # no one listens there: a server can take the port again
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT, as servers do
+        s.bind(("127.0.0.1", port))
+        s.listen()
+
+
+def test_runs_uri_teacher_leaves_no_temporary_folder(tmp_path):
+    """A teacher read from `runs:/<id>` is downloaded into a temporary folder that is removed
+    once read: $TMPDIR holds what it held before."""
+    uri = f"sqlite:///{tmp_path}/m.db"
+    out = f"train.out_dir='{tmp_path}/r'"
+    assert main(["train", "--tracking-uri", uri, *sets("train.epochs=1", out)]) == 0
+    (teacher,) = runs(uri)
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    student = sets(
+        "train.epochs=1",
+        out,
+        "model.name='deit_nano_distilled'",
+        "distill.kind='soft'",
+        f"distill.teacher='runs:/{teacher.info.run_id}'",
+        "distill.teacher_model='tnt_nano'",
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "suite", "train", "--tracking-uri", uri, *student],
+        env={**ENV, "TMPDIR": str(tmpdir)},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(runs(uri, "attributes.status = 'FINISHED'")) == 2
+    # torch's compile cache (torchinductor_<user>) is meant to stay; nothing else may
+    assert [p.name for p in tmpdir.iterdir() if not p.name.startswith("torchinductor_")] == []
