@@ -224,11 +224,14 @@ def _worker_entry(target: Callable[..., None], args: tuple) -> None:
         sys.exit(130)
 
 
-def spawn_workers(target: Callable[..., None], args: list[tuple], grace_s: float = 30) -> None:
+def spawn_workers(
+    target: Callable[..., None], args: list[tuple], grace_s: float = 30
+) -> list[int | None]:
     """``target(*a)`` in a fresh spawned process for each ``a`` (no inherited threads or CUDA
     state), waited for. Ctrl-C reaches the workers too (the terminal's process group), so they
     are given ``grace_s`` to close their cells; a SIGTERM (``Terminated``) reached only this
-    process, so it is passed on at once. Workers still alive after that are terminated."""
+    process, so it is passed on at once. Workers still alive after that are terminated.
+    Returns the workers' exit codes (0: each did its work)."""
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_worker_entry, args=(target, a)) for a in args]
     for p in procs:
@@ -236,6 +239,7 @@ def spawn_workers(target: Callable[..., None], args: list[tuple], grace_s: float
     try:
         for p in procs:
             p.join()
+        return [p.exitcode for p in procs]
     except KeyboardInterrupt as e:
         if isinstance(e, Terminated):
             for p in procs:

@@ -530,6 +530,7 @@ def torchrun_argv(tmp_path: Path) -> tuple[str, list[str]]:
     cfg = tmp_path / "m.toml"
     cfg.write_text(MATRIX.format(tmp=tmp_path))
     argv = ["matrix", str(cfg), "--tracking-uri", uri, "--no-progress", "--gpus-per-cell", "2"]
+    assert runs(uri) == []  # the store made before the command: polling it races no creation
     return uri, [*argv, "--set", "matrix.models=['tnt_nano']", "--set", "data.train_size=1024"]
 
 
@@ -830,3 +831,114 @@ def test_runs_uri_teacher_leaves_no_temporary_folder(tmp_path):
     assert len(runs(uri, "attributes.status = 'FINISHED'")) == 2
     # torch's compile cache (torchinductor_<user>) is meant to stay; nothing else may
     assert [p.name for p in tmpdir.iterdir() if not p.name.startswith("torchinductor_")] == []
+
+
+class TcpProxy:
+    """A loopback TCP forwarder to ``target``; ``stop()`` closes its listener and every
+    connection through it at once, as a database server going down does."""
+
+    def __init__(self, target: tuple[str, int], port: int = 0) -> None:
+        import socket
+        import threading
+
+        self.target, self.conns, self.lock = target, [], threading.Lock()
+        self.listener = socket.create_server(("127.0.0.1", port))  # SO_REUSEADDR on POSIX
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+                server = socket.create_connection(self.target, timeout=5)
+                server.settimeout(None)
+            except OSError:
+                return  # stopped
+            with self.lock:
+                self.conns += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a, b) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                TcpProxy._close(s)
+
+    @staticmethod
+    def _close(s) -> None:
+        import socket
+        from contextlib import suppress
+
+        with suppress(OSError):
+            s.shutdown(socket.SHUT_RDWR)
+        s.close()
+
+    def stop(self) -> None:
+        self._close(self.listener)  # shutdown wakes the accept() above
+        with self.lock:
+            for s in self.conns:
+                self._close(s)
+
+
+def test_postgres_queue_lost_mid_cell_one_line_then_rerun_finishes(tmp_path, pg_storage_url):
+    """The matrix queue's PostgreSQL goes away while 2 workers train (every connection cut,
+    new ones refused): one line naming the storage, exit 2 - never "0 failed" with trials
+    RUNNING; with it back, the same command finishes each cell once."""
+    from sqlalchemy.engine import make_url
+
+    real = make_url(pg_storage_url)
+    proxy = TcpProxy((real.host, real.port or 5432))
+    storage = real.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    uri = f"sqlite:///{tmp_path}/m.db"
+    cfg = tmp_path / "m.toml"
+    cfg.write_text(MATRIX.format(tmp=tmp_path))
+    argv = ["matrix", str(cfg), "--tracking-uri", uri, "--no-progress", "--workers", "2"]
+    argv += ["--storage", storage, "--set", "data.train_size=1024"]
+    assert runs(uri) == []  # the store made before the command: polling it races no creation
+    proc = start(argv, tmp_path, stderr=subprocess.PIPE)
+    try:
+        wait_for(
+            lambda: len(runs(uri, "tags.kind = 'cell' and attributes.status = 'RUNNING'")) == 2,
+            180,
+            "both workers' cells",
+            proc,
+        )
+        proxy.stop()
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=300)
+        took = time.monotonic() - t0
+    finally:
+        proxy.stop()
+        if proc.poll() is None:
+            kill9(proc)
+    print(f"queue lost -> one-line error in {took:.1f} s")
+    assert proc.returncode == 2, err[-3000:]
+    assert "Traceback" not in err and "0 failed" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("tntbench matrix: error: matrix queue storage"), err[-3000:]
+    assert "unreachable" in last and f":{real.password}@" not in last  # password hidden
+    assert sum("error" in line.lower() for line in err.splitlines()) == 1, err[-3000:]
+    back = TcpProxy((real.host, real.port or 5432), port=proxy.port)  # the same URL answers
+    try:
+        assert main(argv) == 0
+    finally:
+        back.stop()
+    cells = runs(uri, "tags.kind = 'cell'")
+    assert len(cells) == 2 and {r.info.status for r in cells} == {"FINISHED"}
+    for r in cells:
+        assert epochs_logged(uri, r.info.run_id) == [1, 2, 3]
+    assert not runs(uri, "attributes.status = 'RUNNING'")
+    study = optuna.load_study(study_name="matrix:faults", storage=pg_storage_url)
+    trials = study.get_trials(deepcopy=False)
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    done = [t.user_attrs["cell_hash"] for t in trials if t.state == TrialState.COMPLETE]
+    assert sorted(done) == sorted({r.data.tags["cell_hash"] for r in cells})  # once each

@@ -35,7 +35,16 @@ from suite.studies.matrix import (
     open_parent,
     run_cell,
 )
-from suite.studies.queue import GRACE_S, HEARTBEAT_S, MAX_RETRY, MatrixQueue, study_name
+from suite.studies.queue import (
+    GRACE_S,
+    HEARTBEAT_S,
+    MAX_RETRY,
+    MatrixQueue,
+    QueueLost,
+    is_storage_lost,
+    queue_lost,
+    study_name,
+)
 from suite.studies.storage import open_storage
 from suite.tracking import Tracker, make_tracker, resolve_uri, worker_id
 
@@ -106,16 +115,49 @@ def run_queued_matrix(
         cuda,
     )
     with tracker.run(experiment, f"matrix/{name}", run_id=parent_id) as parent:
-        _start_workers(plan)
+        _start_workers(plan)  # raises, in one line, when a worker could not do its work
         summary, runs, failed = finish_parent(parent, tracker, experiment, name, cells)
     return MatrixResult(name, parent_id, len(todo), len(cells) - len(todo), failed, summary, runs)
 
 
+QUEUE_LOST_EXIT = 3  # a spawned worker lost the queue's storage (the command says it once)
+
+
 def _start_workers(plan: Plan) -> None:
+    """The workers, waited for. A worker that lost the storage or died makes the command
+    fail in one line: its cell may be RUNNING in the queue, so never "0 failed"."""
     if plan.workers == 1:
         _worker_main(plan, 0)
         return
-    spawn_workers(_worker_main, [(plan, s) for s in range(plan.workers)])
+    codes = spawn_workers(_spawned_worker, [(plan, s) for s in range(plan.workers)])
+    bad = [(slot, c) for slot, c in enumerate(codes) if c]
+    if not bad:
+        return
+    name = expand(plan.path, plan.sets)[0]
+    try:  # the storage is back, or never was the problem: how many cells are unfinished
+        from optuna.trial import TrialState
+
+        left = len(MatrixQueue(plan.storage, name).trials(TrialState.RUNNING, TrialState.WAITING))
+    except Exception as e:
+        if is_storage_lost(e) or isinstance(e, UserError):
+            raise queue_lost(plan.storage, e) from None
+        raise
+    if any(c == QUEUE_LOST_EXIT for _, c in bad):
+        raise queue_lost(plan.storage, RuntimeError("lost by a worker, answering again now"))
+    what = ", ".join(f"worker {slot} exit {c}" for slot, c in bad)
+    raise UserError(
+        f"{what}: {left} cell(s) left waiting or running in the queue; run the same command "
+        "again to finish them"
+    )
+
+
+def _spawned_worker(plan: Plan, slot: int) -> None:
+    """``_worker_main`` in a spawned process: a lost storage exits ``QUEUE_LOST_EXIT``
+    quietly (every worker would say it; the command says it once)."""
+    try:
+        _worker_main(plan, slot)
+    except QueueLost:
+        sys.exit(QUEUE_LOST_EXIT)
 
 
 def on_cuda(cells: list) -> bool:
@@ -165,8 +207,27 @@ def work(plan: Plan, slot: int = 0) -> None:
     name, base, cells = expand(plan.path, plan.sets)
     by_hash = {c.digest: c for c in cells}
     experiment = base.get("tracking", {}).get("experiment") or name
-    queue = MatrixQueue(plan.storage, name)
     tracker = make_tracker(plan.tracking_uri)
+    queue = MatrixQueue(plan.storage, name)  # unreachable from the start: one line already
+    try:
+        _work(queue, plan, slot, by_hash, name, tracker, experiment)
+    except Exception as e:
+        # the queue's database gone (not the MLflow store's): Optuna's multi-line report and
+        # SQLAlchemy's as one line; its cell stays RUNNING there, reaped at the next run
+        if is_storage_lost(e) and not queue.reachable():
+            raise queue_lost(plan.storage, e) from None
+        raise
+
+
+def _work(
+    queue: MatrixQueue,
+    plan: Plan,
+    slot: int,
+    by_hash: dict[str, Cell],
+    name: str,
+    tracker: Tracker,
+    experiment: str,
+) -> None:
     while True:
         queue.reap()
         popped = queue.pop()
@@ -180,6 +241,8 @@ def work(plan: Plan, slot: int = 0) -> None:
                 cell = by_hash[popped.digest]
                 value = _run_popped(cell, name, plan, tracker, experiment, f"worker {slot}")
         except Exception as e:  # the cell's run is FAILED with its error; the worker goes on
+            if is_storage_lost(e) and not queue.reachable():
+                raise
             print(f"worker {slot}: trial {popped.number} failed: {e}", file=sys.stderr)
         finally:  # Ctrl-C too: the cell is FAIL in the queue, never left RUNNING
             queue.tell(popped, value)
