@@ -124,8 +124,9 @@ QUEUE_LOST_EXIT = 3  # a spawned worker lost the queue's storage (the command sa
 
 
 def _start_workers(plan: Plan) -> None:
-    """The workers, waited for. A worker that lost the storage or died makes the command
-    fail in one line: its cell may be RUNNING in the queue, so never "0 failed"."""
+    """The workers, waited for. A worker that lost the storage or died, its cell not taken
+    over by another, makes the command fail in one line: never "0 failed" while cells are
+    left RUNNING or WAITING in the queue."""
     if plan.workers == 1:
         _worker_main(plan, 0)
         return
@@ -142,6 +143,8 @@ def _start_workers(plan: Plan) -> None:
         if is_storage_lost(e) or isinstance(e, UserError):
             raise queue_lost(plan.storage, e) from None
         raise
+    if not left:  # another worker took over the dead one's cell (kill -9 of one worker)
+        return
     if any(c == QUEUE_LOST_EXIT for _, c in bad):
         raise queue_lost(plan.storage, RuntimeError("lost by a worker, answering again now"))
     what = ", ".join(f"worker {slot} exit {c}" for slot, c in bad)
