@@ -602,6 +602,28 @@ def test_sigterm_torchrun_cell_while_its_ranks_start_leaves_no_process(tmp_path,
     assert not runs(uri, "attributes.status = 'RUNNING'")
 
 
+def test_kill9_matrix_during_a_torchrun_cell_leaves_no_process(tmp_path):
+    """kill -9 of `matrix --gpus-per-cell 2` mid-cell: its launcher gets SIGTERM (it dies
+    with its parent) and stops both ranks; none of them is left training or waiting."""
+    uri, argv = torchrun_argv(tmp_path)
+    proc = start([*argv, "--set", "train.epochs=30"], tmp_path)  # far longer than the wait
+    seen: dict[int, psutil.Process] = {}
+
+    def ranks_training():
+        watch_tree(proc, seen)
+        return runs(uri, "tags.kind = 'cell' and attributes.status = 'RUNNING'")
+
+    try:
+        wait_for(ranks_training, 240, "the cell's run", proc)
+        watch_tree(proc, seen)
+    finally:
+        kill9(proc)
+    assert len(seen) >= 3  # the launcher and its two ranks
+    t0 = time.monotonic()
+    assert not survivors(seen, timeout=10), "processes left behind"
+    print(f"kill -9 of the matrix -> its torchrun tree gone in {time.monotonic() - t0:.1f} s")
+
+
 def _alive(p: psutil.Process) -> bool:
     try:
         return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
@@ -793,7 +815,7 @@ def test_kill9_ui_leaves_no_server_serving(tmp_path):
         assert len(seen) >= 2  # the guard and mlflow server (and its uvicorn)
     finally:
         kill9(proc)
-    assert not survivors(seen, timeout=20), "processes left behind"
+    assert not survivors(seen, timeout=10), "processes left behind"
     assert not answers(f"http://127.0.0.1:{port}")
     import socket
 
