@@ -104,7 +104,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_matrix(args: argparse.Namespace) -> int:
     if args.run_cell:  # a torchrun rank: first of all, never outlive its launcher
-        from suite.runtime import rank_dies_with_launcher
+        from suite.procs import rank_dies_with_launcher
 
         rank_dies_with_launcher()
     from suite.studies.matrix import cells_table, expand, format_summary, run_matrix

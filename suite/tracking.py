@@ -563,7 +563,7 @@ def serve_ui(uri: str | None = None, port: int = 0, host: str = "127.0.0.1") -> 
     import socket
     import threading
 
-    from suite.runtime import start_guarded
+    from suite.procs import start_guarded
 
     uri = resolve_uri(uri)
     if not port:

@@ -23,7 +23,8 @@ from typing import Any
 import pandas as pd
 
 from suite.errors import UserError
-from suite.runtime import run_launcher, spawn_workers
+from suite.procs import run_launcher
+from suite.runtime import spawn_workers
 from suite.studies.matrix import (
     RESUMABLE,
     Cell,
