@@ -81,8 +81,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.set)
     uri = args.tracking_uri or cfg.tracking.uri or None
-    # under torchrun only rank 0 talks to the store (the others would race to create it)
-    tracker = make_tracker(uri, enabled=cfg.tracking.enabled and dist_env()[0] == 0)
+    # under torchrun only rank 0 records (the others only look up, e.g. the run to resume)
+    tracker = make_tracker(uri, enabled=cfg.tracking.enabled, rank=dist_env()[0])
     try:
         result = fit(cfg, tracker, resume=args.resume)
     except NonFiniteLoss as e:  # the run is recorded FAILED with the error as a tag
@@ -104,6 +104,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_matrix(args: argparse.Namespace) -> int:
+    if args.run_cell:  # a torchrun rank: first of all, never outlive its launcher
+        from suite.procs import rank_dies_with_launcher
+
+        rank_dies_with_launcher()
     from suite.studies.matrix import cells_table, expand, format_summary, run_matrix
     from suite.studies.workers import count_states, run_one_cell, run_queued_matrix, status_table
     from suite.tracking import make_tracker

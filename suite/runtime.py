@@ -220,11 +220,14 @@ def _worker_entry(target: Callable[..., None], args: tuple) -> None:
         sys.exit(130)
 
 
-def spawn_workers(target: Callable[..., None], args: list[tuple], grace_s: float = 30) -> None:
+def spawn_workers(
+    target: Callable[..., None], args: list[tuple], grace_s: float = 30
+) -> list[int | None]:
     """``target(*a)`` in a fresh spawned process for each ``a`` (no inherited threads or CUDA
     state), waited for. Ctrl-C reaches the workers too (the terminal's process group), so they
     are given ``grace_s`` to close their cells; a SIGTERM (``Terminated``) reached only this
-    process, so it is passed on at once. Workers still alive after that are terminated."""
+    process, so it is passed on at once. Workers still alive after that are terminated.
+    Returns the workers' exit codes (0: each did its work)."""
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_worker_entry, args=(target, a)) for a in args]
     for p in procs:
@@ -232,6 +235,7 @@ def spawn_workers(target: Callable[..., None], args: list[tuple], grace_s: float
     try:
         for p in procs:
             p.join()
+        return [p.exitcode for p in procs]
     except KeyboardInterrupt as e:
         if isinstance(e, Terminated):
             for p in procs:
@@ -242,3 +246,32 @@ def spawn_workers(target: Callable[..., None], args: list[tuple], grace_s: float
                 p.terminate()
                 p.join(timeout=10)
         raise
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on (its affinity mask, else the machine's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
+def clamp_workers(
+    workers: int,
+    cells: int,
+    gpus_per_cell: int,
+    cuda: bool,
+    command: str = "matrix",
+    unit: str = "cell",
+) -> int:
+    """``workers`` lowered to what can run at once here: no more than the cells left (an
+    idle worker only splits the cores further), and on CPU no more than the cores (divided
+    by a cell's gloo processes); a one-line note on stderr when lowered. 16 workers for 2
+    cells on 2 cores each got 1/8 of a core: 4x slower, and nothing said so."""
+    limit = max(1, cells)
+    if not cuda:
+        limit = min(limit, max(1, cpu_cores() // max(gpus_per_cell, 1)))
+    if workers <= limit:
+        return workers
+    why = f"{cells} {unit}(s) to run" + ("" if cuda else f", {cpu_cores()} CPU core(s) here")
+    print(f"note: {command}: --workers {workers} lowered to {limit} ({why})", file=sys.stderr)
+    return limit

@@ -119,8 +119,50 @@ class Tracker:
 
         return pd.DataFrame(columns=["run_id", "run_name", "status", "start_time"])
 
-    def checkpoint_from_uri(self, uri: str) -> Path:
+    def checkpoint_from_uri(self, uri: str, dst: str | Path | None = None) -> Path:
         raise UserError(f"{uri}: tracking is off, so MLflow URIs cannot be read")
+
+    def read_only(self) -> Tracker:
+        """This tracker for a torchrun rank other than 0: lookups go to the store, runs are
+        no-ops (only rank 0 records). The no-op tracker has nothing to look up anyway."""
+        return self
+
+
+class ReadOnlyTracker(Tracker):
+    """The store's lookups (a run's tags, metric history, artifacts) without recording:
+    what torchrun's other ranks need to resume a cut-short run, whose checkpoint folder only
+    the store knows. The store is opened on the first lookup, so that ranks which never look
+    anything up never race rank 0 creating it."""
+
+    def __init__(self, uri: str | None = None, real: Tracker | None = None) -> None:
+        self.uri = resolve_uri(uri) if real is None else real.uri
+        self._real = real
+
+    def _store(self) -> Tracker:
+        if self._real is None:
+            self._real = MlflowTracker(self.uri)
+        return self._real
+
+    def get_run(self, run_id: str) -> Any:
+        return self._store().get_run(run_id)
+
+    def experiment_names(self) -> list[str]:
+        return self._store().experiment_names()
+
+    def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        return self._store().metric_history(run_id, key)
+
+    def list_artifacts(self, run_id: str, path: str = "") -> list[str]:
+        return self._store().list_artifacts(run_id, path)
+
+    def download_artifacts(self, run_id: str, path: str, dst: str | Path) -> Path:
+        return self._store().download_artifacts(run_id, path, dst)
+
+    def runs(self, experiment: str, status: str | None = None, **tags: str) -> Any:
+        return self._store().runs(experiment, status, **tags)
+
+    def checkpoint_from_uri(self, uri: str, dst: str | Path | None = None) -> Path:
+        return self._store().checkpoint_from_uri(uri, dst)
 
 
 def filter_string(status: str | None = None, **tags: str) -> str:
@@ -269,6 +311,43 @@ def _causes(e: BaseException | None) -> Iterator[BaseException]:
         e = e.__cause__ or e.__context__
 
 
+def _is_server_lost(e: BaseException) -> bool:
+    """A tracking server that stopped answering (refused, timed out, or 5xx until MLflow's
+    retries ran out): MLflow raises a bare MlflowException whose context is requests'
+    error."""
+    import requests
+
+    lost = (requests.exceptions.ConnectionError, requests.exceptions.Timeout)
+    return any(isinstance(x, (*lost, requests.exceptions.RetryError)) for x in _causes(e))
+
+
+def _record_end(run: _MlflowRun, error: str, status: str) -> None:
+    """End ``run`` with ``status`` and ``error``, on the way out of an exception: a server
+    lost meanwhile cannot record it, and must not bury the exception under its own."""
+    try:
+        run.set_tags({"error": error})
+        run.end(status)
+    except Exception as e:
+        if not _is_server_lost(e):
+            raise
+
+
+# MLflow retries an HTTP request 7 times with doubling back-off (and a 120 s timeout each):
+# a server killed mid-run blocked training for 511 s before the error. The suite's calls wait
+# about 10 s for a server that is gone (refused), ~1 min for one that hangs; a user's own
+# settings of these variables win.
+HTTP_BOUNDS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
+
+
+def bound_http_retries() -> None:
+    for k, v in HTTP_BOUNDS.items():
+        os.environ.setdefault(k, v)
+
+
 def _is_unique_violation(e: BaseException) -> bool:
     """SQLAlchemy's IntegrityError (SQLite, PostgreSQL), as MLflow passes it on."""
     from sqlalchemy.exc import IntegrityError
@@ -320,6 +399,8 @@ class MlflowTracker(Tracker):
         for name in ("mlflow", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
         self.uri = resolve_uri(unredacted_for_connect(uri) if uri else uri)
+        if self.uri.startswith(("http://", "https://")):
+            bound_http_retries()
         self.client = _RetryingClient(open_store(self.uri, MlflowClient))
 
     def experiment_id(self, name: str) -> str:
@@ -374,13 +455,19 @@ class MlflowTracker(Tracker):
         try:
             yield run
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM as suite.errors.Terminated
-            run.set_tags({"error": f"interrupted ({e or 'KeyboardInterrupt'})"})
-            run.end("KILLED")
+            _record_end(run, f"interrupted ({e or 'KeyboardInterrupt'})", "KILLED")
             raise
         except BaseException as e:
+            if _is_server_lost(e):  # nothing can be recorded there: say so in one line
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise UserError(
+                    f"tracking server {self.uri} unreachable mid-run ({first[:300]}): run "
+                    f"{run.run_id} stays RUNNING there with its checkpoint kept; once the "
+                    f"server is back, resume it (tntbench train --resume {run.run_id}, or "
+                    "rerun the matrix)"
+                ) from None
             # an exception may name its own status (a pruned search trial ends KILLED)
-            run.set_tags({"error": f"{type(e).__name__}: {e}"[:5000]})
-            run.end(getattr(e, "run_status", "FAILED"))
+            _record_end(run, f"{type(e).__name__}: {e}"[:5000], getattr(e, "run_status", "FAILED"))
             raise
         else:
             if not getattr(run, "ended", False):
@@ -410,10 +497,14 @@ class MlflowTracker(Tracker):
         Path(dst).mkdir(parents=True, exist_ok=True)
         return Path(self.client.download_artifacts(run_id, path, str(dst)))
 
-    def checkpoint_from_uri(self, uri: str) -> Path:
+    def read_only(self) -> Tracker:
+        return ReadOnlyTracker(real=self)
+
+    def checkpoint_from_uri(self, uri: str, dst: str | Path | None = None) -> Path:
         """The checkpoint file behind ``runs:/<run id>[/<artifact path>.pt]`` or
-        ``models:/<name>/<version or @alias>`` (the registered model's source run), downloaded:
-        the run's ``checkpoints/best.pt`` artifact unless the URI names a ``.pt`` file."""
+        ``models:/<name>/<version or @alias>`` (the registered model's source run), downloaded
+        into ``dst`` (default: a new temporary folder, the caller's to remove): the run's
+        ``checkpoints/best.pt`` artifact unless the URI names a ``.pt`` file."""
         try:
             if uri.startswith("models:/"):
                 name, _, ref = uri.removeprefix("models:/").partition("/")
@@ -425,7 +516,7 @@ class MlflowTracker(Tracker):
             else:
                 run_id, _, path = uri.removeprefix("runs:/").partition("/")
             path = path if path.endswith(".pt") else "checkpoints/best.pt"
-            dst = Path(tempfile.mkdtemp(prefix="tntbench-teacher-"))
+            dst = Path(dst or tempfile.mkdtemp(prefix="tntbench-teacher-"))
             return self.download_artifacts(run_id, path, dst)
         except UserError:
             raise
@@ -474,8 +565,9 @@ def serve_ui(uri: str | None = None, port: int = 0, host: str = "127.0.0.1") -> 
     SIGTERM, which stop the server's whole process group (its own session) too."""
     import signal
     import socket
-    import subprocess
     import threading
+
+    from suite.procs import start_guarded
 
     uri = resolve_uri(uri)
     if not port:
@@ -494,8 +586,9 @@ def serve_ui(uri: str | None = None, port: int = 0, host: str = "127.0.0.1") -> 
     old = [signal.getsignal(s) for s in sigs] if main else []
     if main:
         signal.signal(signal.SIGTERM, on_term)
-    # its own session: a terminal's Ctrl-C reaches only us, and we stop the whole group
-    proc = subprocess.Popen(cmd, start_new_session=True)
+    # its own session: a terminal's Ctrl-C reaches only us, and we stop the whole group;
+    # guarded, so that the group stops too when this process is killed -9
+    proc = start_guarded(cmd)
     try:
         return proc.wait()
     except (KeyboardInterrupt, _Stop):
@@ -540,6 +633,11 @@ def open_store(uri: str, make_client: Any) -> Any:
     migrations that two processes must not run at once (that left half-built stores)."""
     from filelock import FileLock
 
+    if _in_memory(uri):
+        raise UserError(
+            f"tracking store {uri}: an in-memory SQLite store loses every run when the "
+            "command ends; name a file, e.g. sqlite:///mlflow.db"
+        )
     db = _sqlite_path(uri)
     if db is None:
         return _probe(uri, make_client)
@@ -554,7 +652,23 @@ def open_store(uri: str, make_client: Any) -> Any:
         raise UserError(f"tracking store {uri}: its folder {db.parent} is read-only")
     with FileLock(f"{db}.lock", timeout=120):
         _check_half_built(uri, db)
-        return _probe(uri, make_client)
+        new = not db.is_file() or db.stat().st_size == 0
+        try:
+            return _probe(uri, make_client)
+        except UserError:
+            if new:  # its creation failed (disk full, a file-size limit): leave no half store
+                for suffix in ("", "-journal", "-wal", "-shm"):
+                    Path(f"{db}{suffix}").unlink(missing_ok=True)
+            raise
+
+
+def _in_memory(uri: str) -> bool:
+    """``sqlite://``, ``sqlite:///`` (no path: SQLAlchemy's in-memory database),
+    ``sqlite:///:memory:`` and SQLite's ``file::memory:`` / ``mode=memory`` forms."""
+    if not uri.startswith("sqlite:"):
+        return False
+    path, _, query = uri.removeprefix("sqlite:").lstrip("/").partition("?")
+    return path in ("", ":memory:") or path.startswith("file::memory:") or "mode=memory" in query
 
 
 def _sqlite_path(uri: str) -> Path | None:
@@ -563,27 +677,62 @@ def _sqlite_path(uri: str) -> Path | None:
 
 
 def _check_half_built(uri: str, db: Path) -> None:
-    """A migration that died leaves ``_alembic_tmp_*`` tables behind. Without runs in it the
-    store is empty and is started again; with runs, it is refused (never touched)."""
+    """A store whose creation or migration died (killed, disk full, a file-size limit) is
+    half-built: ``_alembic_tmp_*`` tables left behind, or a schema short of what this MLflow
+    builds (tables missing, or the alembic revision not its head) - MLflow would re-run the
+    migrations over it and fail on ``table ... already exists`` forever. Holding nothing (no
+    run, no experiment but Default), it is started again; holding runs, a store with
+    ``_alembic_tmp_*`` tables is refused (never touched), and an older MLflow's store is left
+    for MLflow to upgrade. A file that is not an SQLite database is refused."""
     import sqlite3
 
     if not db.is_file() or db.stat().st_size == 0:
         return
-    con = sqlite3.connect(db)
     try:
-        names = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if not any(n.startswith("_alembic_tmp_") for n in names):
-            return
-        n_runs = con.execute("SELECT count(*) FROM runs").fetchone()[0] if "runs" in names else 0
-    finally:
-        con.close()
-    if n_runs:
+        con = sqlite3.connect(db)  # a hot journal (a creation that died) is rolled back
+        try:
+            names = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            version = _one(con, "SELECT version_num FROM alembic_version", "alembic_version", names)
+            n_runs = _one(con, "SELECT count(*) FROM runs", "runs", names) or 0
+            n_exps = _one(con, "SELECT count(*) FROM experiments", "experiments", names) or 0
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as e:  # garbage, truncated, or not SQLite at all
+        raise UserError(
+            f"tracking store {uri}: {db} is not a readable SQLite database ({e}): "
+            "restore it from a backup or move it aside"
+        ) from None
+    tmp = sorted(n for n in names if n.startswith("_alembic_tmp_"))
+    missing, head = _schema_gaps(names)
+    if not tmp and not missing and (head is None or version == head):
+        return  # complete (or this MLflow's schema could not be read: leave it to MLflow)
+    if n_runs and tmp:
         raise UserError(
             f"tracking store {uri} is half-built (an interrupted schema migration "
-            f"left {sorted(n for n in names if n.startswith('_alembic_tmp_'))}) and "
-            f"holds {n_runs} run(s): restore it from a backup or move it aside"
+            f"left {tmp}) and holds {n_runs} run(s): restore it from a backup or move it aside"
         )
-    db.unlink()  # empty: build it anew
+    if n_runs or n_exps > 1:
+        return  # an older MLflow's store, with runs: MLflow upgrades it (or says why not)
+    for suffix in ("", "-journal", "-wal", "-shm"):  # a stale journal must not reach the new one
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+
+
+def _one(con: Any, sql: str, table: str, names: set[str]) -> Any:
+    """The single value ``sql`` reads from ``table``, None if the table is not there."""
+    row = con.execute(sql).fetchone() if table in names else None
+    return row[0] if row else None
+
+
+def _schema_gaps(names: set[str]) -> tuple[set[str], str | None]:
+    """(the tables this MLflow's schema has that ``names`` lacks, its alembic head revision);
+    (nothing, None) when MLflow's schema cannot be read (its internals moved)."""
+    try:
+        from mlflow.store.db.base_sql_model import Base
+        from mlflow.store.db.utils import _get_latest_schema_revision
+
+        return set(Base.metadata.tables) - names, _get_latest_schema_revision()
+    except (ImportError, AttributeError):
+        return set(), None
 
 
 def _probe(uri: str, make_client: Any) -> Any:
@@ -600,6 +749,8 @@ def _probe(uri: str, make_client: Any) -> Any:
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         what = "unreachable" if http else "cannot be opened"
+        if "already exists" in first:  # MLflow re-running migrations over a half-built schema
+            what += " (half-built: a schema migration died in it; restore it from a backup)"
         raise UserError(f"tracking store {uri} {what}: {first[:200]}") from None
     finally:
         for k, v in saved.items():
@@ -678,5 +829,9 @@ def process_is_gone(host: str, pid: int, started: Any) -> bool:
     return created > start_s + 1.0
 
 
-def make_tracker(uri: str | None = None, enabled: bool = True) -> Tracker:
-    return MlflowTracker(uri) if enabled else Tracker()
+def make_tracker(uri: str | None = None, enabled: bool = True, rank: int = 0) -> Tracker:
+    """The store's tracker; the no-op one when tracking is off; for a torchrun rank other than
+    0, lookups only (``ReadOnlyTracker``: only rank 0 records)."""
+    if not enabled:
+        return Tracker()
+    return MlflowTracker(uri) if rank == 0 else ReadOnlyTracker(uri)

@@ -9,7 +9,7 @@ SUITE = Path(__file__).resolve().parents[1] / "suite"
 
 # lowest first; a module may import any module of a lower layer
 LAYERS = [
-    {"suite.errors", "suite.plots", "suite.noise"},
+    {"suite.errors", "suite.plots", "suite.noise", "suite.procs"},
     {"suite.models", "suite.tracking"},
     {"suite.config"},  # validation builds models on the meta device
     {"suite.runtime"},

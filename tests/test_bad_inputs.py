@@ -1105,10 +1105,10 @@ def test_issue27_grid_search_stops_at_the_grid_size(tmp_path, capsys):
 def test_issue27_matrix_workers_clamped_with_a_note(
     workers, cells, cuda, want, monkeypatch, capsys
 ):
-    from suite.studies import workers as w
+    from suite import runtime
 
-    monkeypatch.setattr(w, "cpu_cores", lambda: 2)
-    assert w.clamp_workers(workers, cells, 0, cuda) == want
+    monkeypatch.setattr(runtime, "cpu_cores", lambda: 2)
+    assert runtime.clamp_workers(workers, cells, 0, cuda) == want
     err = capsys.readouterr().err
     if want < workers:
         assert err.count("\n") == 1 and f"--workers {workers} lowered to {want}" in err
@@ -1365,9 +1365,10 @@ def test_issue27_storage_must_not_be_the_tracking_store(storage, tracking, refus
 
 def test_issue27_search_workers_clamped_to_trials(tmp_path, capsys, monkeypatch):
     """--workers 4 for a 2-trial search on 2 cores: 2 workers, and a note saying so."""
-    from suite.studies import search, workers
+    from suite import runtime
+    from suite.studies import search
 
-    monkeypatch.setattr(workers, "cpu_cores", lambda: 8)
+    monkeypatch.setattr(runtime, "cpu_cores", lambda: 8)
     started = []
     monkeypatch.setattr(search, "_run_workers", lambda args, n: started.append(n))
     text = SEARCH.replace("[train]", f"[train]\nout_dir = '{tmp_path}/runs'")

@@ -494,3 +494,476 @@ def test_planted_pickles_are_refused_by_resume_teacher_and_viz(tmp_path, capsys)
         lines = [x for x in err.splitlines() if not x.startswith("viz: ")]  # viz's stage lines
         assert len(lines) == 1 and "cannot be read safely" in lines[0], err
     assert not (tmp_path / "PWNED").exists()
+
+
+# =============================================================================================
+# Issue 27: distributed cells, a lost tracking server, a lost queue, broken stores, leftovers
+
+
+def watch_tree(proc: subprocess.Popen, seen: dict[int, psutil.Process]) -> None:
+    """Add every process now under ``proc`` to ``seen`` (pid -> process)."""
+    try:
+        for p in psutil.Process(proc.pid).children(recursive=True):
+            seen.setdefault(p.pid, p)
+    except psutil.NoSuchProcess:
+        pass
+
+
+def survivors(seen: dict[int, psutil.Process], timeout: float = 10) -> list[int]:
+    """The pids of ``seen`` still alive after ``timeout`` s (zombies count as gone)."""
+    _, alive = psutil.wait_procs(list(seen.values()), timeout=timeout)
+    out = []
+    for p in alive:
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def one_line_terminated(proc: subprocess.Popen, err: str) -> None:
+    assert proc.returncode == 143, err[-3000:]
+    assert "Traceback" not in err and "Error" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == "tntbench: terminated (SIGTERM)", err[-3000:]
+
+
+def torchrun_argv(tmp_path: Path) -> tuple[str, list[str]]:
+    uri = f"sqlite:///{tmp_path}/m.db"
+    cfg = tmp_path / "m.toml"
+    cfg.write_text(MATRIX.format(tmp=tmp_path))
+    argv = ["matrix", str(cfg), "--tracking-uri", uri, "--no-progress", "--gpus-per-cell", "2"]
+    assert runs(uri) == []  # the store made before the command: polling it races no creation
+    return uri, [*argv, "--set", "matrix.models=['tnt_nano']", "--set", "data.train_size=1024"]
+
+
+def test_sigterm_torchrun_cell_ends_it_killed_then_rerun_resumes_it(tmp_path):
+    """SIGTERM to `matrix --gpus-per-cell 2` mid-cell (2 gloo ranks): one line, exit 143, the
+    launcher and both ranks gone, the cell's run KILLED; the rerun goes on in that run from
+    its last.pt (rank 1 looks the run up too) and finishes it, each epoch logged once."""
+    uri, argv = torchrun_argv(tmp_path)
+    proc = start(argv, tmp_path, stderr=subprocess.PIPE)
+    seen: dict[int, psutil.Process] = {}
+
+    def a_checkpointed_cell():
+        watch_tree(proc, seen)
+        for r in runs(uri, "tags.kind = 'cell' and attributes.status = 'RUNNING'"):
+            d = r.data.tags.get("checkpoint_dir")
+            if d and checkpoint_epoch(Path(d)) >= 1:
+                return r
+        return None
+
+    try:
+        cell = wait_for(a_checkpointed_cell, 240, "the cell's first checkpoint", proc)
+        watch_tree(proc, seen)
+        assert len(seen) >= 3  # the launcher and its two ranks
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            kill9(proc)
+    one_line_terminated(proc, err)
+    assert not survivors(seen), "processes left behind"
+    killed = mlflow.MlflowClient(uri).get_run(cell.info.run_id)
+    assert killed.info.status == "KILLED" and "SIGTERM" in killed.data.tags["error"]
+    assert main(argv) == 0
+    (after,) = runs(uri, "tags.kind = 'cell'")  # not duplicated: the same run went on
+    assert after.info.run_id == cell.info.run_id and after.info.status == "FINISHED"
+    assert epochs_logged(uri, after.info.run_id) == [1, 2, 3]
+    assert "error" not in after.data.tags
+    assert not runs(uri, "attributes.status = 'RUNNING'")
+
+
+@pytest.mark.parametrize("delay", [2.0, 0.5])
+def test_sigterm_torchrun_cell_while_its_ranks_start_leaves_no_process(tmp_path, delay):
+    """SIGTERM `delay` s after the launcher appears (its ranks starting, or in their
+    rendezvous): no launcher or rank survives, nothing is left RUNNING."""
+    uri, argv = torchrun_argv(tmp_path)
+    proc = start(argv, tmp_path, stderr=subprocess.PIPE)
+    seen: dict[int, psutil.Process] = {}
+
+    def launcher():
+        watch_tree(proc, seen)
+        return any("torchrun_main" in " ".join(p.cmdline()) for p in seen.values() if _alive(p))
+
+    try:
+        wait_for(launcher, 180, "the torchrun launcher", proc)
+        end = time.time() + delay
+        while time.time() < end:
+            watch_tree(proc, seen)
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        while proc.poll() is None and time.time() < end + 90:
+            watch_tree(proc, seen)
+            time.sleep(0.05)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            kill9(proc)
+    one_line_terminated(proc, err)
+    assert not survivors(seen), "processes left behind"
+    assert not runs(uri, "attributes.status = 'RUNNING'")
+
+
+def test_kill9_matrix_during_a_torchrun_cell_leaves_no_process(tmp_path):
+    """kill -9 of `matrix --gpus-per-cell 2` mid-cell: its launcher gets SIGTERM (it dies
+    with its parent) and stops both ranks; none of them is left training or waiting."""
+    uri, argv = torchrun_argv(tmp_path)
+    proc = start([*argv, "--set", "train.epochs=30"], tmp_path)  # far longer than the wait
+    seen: dict[int, psutil.Process] = {}
+
+    def ranks_training():
+        watch_tree(proc, seen)
+        return runs(uri, "tags.kind = 'cell' and attributes.status = 'RUNNING'")
+
+    try:
+        wait_for(ranks_training, 240, "the cell's run", proc)
+        watch_tree(proc, seen)
+    finally:
+        kill9(proc)
+    assert len(seen) >= 3  # the launcher and its two ranks
+    t0 = time.monotonic()
+    assert not survivors(seen, timeout=10), "processes left behind"
+    print(f"kill -9 of the matrix -> its torchrun tree gone in {time.monotonic() - t0:.1f} s")
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def answers(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def start_server(tmp_path: Path, port: int) -> subprocess.Popen:
+    """A loopback ``mlflow server`` on ``port`` (its own session, to be killed whole) with an
+    SQLite store and artifacts in ``tmp_path``, waited for until it answers."""
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--workers", "1"]
+    cmd += ["--artifacts-destination", str(tmp_path / "artifacts")]
+    proc = subprocess.Popen(
+        cmd,
+        env=ENV,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_for(lambda: answers(f"http://127.0.0.1:{port}"), 120, "the MLflow server", proc)
+    except BaseException:
+        kill_group(proc)
+        raise
+    return proc
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    from contextlib import suppress
+
+    with suppress(ProcessLookupError):  # the whole group is gone already
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def test_tracking_server_killed_mid_training_one_line_then_resume(tmp_path):
+    """The MLflow server dies in epoch 2: within seconds one line naming the server and the
+    run, exit 2, the checkpoint kept; with the server back, --resume finishes the same run,
+    each epoch logged once."""
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_server(tmp_path, port)
+    try:
+        argv = ["train", "--tracking-uri", uri]
+        argv += sets("train.epochs=5", "data.train_size=1024", f"train.out_dir='{tmp_path}/r'")
+        proc = start(argv, tmp_path, stderr=subprocess.PIPE)
+        try:
+            run = wait_for(lambda: runs(uri), 120, "the run to start", proc)[0]
+            tag = lambda: runs(uri)[0].data.tags.get("checkpoint_dir")  # noqa: E731
+            folder = Path(wait_for(tag, 60, "tags", proc))
+            wait_for(lambda: checkpoint_epoch(folder) >= 1, 120, "epoch 1's checkpoint", proc)
+            kill_group(server)
+            t0 = time.monotonic()
+            _, err = proc.communicate(timeout=300)
+            took = time.monotonic() - t0
+        finally:
+            if proc.poll() is None:
+                kill9(proc)
+        print(f"server killed -> one-line error in {took:.1f} s")
+        assert proc.returncode == 2, err[-3000:]
+        assert "Traceback" not in err, err[-3000:]
+        last = err.strip().splitlines()[-1]
+        assert last.startswith(f"tntbench train: error: tracking server {uri} unreachable"), err
+        assert run.info.run_id in last
+        assert sum("error" in line for line in err.splitlines()) == 1, err[-3000:]
+        assert took < 30
+        done = checkpoint_epoch(folder)
+        assert 1 <= done < 5  # kept, and the run was cut short
+        server = start_server(tmp_path, port)
+        assert mlflow.MlflowClient(uri).get_run(run.info.run_id).info.status == "RUNNING"
+        assert main([*argv, "--resume", run.info.run_id]) == 0
+        (after,) = runs(uri)
+        assert after.info.run_id == run.info.run_id and after.info.status == "FINISHED"
+        assert epochs_logged(uri, run.info.run_id) == [1, 2, 3, 4, 5]  # each epoch once
+    finally:
+        kill_group(server)
+
+
+FSIZE_CREATE = """
+import sys
+import mlflow
+mlflow.MlflowClient(sys.argv[1]).search_experiments()
+"""
+
+
+def under_file_size_limit(limit: int):
+    """A preexec_fn: files of at most ``limit`` bytes, and SIGXFSZ ignored (so that a write
+    past it fails with EFBIG, as a full disk does, instead of killing the process)."""
+    import resource
+
+    def limited() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return limited
+
+
+@pytest.mark.parametrize("limit", [20_000, 300_000])
+def test_store_whose_creation_failed_on_a_size_limit_is_rebuilt(tmp_path, capsys, limit):
+    """MLflow creating a store under a file-size limit dies mid-schema (`disk I/O error`),
+    leaving a half-built file (at 300 kB: tables of the next migration made, its revision not
+    recorded, which MLflow then trips over as `table spans already exists` forever). The
+    suite sees the schema short of MLflow's and builds it anew; the suite's own creation
+    under the limit fails in one line and leaves no file."""
+    db = tmp_path / "m.db"
+    made = subprocess.run(
+        [sys.executable, "-c", FSIZE_CREATE, f"sqlite:///{db}"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        preexec_fn=under_file_size_limit(limit),
+    )
+    assert made.returncode != 0 and "disk I/O error" in made.stderr, made.stderr[-2000:]
+    assert db.stat().st_size > 0  # half-built
+    report = ["report", "--tracking-uri", f"sqlite:///{db}", "--out", str(tmp_path / "r")]
+    assert main(report) == 2
+    assert "no finished runs" in capsys.readouterr().err  # rebuilt, and empty
+    assert runs(f"sqlite:///{db}") == []  # usable by MLflow itself again
+    fresh = tmp_path / "fresh.db"
+    ours = subprocess.run(
+        [sys.executable, "-m", "suite", "report", "--tracking-uri", f"sqlite:///{fresh}"],
+        env=ENV,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        preexec_fn=under_file_size_limit(limit),
+    )
+    err = ours.stderr.strip().splitlines()
+    assert ours.returncode == 2 and "Traceback" not in ours.stderr, ours.stderr[-2000:]
+    assert len(err) == 1 and str(fresh) in err[0] and "disk I/O error" in err[0]
+    assert not fresh.exists()  # nothing half-built left behind
+
+
+@pytest.mark.parametrize("uri", ["sqlite:///", "sqlite:///:memory:", "sqlite://"])
+def test_in_memory_tracking_stores_are_refused(tmp_path, capsys, uri):
+    assert main(["report", "--tracking-uri", uri, "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "in-memory" in err[0] and uri in err[0], err
+
+
+def test_garbage_or_truncated_store_file_is_one_line_naming_it(tmp_path, capsys):
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"not a database\n" * 1000)
+    full = tmp_path / "full.db"
+    subprocess.run([sys.executable, "-c", CREATE, f"sqlite:///{full}"], check=True, env=ENV)
+    truncated = tmp_path / "truncated.db"
+    truncated.write_bytes(full.read_bytes()[: full.stat().st_size // 3])
+    for db in (garbage, truncated):
+        before = db.read_bytes()
+        argv = ["report", "--tracking-uri", f"sqlite:///{db}", "--out", str(tmp_path / "r")]
+        assert main(argv) == 2
+        out = capsys.readouterr()
+        err = [line for line in out.err.strip().splitlines() if line.startswith("tntbench")]
+        assert len(err) == 1 and str(db) in err[0], out.err
+        assert "Traceback" not in out.err
+        assert db.read_bytes() == before  # left as it was, for the user to look at
+
+
+def test_kill9_ui_leaves_no_server_serving(tmp_path):
+    """`tntbench ui` killed -9: the MLflow server it supervised (and its uvicorn) stops too,
+    and the port is free again."""
+    port = free_port()
+    uri = f"sqlite:///{tmp_path}/m.db"
+    proc = start(["ui", "--tracking-uri", uri, "--port", str(port)], tmp_path)
+    seen: dict[int, psutil.Process] = {}
+    try:
+        wait_for(lambda: answers(f"http://127.0.0.1:{port}"), 180, "the UI to answer", proc)
+        watch_tree(proc, seen)
+        assert len(seen) >= 2  # the guard and mlflow server (and its uvicorn)
+    finally:
+        kill9(proc)
+    assert not survivors(seen, timeout=10), "processes left behind"
+    assert not answers(f"http://127.0.0.1:{port}")
+    import socket
+
+    with socket.socket() as s:  # no one listens there: a server can take the port again
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT, as servers do
+        s.bind(("127.0.0.1", port))
+        s.listen()
+
+
+def test_runs_uri_teacher_leaves_no_temporary_folder(tmp_path):
+    """A teacher read from `runs:/<id>` is downloaded into a temporary folder that is removed
+    once read: $TMPDIR holds what it held before."""
+    uri = f"sqlite:///{tmp_path}/m.db"
+    out = f"train.out_dir='{tmp_path}/r'"
+    assert main(["train", "--tracking-uri", uri, *sets("train.epochs=1", out)]) == 0
+    (teacher,) = runs(uri)
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    student = sets(
+        "train.epochs=1",
+        out,
+        "model.name='deit_nano_distilled'",
+        "distill.kind='soft'",
+        f"distill.teacher='runs:/{teacher.info.run_id}'",
+        "distill.teacher_model='tnt_nano'",
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "suite", "train", "--tracking-uri", uri, *student],
+        env={**ENV, "TMPDIR": str(tmpdir)},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(runs(uri, "attributes.status = 'FINISHED'")) == 2
+    # torch's compile cache (torchinductor_<user>) is meant to stay; nothing else may
+    assert [p.name for p in tmpdir.iterdir() if not p.name.startswith("torchinductor_")] == []
+
+
+class TcpProxy:
+    """A loopback TCP forwarder to ``target``; ``stop()`` closes its listener and every
+    connection through it at once, as a database server going down does."""
+
+    def __init__(self, target: tuple[str, int], port: int = 0) -> None:
+        import socket
+        import threading
+
+        self.target, self.conns, self.lock = target, [], threading.Lock()
+        self.listener = socket.create_server(("127.0.0.1", port))  # SO_REUSEADDR on POSIX
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+                server = socket.create_connection(self.target, timeout=5)
+                server.settimeout(None)
+            except OSError:
+                return  # stopped
+            with self.lock:
+                self.conns += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a, b) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                TcpProxy._close(s)
+
+    @staticmethod
+    def _close(s) -> None:
+        import socket
+        from contextlib import suppress
+
+        with suppress(OSError):
+            s.shutdown(socket.SHUT_RDWR)
+        s.close()
+
+    def stop(self) -> None:
+        self._close(self.listener)  # shutdown wakes the accept() above
+        with self.lock:
+            for s in self.conns:
+                self._close(s)
+
+
+def test_postgres_queue_lost_mid_cell_one_line_then_rerun_finishes(tmp_path, pg_storage_url):
+    """The matrix queue's PostgreSQL goes away while 2 workers train (every connection cut,
+    new ones refused): one line naming the storage, exit 2 - never "0 failed" with trials
+    RUNNING; with it back, the same command finishes each cell once."""
+    from sqlalchemy.engine import make_url
+
+    real = make_url(pg_storage_url)
+    proxy = TcpProxy((real.host, real.port or 5432))
+    storage = real.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    uri = f"sqlite:///{tmp_path}/m.db"
+    cfg = tmp_path / "m.toml"
+    cfg.write_text(MATRIX.format(tmp=tmp_path))
+    argv = ["matrix", str(cfg), "--tracking-uri", uri, "--no-progress", "--workers", "2"]
+    argv += ["--storage", storage, "--set", "data.train_size=1024"]
+    assert runs(uri) == []  # the store made before the command: polling it races no creation
+    proc = start(argv, tmp_path, stderr=subprocess.PIPE)
+    try:
+        wait_for(
+            lambda: len(runs(uri, "tags.kind = 'cell' and attributes.status = 'RUNNING'")) == 2,
+            180,
+            "both workers' cells",
+            proc,
+        )
+        proxy.stop()
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=300)
+        took = time.monotonic() - t0
+    finally:
+        proxy.stop()
+        if proc.poll() is None:
+            kill9(proc)
+    print(f"queue lost -> one-line error in {took:.1f} s")
+    assert proc.returncode == 2, err[-3000:]
+    assert "Traceback" not in err and "0 failed" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("tntbench matrix: error: matrix queue storage"), err[-3000:]
+    assert "unreachable" in last and f":{real.password}@" not in last  # password hidden
+    assert sum("error" in line.lower() for line in err.splitlines()) == 1, err[-3000:]
+    back = TcpProxy((real.host, real.port or 5432), port=proxy.port)  # the same URL answers
+    try:
+        assert main(argv) == 0
+    finally:
+        back.stop()
+    cells = runs(uri, "tags.kind = 'cell'")
+    assert len(cells) == 2 and {r.info.status for r in cells} == {"FINISHED"}
+    for r in cells:
+        assert epochs_logged(uri, r.info.run_id) == [1, 2, 3]
+    assert not runs(uri, "attributes.status = 'RUNNING'")
+    study = optuna.load_study(study_name="matrix:faults", storage=pg_storage_url)
+    trials = study.get_trials(deepcopy=False)
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    done = [t.user_attrs["cell_hash"] for t in trials if t.state == TrialState.COMPLETE]
+    assert sorted(done) == sorted({r.data.tags["cell_hash"] for r in cells})  # once each

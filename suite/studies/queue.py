@@ -41,6 +41,42 @@ class Popped:
     digest: str  # the cell's config hash
 
 
+class QueueLost(UserError):
+    """The queue's storage stopped answering (a database server down, a network cut)."""
+
+
+def is_storage_lost(e: BaseException) -> bool:
+    """An error from the database behind an RDB storage (connection refused or dropped,
+    the server shutting down), however Optuna and SQLAlchemy wrapped it."""
+    import optuna
+    from sqlalchemy.exc import DBAPIError
+
+    seen: set[int] = set()
+    x: BaseException | None = e
+    while x is not None and id(x) not in seen:
+        seen.add(id(x))
+        if isinstance(x, (DBAPIError, optuna.exceptions.StorageInternalError)):
+            return True
+        x = x.__cause__ or x.__context__
+    return False
+
+
+def queue_lost(url: str, e: BaseException) -> QueueLost:
+    """One line naming the storage (its password hidden) and the database's own words."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        shown = make_url(url).render_as_string(hide_password=True)
+    except Exception:  # a journal path, or not a URL SQLAlchemy reads
+        shown = url
+    orig = getattr(e, "orig", None) or e.__cause__ or e.__context__ or e
+    first = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+    return QueueLost(
+        f"matrix queue storage {shown} unreachable ({first[:200]}): the cells cut short stay "
+        "in the queue and go on when the same command is run again with it back"
+    )
+
+
 class MatrixQueue:
     """The study behind a matrix: enqueue, pop, beat, tell, reap. One per process."""
 
@@ -53,6 +89,14 @@ class MatrixQueue:
             storage=self.storage, study_name=self.name, direction="maximize", load_if_exists=True
         )
         self.study_id = self.storage.get_study_id_from_name(self.name)
+
+    def reachable(self) -> bool:
+        """Whether the storage answers now (one cheap read)."""
+        try:
+            self.storage.get_study_id_from_name(self.name)
+        except Exception:
+            return False
+        return True
 
     def _trial_id(self, number: int) -> int:
         return self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
@@ -131,7 +175,11 @@ class MatrixQueue:
 
         def beat() -> None:
             while not stop.is_set():
-                self.storage.record_heartbeat(trial_id)
+                try:
+                    self.storage.record_heartbeat(trial_id)
+                except Exception as e:  # the cell goes on; the worker says it once, at tell
+                    if not is_storage_lost(e):
+                        raise
                 stop.wait(HEARTBEAT_S)
 
         thread = threading.Thread(target=beat, daemon=True, name="matrix-heartbeat")

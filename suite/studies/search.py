@@ -326,7 +326,7 @@ def _clamp_search_workers(workers: int, scfg: SearchConfig, cfg: Any) -> int:
     lowered with a note, as the matrix's are."""
     import torch
 
-    from suite.studies.workers import clamp_workers
+    from suite.runtime import clamp_workers
 
     cuda = cfg.train.device != "cpu" and torch.cuda.is_available()
     return clamp_workers(workers, scfg.n_trials, 0, cuda, command="search", unit="trial")

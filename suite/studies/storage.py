@@ -63,7 +63,7 @@ def open_storage(url: str, heartbeat_interval: int, grace_period: int, max_retry
                 heartbeat_interval=heartbeat_interval,
                 grace_period=grace_period,
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry),
-                engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
+                engine_kwargs=_engine_kwargs(url),
             )
     except (optuna.exceptions.StorageInternalError, ImportError, Exception) as e:
         raise UserError(redact(f"--storage {url}: cannot open ({type(e).__name__}: {e})")) from None
@@ -169,6 +169,18 @@ def _without_driver(url: str) -> str:
     return f"{scheme.partition('+')[0]}{sep}{rest.rstrip('/')}"
 
 
+def _engine_kwargs(url: str) -> dict[str, Any] | None:
+    """A server's connections checked before use (a restarted server drops them), and on
+    PostgreSQL a 10 s connect timeout: a server gone from the network is an error in seconds,
+    not a hang (libpq waits forever by default)."""
+    if url.startswith("sqlite"):
+        return None
+    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if url.startswith("postgresql"):
+        kwargs["connect_args"] = {"connect_timeout": 10}
+    return kwargs
+
+
 @contextlib.contextmanager
 def storage_lock(url: str, name: str) -> Iterator[None]:
     """An exclusive lock named ``name`` on the storage, held across processes and machines:
@@ -191,7 +203,7 @@ def storage_lock(url: str, name: str) -> Iterator[None]:
 
     # a signed 64-bit key from the name: pg_advisory_lock takes a bigint
     key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
-    engine = create_engine(url, poolclass=_null_pool())
+    engine = create_engine(url, poolclass=_null_pool(), **(_engine_kwargs(url) or {}))
     try:
         with engine.connect() as conn:
             conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})

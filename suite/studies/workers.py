@@ -14,7 +14,6 @@ Many machines: the same command on each, with one PostgreSQL storage and one MLf
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -24,7 +23,8 @@ from typing import Any
 import pandas as pd
 
 from suite.errors import UserError, redact
-from suite.runtime import spawn_workers
+from suite.procs import run_launcher
+from suite.runtime import clamp_workers, cpu_cores, spawn_workers
 from suite.studies.matrix import (
     RESUMABLE,
     Cell,
@@ -36,7 +36,16 @@ from suite.studies.matrix import (
     open_parent,
     run_cell,
 )
-from suite.studies.queue import GRACE_S, HEARTBEAT_S, MAX_RETRY, MatrixQueue, study_name
+from suite.studies.queue import (
+    GRACE_S,
+    HEARTBEAT_S,
+    MAX_RETRY,
+    MatrixQueue,
+    QueueLost,
+    is_storage_lost,
+    queue_lost,
+    study_name,
+)
 from suite.studies.storage import check_not_tracking_store, open_storage
 from suite.tracking import Tracker, make_tracker, resolve_uri, worker_id
 
@@ -109,45 +118,52 @@ def run_queued_matrix(
         cuda,
     )
     with tracker.run(experiment, f"matrix/{name}", run_id=parent_id) as parent:
-        _start_workers(plan)
+        _start_workers(plan)  # raises, in one line, when a worker could not do its work
         summary, runs, failed = finish_parent(parent, tracker, experiment, name, cells)
     return MatrixResult(name, parent_id, len(todo), len(cells) - len(todo), failed, summary, runs)
 
 
+QUEUE_LOST_EXIT = 3  # a spawned worker lost the queue's storage (the command says it once)
+
+
 def _start_workers(plan: Plan) -> None:
+    """The workers, waited for. A worker that lost the storage or died, its cell not taken
+    over by another, makes the command fail in one line: never "0 failed" while cells are
+    left RUNNING or WAITING in the queue."""
     if plan.workers == 1:
         _worker_main(plan, 0)
         return
-    spawn_workers(_worker_main, [(plan, s) for s in range(plan.workers)])
+    codes = spawn_workers(_spawned_worker, [(plan, s) for s in range(plan.workers)])
+    bad = [(slot, c) for slot, c in enumerate(codes) if c]
+    if not bad:
+        return
+    name = expand(plan.path, plan.sets)[0]
+    try:  # the storage is back, or never was the problem: how many cells are unfinished
+        from optuna.trial import TrialState
+
+        left = len(MatrixQueue(plan.storage, name).trials(TrialState.RUNNING, TrialState.WAITING))
+    except Exception as e:
+        if is_storage_lost(e) or isinstance(e, UserError):
+            raise queue_lost(plan.storage, e) from None
+        raise
+    if not left:  # another worker took over the dead one's cell (kill -9 of one worker)
+        return
+    if any(c == QUEUE_LOST_EXIT for _, c in bad):
+        raise queue_lost(plan.storage, RuntimeError("lost by a worker, answering again now"))
+    what = ", ".join(f"worker {slot} exit {c}" for slot, c in bad)
+    raise UserError(
+        f"{what}: {left} cell(s) left waiting or running in the queue; run the same command "
+        "again to finish them"
+    )
 
 
-def cpu_cores() -> int:
-    """The cores this process may run on (its affinity mask, else the machine's count)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0)) or 1
-    return os.cpu_count() or 1
-
-
-def clamp_workers(
-    workers: int,
-    cells: int,
-    gpus_per_cell: int,
-    cuda: bool,
-    command: str = "matrix",
-    unit: str = "cell",
-) -> int:
-    """``workers`` lowered to what can run at once here: no more than the cells left (an
-    idle worker only splits the cores further), and on CPU no more than the cores (divided
-    by a cell's gloo processes); a one-line note on stderr when lowered. 16 workers for 2
-    cells on 2 cores each got 1/8 of a core: 4x slower, and nothing said so."""
-    limit = max(1, cells)
-    if not cuda:
-        limit = min(limit, max(1, cpu_cores() // max(gpus_per_cell, 1)))
-    if workers <= limit:
-        return workers
-    why = f"{cells} {unit}(s) to run" + ("" if cuda else f", {cpu_cores()} CPU core(s) here")
-    print(f"note: {command}: --workers {workers} lowered to {limit} ({why})", file=sys.stderr)
-    return limit
+def _spawned_worker(plan: Plan, slot: int) -> None:
+    """``_worker_main`` in a spawned process: a lost storage exits ``QUEUE_LOST_EXIT``
+    quietly (every worker would say it; the command says it once)."""
+    try:
+        _worker_main(plan, slot)
+    except QueueLost:
+        sys.exit(QUEUE_LOST_EXIT)
 
 
 def on_cuda(cells: list) -> bool:
@@ -196,8 +212,27 @@ def work(plan: Plan, slot: int = 0) -> None:
     name, base, cells = expand(plan.path, plan.sets)
     by_hash = {c.digest: c for c in cells}
     experiment = base.get("tracking", {}).get("experiment") or name
-    queue = MatrixQueue(plan.storage, name)
     tracker = make_tracker(plan.tracking_uri)
+    queue = MatrixQueue(plan.storage, name)  # unreachable from the start: one line already
+    try:
+        _work(queue, plan, slot, by_hash, name, tracker, experiment)
+    except Exception as e:
+        # the queue's database gone (not the MLflow store's): Optuna's multi-line report and
+        # SQLAlchemy's as one line; its cell stays RUNNING there, reaped at the next run
+        if is_storage_lost(e) and not queue.reachable():
+            raise queue_lost(plan.storage, e) from None
+        raise
+
+
+def _work(
+    queue: MatrixQueue,
+    plan: Plan,
+    slot: int,
+    by_hash: dict[str, Cell],
+    name: str,
+    tracker: Tracker,
+    experiment: str,
+) -> None:
     while True:
         queue.reap()
         popped = queue.pop()
@@ -211,6 +246,8 @@ def work(plan: Plan, slot: int = 0) -> None:
                 cell = by_hash[popped.digest]
                 value = _run_popped(cell, name, plan, tracker, experiment, f"worker {slot}")
         except Exception as e:  # the cell's run is FAILED with its error; the worker goes on
+            if is_storage_lost(e) and not queue.reachable():
+                raise
             print(f"worker {slot}: trial {popped.number} failed: {redact(str(e))}", file=sys.stderr)
         finally:  # Ctrl-C too: the cell is FAIL in the queue, never left RUNNING
             queue.tell(popped, value)
@@ -230,7 +267,12 @@ def _run_popped(
     print(f"{who}: {what} {'resumed' if resume else 'started'}", file=sys.stderr, flush=True)
     t0 = time.monotonic()
     if plan.gpus_per_cell:
-        _torchrun_cell(plan, cell, resume)
+        started = time.time()
+        try:
+            _torchrun_cell(plan, cell, resume)
+        except KeyboardInterrupt as e:  # its ranks are stopped: the cell's run ends KILLED
+            _end_killed(tracker, experiment, cell.digest, resume, started, e)
+            raise
     else:
         run_cell(cell, name, experiment, plan.parent_id, tracker, plan.profile_steps, resume)
     value = _top1(tracker, experiment, cell.digest)
@@ -260,13 +302,32 @@ def _torchrun_cell(plan: Plan, cell: Cell, resume: str | None) -> None:
     """The cell under torchrun on this worker's GPUs (or K gloo processes on CPU)."""
     sets = [a for s in plan.sets for a in ("--set", s)]
     cmd = [
-        *(sys.executable, "-m", "torch.distributed.run", "--standalone"),
-        *(f"--nproc_per_node={plan.gpus_per_cell}", "-m", "suite", "matrix", plan.path),
+        *("--standalone", f"--nproc_per_node={plan.gpus_per_cell}"),
+        *("-m", "suite", "matrix", plan.path),
         *sets,
         *("--tracking-uri", plan.tracking_uri, "--run-cell", cell.digest),
         *("--parent-run", plan.parent_id, *(("--continue-run", resume) if resume else ())),
     ]
-    subprocess.run(cmd, check=False)  # its run records the outcome; a crash leaves it unfinished
+    run_launcher(cmd)  # its run records the outcome; a crash leaves it unfinished
+
+
+def _end_killed(
+    tracker: Tracker,
+    experiment: str,
+    digest: str,
+    resume: str | None,
+    started: float,
+    e: KeyboardInterrupt,
+) -> None:
+    """The cell's run of this attempt (the one continued, or one begun since ``started``)
+    ended KILLED, resumable, whatever its ranks managed to record as they were stopped (still
+    RUNNING after a SIGKILL, FAILED when a rank saw its peer vanish mid-collective)."""
+    df = tracker.runs(experiment, kind="cell", cell_hash=digest)
+    if df.empty:
+        return  # stopped before rank 0 opened a run: nothing to end
+    mine = (df["run_id"] == resume) | (df["start_time"] >= int(started * 1000) - 1000)
+    for _, r in df[mine & (df["status"] != "FINISHED")].iterrows():
+        tracker.attach(r["run_id"]).fail(f"interrupted ({e or 'KeyboardInterrupt'})", "KILLED")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,5 +415,5 @@ def run_one_cell(
     if cell is None:
         raise UserError(f"--run-cell {digest}: no cell of {path} has this hash")
     experiment = base.get("tracking", {}).get("experiment") or name
-    tracker = make_tracker(tracking_uri, enabled=dist_env()[0] == 0)
+    tracker = make_tracker(tracking_uri, rank=dist_env()[0])  # rank != 0: lookups only
     return run_cell(cell, name, experiment, parent_id, tracker, 3, continue_run)

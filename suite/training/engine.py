@@ -259,6 +259,25 @@ class EpochClock:
         return out
 
 
+def device_batch(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    device: torch.device,
+    prep: Callable | None,
+    mixup: Callable | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A loader batch on the training device, through the batch-level input pipeline: ``prep``
+    turns (B, 3, H, W) uint8 into normalised float (erased, mixed), then ``mixup`` for loaders
+    whose items are already float. Copies are asynchronous from pinned memory."""
+    x = x.to(device, non_blocking=True)
+    y = y.to(device, non_blocking=True)
+    if prep is not None:
+        x, y = prep(x, y)
+    if mixup is not None:
+        x, y = mixup(x, y)
+    return x, y
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable,
@@ -292,12 +311,7 @@ def train_one_epoch(
     with noise.watch(device) as cond:
         t0 = time.perf_counter()
         for x, y in clock.batches(loader):
-            x = x.to(device, non_blocking=True)
-            y = y.to(device, non_blocking=True)
-            if prep is not None:  # (B, 3, H, W) uint8 -> normalised float, erased, mixed
-                x, y = prep(x, y)
-            if mixup is not None:
-                x, y = mixup(x, y)
+            x, y = device_batch(x, y, device, prep, mixup)
             loss = forward_loss(model, x, y, criterion, teacher, device, amp)
             optimizer_step(model, loss, optimizer, scaler, clip_grad)
             scheduler.step()

@@ -12,6 +12,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,7 +132,8 @@ def fit(
         progress=progress and rank == 0,
     )
     try:
-        return _fit(cfg, tracker if rank == 0 else Tracker(), device, **opts)
+        # other ranks look up what rank 0 recorded (the run to resume) but record nothing
+        return _fit(cfg, tracker if rank == 0 else tracker.read_only(), device, **opts)
     except torch.cuda.OutOfMemoryError:
         # the run is already FAILED (with the error as a tag); the user gets one line
         raise UserError(oom_message("train.batch_size", cfg.train.batch_size, device)) from None
@@ -608,12 +610,16 @@ def load_teacher(cfg: Config, device: torch.device, tracker: Tracker) -> nn.Modu
     if k.kind == "none":
         return None
     if k.teacher.startswith(("runs:/", "models:/")):
-        if not tracker.uri:  # torchrun's other ranks: the store the config names
+        if not tracker.uri:  # tracking off: the store the config names
             tracker = make_tracker(cfg.tracking.uri or None)
-        path = tracker.checkpoint_from_uri(k.teacher)
+        # downloaded into a folder of its own, removed once read (never left in $TMPDIR)
+        with tempfile.TemporaryDirectory(prefix="tntbench-teacher-") as tmp:
+            path = tracker.checkpoint_from_uri(k.teacher, tmp)
+            ckpt = load_checkpoint(path)
+        path = Path(k.teacher)  # what the messages below name: the download is gone
     else:
         path = Path(k.teacher)
-    ckpt = load_checkpoint(path)
+        ckpt = load_checkpoint(path)
     name = k.teacher_model or ckpt.get("model_name")
     if not isinstance(name, str) or not name:
         raise UserError(f"distill.teacher_model: required, {path} does not name its model")
