@@ -31,7 +31,7 @@ from suite.outputs.report_plots import (
 )
 from suite.studies.matrix import group_runs, varied_columns
 from suite.studies.search import count_line, make_storage
-from suite.tracking import Tracker
+from suite.tracking import Tracker, select_runs
 
 # The TNT paper's ablations on TNT-S, ImageNet (shared/reference/paper_tables.md)
 PAPER_ABLATIONS = {
@@ -71,9 +71,10 @@ def _runs_of(tracker: Tracker, experiments: list[str], **tags: str) -> pd.DataFr
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def training_runs(tracker: Tracker, experiments: list[str], matrix: str | None) -> pd.DataFrame:
-    """FINISHED training runs (matrix cells and plain ``tntbench train`` runs), not trials."""
-    df = _runs_of(tracker, experiments, status="FINISHED")
+def training_runs(everything: pd.DataFrame, matrix: str | None) -> pd.DataFrame:
+    """FINISHED training runs (matrix cells and plain ``tntbench train`` runs), not trials,
+    selected from all runs of the report's experiments (read once)."""
+    df = select_runs(everything, status="FINISHED") if not everything.empty else everything
     if df.empty or "metrics.val_top1" not in df:
         return pd.DataFrame()
     df = df[
@@ -241,15 +242,16 @@ def _as_int(v: Any) -> Any:
         return v
 
 
-def search_tables(tracker: Tracker, experiments: list[str], study: str | None) -> dict:
+def search_tables(everything: pd.DataFrame, study: str | None) -> dict:
     """Per study: best trials (captioned with the trial counts ``tntbench search`` prints), the
-    Pareto front (top-1 vs GMACs), and parameter importances once there are enough trials."""
-    trials = _runs_of(tracker, experiments, kind="trial")
+    Pareto front (top-1 vs GMACs), and parameter importances once there are enough trials;
+    from all runs of the report's experiments (read once)."""
+    trials = select_runs(everything, kind="trial") if not everything.empty else everything
     if trials.empty:
         return {}
     if study:
         trials = trials[trials["tags.study"] == study]
-    parents = _runs_of(tracker, experiments, kind="study")
+    parents = select_runs(everything, kind="study")
     out: dict[str, pd.DataFrame] = {}
     for name, g in trials.groupby("tags.study"):
         done = g[g["status"] == "FINISHED"].copy()
@@ -482,8 +484,10 @@ def make_plots(tracker: Tracker, rep: Report, runs: pd.DataFrame) -> None:
         figures["top1_vs_gmacs"] = accuracy_figure(main, "GMACs") if "GMACs" in main else None
         if "train img/s" in main:
             figures["top1_vs_throughput"] = accuracy_figure(main, "train img/s", log_x=True)
+        # one bulk read of every run's history, not one query per run
+        history = tracker.metric_histories(list(runs["run_id"]), "val_top1")
         curves = {
-            str(m): [tracker.metric_history(rid, "val_top1") for rid in g["run_id"]]
+            str(m): [history[rid] for rid in g["run_id"]]
             for m, g in runs.groupby("params.model.name")
         }
         figures["learning_curves"] = learning_curves_figure(curves)
@@ -546,19 +550,23 @@ def build_report(
     from suite.errors import UserError
 
     names = experiments or [e for e in tracker.experiment_names() if e not in ("reports",)]
+    # every run of the experiments, read once; each table selects its own from it
+    everything = _runs_of(tracker, names)
     for flag, kind, value in (("--matrix", "matrix", matrix), ("--study", "study", study)):
-        if value and all(tracker.runs(e, kind=kind, **{kind: value}).empty for e in names):
+        if value and (
+            everything.empty or select_runs(everything, kind=kind, **{kind: value}).empty
+        ):
             raise UserError(f"{flag} {value}: no such {kind} in the store {tracker.uri}")
     out, created = _out_folder(out)
     rep = Report(out)
-    runs = training_runs(tracker, names, matrix)
+    runs = training_runs(everything, matrix)
     if not runs.empty:
         rep.tables["main"] = main_table(runs)
         rep.tables.update(ablation_tables(runs))
         sp = spread_table(runs)
         if sp is not None:
             rep.tables["feature_spread"] = sp
-    rep.tables.update(search_tables(tracker, names, study))
+    rep.tables.update(search_tables(everything, study))
     if not rep.tables:
         if created and not any(out.iterdir()):
             out.rmdir()  # a failed report leaves no empty folder behind
@@ -567,7 +575,7 @@ def build_report(
     if not runs.empty:
         rep.plots.update(viz_figures(tracker, runs, out))
     uri = getattr(tracker, "uri", "")
-    _stamp_and_links(tracker, rep, runs, names)
+    _stamp_and_links(tracker, rep, runs, everything)
     write_outputs(rep, uri)
     with tracker.run("reports", f"report/{out.name}", {"kind": "report"}) as run:
         for f in sorted(out.iterdir()):
@@ -576,10 +584,12 @@ def build_report(
     return rep
 
 
-def _stamp_and_links(tracker: Tracker, rep: Report, runs: pd.DataFrame, names: list[str]) -> None:
+def _stamp_and_links(
+    tracker: Tracker, rep: Report, runs: pd.DataFrame, everything: pd.DataFrame
+) -> None:
     """The header's stamp (device and dtype over every run shown, trials included), and each
     shown run's experiment ID for its link."""
-    trials = _runs_of(tracker, names, kind="trial")
+    trials = select_runs(everything, kind="trial") if not everything.empty else everything
     everything = pd.concat([f for f in (runs, trials) if not f.empty] or [pd.DataFrame()])
     rep.header = stamp(everything, getattr(tracker, "uri", ""))
     experiment_id = getattr(tracker, "experiment_id", None)
