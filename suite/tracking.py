@@ -53,7 +53,11 @@ class Run:
 
     def set_tags(self, tags: Mapping[str, Any]) -> None: ...
 
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+    def log_artifact(
+        self, path: str | Path, artifact_path: str | None = None, link: bool = False
+    ) -> None:
+        """Copy the file into the run's artifacts; with ``link``, a hard link to it instead
+        where the artifacts are a local folder on the same disk (one copy of a checkpoint)."""
 
     def log_dict(self, data: Any, artifact_file: str) -> None: ...
 
@@ -205,8 +209,32 @@ class _MlflowRun(Run):
         items = [RunTag(k, str(v)) for k, v in tags.items()]
         self.client.log_batch(self.run_id, tags=items, synchronous=True)
 
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+    def log_artifact(
+        self, path: str | Path, artifact_path: str | None = None, link: bool = False
+    ) -> None:
+        if link and self._link_artifact(Path(path), artifact_path):
+            return
         self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def _link_artifact(self, path: Path, artifact_path: str | None) -> bool:
+        """Hard-link ``path`` into a local artifact folder (what MLflow's local repository's
+        copy would be, byte for byte, without a second copy on disk); False where the
+        artifacts are elsewhere (a server, S3) or the link fails (another disk)."""
+        from urllib.parse import urlparse
+
+        from mlflow.utils.file_utils import local_file_uri_to_path
+
+        uri = self.client.get_run(self.run_id).info.artifact_uri
+        if urlparse(uri).scheme not in ("", "file"):
+            return False
+        dst = Path(local_file_uri_to_path(uri)) / (artifact_path or "") / path.name
+        try:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.unlink(missing_ok=True)
+            os.link(path, dst)
+        except OSError:
+            return False
+        return True
 
     def log_dict(self, data: Any, artifact_file: str) -> None:
         self.client.log_dict(self.run_id, data, artifact_file)

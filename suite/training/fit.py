@@ -40,7 +40,13 @@ from suite.runtime import (
     seed_everything,
 )
 from suite.tracking import Run, Tracker, environment_tags, flatten, make_tracker
-from suite.training.checkpoint import Checkpointer, load_checkpoint, load_weights, model_state
+from suite.training.checkpoint import (
+    KEEP_CHECKPOINTS,
+    Checkpointer,
+    load_checkpoint,
+    load_weights,
+    model_state,
+)
 from suite.training.data import DataInfo, build_datasets, build_mixup
 from suite.training.engine import (
     Criterion,
@@ -187,7 +193,15 @@ def _fit(
         run.log_metrics({"best_val_top1": state.best, "peak_mb": final["peak_mb"]})
         if rank == 0:
             _log_artifacts(run, state.history, folder, cfg, state.model)
-        return TrainResult(run.run_id, final, state.history, str(folder), state.best)
+            if ckpt.enabled:  # what the run keeps once FINISHED, in MB (issue 24)
+                kept = KEEP_CHECKPOINTS[cfg.train.keep_checkpoints]
+                size = sum((folder / n).stat().st_size for n in kept if (folder / n).is_file())
+                run.log_metrics({"checkpoint_mb": size / 2**20})
+    # the run is FINISHED now (the block above ended it): nothing resumes it, so its last.pt
+    # (optimizer state included) goes unless train.keep_checkpoints keeps it
+    if ckpt.enabled:
+        ckpt.finish(cfg.train.keep_checkpoints)
+    return TrainResult(run.run_id, final, state.history, str(folder), state.best)
 
 
 def train_epochs(
@@ -207,7 +221,7 @@ def train_epochs(
             improved = state.finish_epoch(metrics)
             ckpt.save(state, "last.pt")
             if improved:
-                ckpt.save(state, "best.pt")
+                ckpt.save_best(state)
             run.log_metric_rows([*step_rows, (epoch + 1, _epoch_row(metrics))])
             if reason := training_noise(metrics, recipe.device):  # the report marks it
                 run.set_tags({"timing_noisy": f"train img/s, epoch {epoch + 1}: {reason}"})
@@ -596,7 +610,8 @@ def _log_artifacts(run: Run, history: list, ckpt_dir: Path, cfg: Config, model: 
     run.log_figure(fig, "learning_curves.png")
     pyplot().close(fig)
     best = ckpt_dir / "best.pt"
-    if best.is_file():
-        run.log_artifact(best, "checkpoints")
+    if best.is_file() and "best.pt" in KEEP_CHECKPOINTS[cfg.train.keep_checkpoints]:
+        # a link, not a second copy, where the artifact store is a local folder
+        run.log_artifact(best, "checkpoints", link=True)
     if cfg.tracking.log_model:
         run.log_model(model.cpu())
