@@ -2,6 +2,7 @@
 planner statistics, histories read in bulk, the report reading the store once, checkpoints
 sized for studies, and ``tntbench ui`` without MLflow's job runner unless asked."""
 
+import os
 import sqlite3
 from pathlib import Path
 
@@ -210,3 +211,34 @@ def test_keep_checkpoints_is_validated():
 
     with pytest.raises(UserError, match="train.keep_checkpoints"):
         load_config(None, ["train.keep_checkpoints='some'"])
+
+
+@pytest.mark.parametrize(("argv", "value"), [([], "false"), (["--jobs"], "true")])
+def test_ui_runs_mlflow_jobs_only_with_the_flag(tmp_path, monkeypatch, argv, value):
+    """The server ``tntbench ui`` starts gets MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false unless
+    --jobs, whatever the caller's environment says."""
+    import subprocess
+
+    import suite.tracking as tracking
+    from suite.cli import main
+
+    started = []
+
+    class FakeServer:
+        pid = -1
+
+        def __init__(self, cmd, **kwargs):
+            started.append((cmd, kwargs))
+
+        def wait(self, timeout=None):
+            return 0
+
+    monkeypatch.setenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "true" if value == "false" else "0")
+    monkeypatch.setattr(subprocess, "Popen", FakeServer)
+    monkeypatch.setattr(tracking, "_stop_group", lambda proc: None)
+    uri = f"sqlite:///{tmp_path}/m.db"
+    assert main(["ui", "--tracking-uri", uri, "--port", "5999", *argv]) == 0
+    ((cmd, kwargs),) = started
+    assert cmd[cmd.index("--backend-store-uri") + 1] == uri
+    assert kwargs["env"]["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == value
+    assert kwargs["env"]["PATH"] == os.environ["PATH"]  # the rest of the environment as is
