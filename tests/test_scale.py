@@ -48,15 +48,45 @@ def test_new_store_is_wal_with_normal_sync_and_current_statistics(tmp_path, monk
     assert bulk[ids[2]] == [(s, 20.0 + s) for s in range(20)] and bulk[run.run_id] == []
 
 
-def test_select_runs_matches_what_the_store_filters(tmp_path):
+def test_select_runs_and_sql_reads_match_what_mlflow_searches(tmp_path, monkeypatch):
+    """``runs`` read by SQL equals MLflow's ``search_runs`` (order, params, NaN and latest
+    metrics, tags, filters, deleted runs left out), and ``select_runs`` over one read equals
+    the store's filters."""
+    import math
+
+    import pandas as pd
+
+    import suite.tracking as tracking
+
     tracker = make_tracker(f"sqlite:///{tmp_path}/mlflow.db")
-    for i, (kind, study) in enumerate(
-        [("trial", "a"), ("trial", "b"), ("study", "a"), ("cell", "")]
-    ):
+    kinds = [("trial", "a"), ("trial", "b"), ("study", "a"), ("cell", "")]
+    for i, (kind, study) in enumerate(kinds):
         with tracker.run("e", f"r{i}", {"kind": kind, "study": study}) as run:
+            run.log_params({"p": i, f"only{i}": "x"})
+            run.log_metric_rows([(1, {"m": 1.0 + i, "n": math.nan}), (2, {"m": 10.0 + i})])
             if i == 1:
                 run.fail("x")
+    with tracker.run("e", "deleted", {"kind": "trial"}) as run:
+        pass
+    tracker.client.delete_run(run.run_id)
+    queries = [
+        ((), {}),
+        (("FINISHED",), {"kind": "trial"}),
+        ((None,), {"kind": "trial", "study": "a"}),
+        ((None,), {"kind": "nosuch"}),
+    ]
+    for args, tags in queries:
+        by_sql = tracker.runs("e", *args, **tags)
+        monkeypatch.setattr(tracking, "SQL_RUNS", False)
+        by_mlflow = tracker.runs("e", *args, **tags)
+        monkeypatch.setattr(tracking, "SQL_RUNS", True)
+        assert list(by_sql["run_id"]) == list(by_mlflow["run_id"])  # newest first
+        pd.testing.assert_frame_equal(
+            by_sql[sorted(by_sql.columns)], by_mlflow[sorted(by_mlflow.columns)], check_dtype=False
+        )
     everything = tracker.runs("e")
+    assert everything["metrics.m"].tolist() == [13.0, 12.0, 11.0, 10.0]  # the latest step's
+    assert everything["metrics.n"].isna().all() and len(everything) == 4
     for status, tags in [
         (None, {"kind": "trial"}),
         ("FINISHED", {"kind": "trial"}),
