@@ -157,9 +157,17 @@ def select_runs(runs: Any, status: str | None = None, **tags: str) -> Any:
     for k, v in tags.items():
         col = f"tags.{k}"
         if col not in runs:
-            return runs.iloc[0:0].reset_index(drop=True)
+            mask &= False
+            break
         mask &= runs[col] == str(v)
-    return runs[mask].reset_index(drop=True)
+    out = runs[mask].reset_index(drop=True)
+    if out.empty:  # as the store answers no runs: the four columns alone
+        return out[["run_id", "run_name", "status", "start_time"]]
+    # as the store would: no column for a param or tag none of the selected runs has (a
+    # study's params.search.storage is not a trial's searched parameter); params and tags
+    # are strings, so an empty column is a missing key (a metric may be NaN: kept)
+    empty = [c for c in out.columns if c.startswith(("params.", "tags.")) and out[c].isna().all()]
+    return out.drop(columns=empty)
 
 
 class _MlflowRun(Run):

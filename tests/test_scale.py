@@ -94,8 +94,12 @@ def test_select_runs_and_sql_reads_match_what_mlflow_searches(tmp_path, monkeypa
         ("FAILED", {}),
         (None, {"nosuch": "x"}),
     ]:
-        want = set(tracker.runs("e", status, **tags)["run_id"])
-        assert set(select_runs(everything, status, **tags)["run_id"]) == want
+        want = tracker.runs("e", status, **tags)
+        got = select_runs(everything, status, **tags)
+        assert set(got["run_id"]) == set(want["run_id"])
+        # the columns the store's own filter gives (no other runs' params and tags)
+        keys = [c for c in want if c.startswith(("params.", "tags."))]
+        assert sorted(c for c in got if c.startswith(("params.", "tags."))) == sorted(keys)
 
 
 def test_report_reads_the_store_once(tmp_path, monkeypatch):
@@ -272,3 +276,36 @@ def test_ui_runs_mlflow_jobs_only_with_the_flag(tmp_path, monkeypatch, argv, val
     assert cmd[cmd.index("--backend-store-uri") + 1] == uri
     assert kwargs["env"]["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == value
     assert kwargs["env"]["PATH"] == os.environ["PATH"]  # the rest of the environment as is
+
+
+def test_report_status_and_rerun_on_hundreds_of_cloned_runs(tmp_path):
+    """A store shaped like the suite's own at a few hundred runs (benchmarks/bench_scale.py's
+    clones of a real cell and a real trial): every cloned cell is the matrix's own (status
+    counts them finished, a rerun skips them all), the report's rows add up and its
+    importances come from the cloned trials' float lr."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import bench_scale
+
+    from suite.outputs.report import build_report
+    from suite.studies.matrix import run_matrix
+    from suite.studies.workers import count_states, status_table
+
+    n = 300
+    template, _ = bench_scale.build_template(tmp_path, epochs=20)
+    uri, m, _ = bench_scale.build_store(tmp_path, template, n)
+    tracker = make_tracker(uri)
+    table = status_table(m, tracker, bench_scale.TINY, None)
+    assert count_states(table) == f"{n} finished"
+    res = run_matrix(m, tracker, bench_scale.TINY, progress=False)
+    assert (res.ran, res.skipped, res.failed) == (0, n, 0)
+    rep = build_report(tracker, out=tmp_path / "rep")
+    assert rep.tables["main"]["n"].sum() == n
+    best = rep.tables[f"search_{bench_scale.STUDY}_best"]
+    assert f"{n} complete" in best.attrs["note"]
+    imp = rep.tables[f"search_{bench_scale.STUDY}_importances"]
+    assert set(imp["param"]) == {"model.inner_heads", "train.lr"}
+    assert imp.iloc[0]["param"] == "model.inner_heads"  # top-1 moves 5 points a head step
+    curves = tracker.metric_histories(list(res.runs["run_id"][:3]), "val_top1")
+    assert all(steps[-1][0] == 20 for steps in curves.values())  # stretched to 20 epochs
