@@ -6,6 +6,7 @@ This is the only module that imports mlflow.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import sys
 import tempfile
@@ -449,11 +450,16 @@ class MlflowTracker(Tracker):
         # get-history-bulk): used where the store is one, else one request per run
         store = getattr(getattr(self.client._client, "_tracking_client", None), "store", None)
         bulk = getattr(store, "get_metric_history_bulk", None)
-        if bulk is None:
+        engine = self._sql_engine()
+        if bulk is None and engine is None:
             return super().metric_histories(run_ids, key)
         out: dict[str, list[tuple[int, float]]] = {rid: [] for rid in run_ids}
         for i in range(0, len(run_ids), 500):  # well under SQLite's bound parameters
             chunk = run_ids[i : i + 500]
+            if engine is not None:  # plain rows: the ORM's objects cost 60 us a point
+                for rid, step, value in _histories_by_sql(engine, chunk, key):
+                    out[rid].append((step, value))
+                continue
             for m in bulk(chunk, key, max_results=2**31 - 1):
                 out[m.run_id].append((m.step, m.value))
         return out
@@ -600,6 +606,20 @@ def _runs_by_sql(engine: Any, experiment_id: str, status: str | None, tags: Mapp
     out = pd.concat(parts, axis=1).loc[runs["run_id"]]
     out.columns.name = None
     return out.rename_axis("run_id").reset_index()
+
+
+def _histories_by_sql(engine: Any, run_ids: list[str], key: str) -> list[tuple[str, int, float]]:
+    """(run ID, step, value) of ``key`` for the runs, in the order of MLflow's bulk history
+    (run, timestamp, step, value); NaN where MLflow stored NaN."""
+    from sqlalchemy import bindparam, text
+
+    query = text(
+        "SELECT run_uuid, step, CASE WHEN is_nan THEN NULL ELSE value END FROM metrics "
+        "WHERE key = :key AND run_uuid IN :ids ORDER BY run_uuid, timestamp, step, value"
+    ).bindparams(bindparam("ids", expanding=True))
+    with engine.connect() as con:
+        rows = con.execute(query, {"key": key, "ids": list(run_ids)})
+        return [(r, int(s), math.nan if v is None else float(v)) for r, s, v in rows]
 
 
 class _Stop(Exception):
