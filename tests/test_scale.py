@@ -298,8 +298,20 @@ def test_report_status_and_rerun_on_hundreds_of_cloned_runs(tmp_path):
     tracker = make_tracker(uri)
     table = status_table(m, tracker, bench_scale.TINY, None)
     assert count_states(table) == f"{n} finished"
-    res = run_matrix(m, tracker, bench_scale.TINY, progress=False)
+    reads = []
+    original = type(tracker).runs
+
+    def counted(self, *a, **k):
+        reads.append((a, k))
+        return original(self, *a, **k)
+
+    type(tracker).runs = counted
+    try:
+        res = run_matrix(m, tracker, bench_scale.TINY, progress=False)
+    finally:
+        type(tracker).runs = original
     assert (res.ran, res.skipped, res.failed) == (0, n, 0)
+    assert len(reads) == 1 and len(res.runs) == n  # a finished matrix's rerun: one read
     rep = build_report(tracker, out=tmp_path / "rep")
     assert rep.tables["main"]["n"].sum() == n
     best = rep.tables[f"search_{bench_scale.STUDY}_best"]
