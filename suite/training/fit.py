@@ -190,13 +190,14 @@ def _fit(
         final = {**(state.history[-1] if state.history else {}), **profile}
         # peak memory of the training process (CUDA: max allocated; CPU: peak RSS)
         final["best_val_top1"], final["peak_mb"] = state.best, peak_memory_mb(recipe.device)
-        run.log_metrics({"best_val_top1": state.best, "peak_mb": final["peak_mb"]})
+        last = {"best_val_top1": state.best, "peak_mb": final["peak_mb"]}
         if rank == 0:
             _log_artifacts(run, state.history, folder, cfg, state.model)
             if ckpt.enabled:  # what the run keeps once FINISHED, in MB (issue 24)
                 kept = KEEP_CHECKPOINTS[cfg.train.keep_checkpoints]
                 size = sum((folder / n).stat().st_size for n in kept if (folder / n).is_file())
-                run.log_metrics({"checkpoint_mb": size / 2**20})
+                last["checkpoint_mb"] = size / 2**20
+        run.log_metrics(last)  # one request (a search trial's commits add up)
     # the run is FINISHED now (the block above ended it): nothing resumes it, so its last.pt
     # (optimizer state included) goes unless train.keep_checkpoints keeps it
     if ckpt.enabled:
