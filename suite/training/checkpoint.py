@@ -138,8 +138,18 @@ class Checkpointer:
             },
         )
 
+    def kept_size(self, keep: str) -> dict[str, float]:
+        """``checkpoint_mb``: the size of what the run keeps once FINISHED (a metric)."""
+        if not self.enabled:
+            return {}
+        kept = [self.folder / n for n in KEEP_CHECKPOINTS[keep]]
+        return {"checkpoint_mb": sum(p.stat().st_size for p in kept if p.is_file()) / 2**20}
+
     def finish(self, keep: str) -> list[Path]:
-        """The run is FINISHED: remove the checkpoints ``keep`` does not name; the kept files."""
+        """The run is FINISHED: remove the checkpoints ``keep`` does not name; the kept files.
+        A checkpointer that is off (another rank, ``train.checkpoint = false``) removes none."""
+        if not self.enabled:
+            return []
         kept = KEEP_CHECKPOINTS[keep]
         for name in ("best.pt", "last.pt"):
             if name not in kept:

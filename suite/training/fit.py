@@ -193,15 +193,10 @@ def _fit(
         last = {"best_val_top1": state.best, "peak_mb": final["peak_mb"]}
         if rank == 0:
             _log_artifacts(run, state.history, folder, cfg, state.model)
-            if ckpt.enabled:  # what the run keeps once FINISHED, in MB (issue 24)
-                kept = KEEP_CHECKPOINTS[cfg.train.keep_checkpoints]
-                size = sum((folder / n).stat().st_size for n in kept if (folder / n).is_file())
-                last["checkpoint_mb"] = size / 2**20
+            last.update(ckpt.kept_size(cfg.train.keep_checkpoints))
         run.log_metrics(last)  # one request (a search trial's commits add up)
-    # the run is FINISHED now (the block above ended it): nothing resumes it, so its last.pt
-    # (optimizer state included) goes unless train.keep_checkpoints keeps it
-    if ckpt.enabled:
-        ckpt.finish(cfg.train.keep_checkpoints)
+    # FINISHED now (the block ended the run): nothing resumes it, last.pt goes unless kept
+    ckpt.finish(cfg.train.keep_checkpoints)
     return TrainResult(run.run_id, final, state.history, str(folder), state.best)
 
 
