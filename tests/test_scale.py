@@ -321,3 +321,14 @@ def test_report_status_and_rerun_on_hundreds_of_cloned_runs(tmp_path):
     assert imp.iloc[0]["param"] == "model.inner_heads"  # top-1 moves 5 points a head step
     curves = tracker.metric_histories(list(res.runs["run_id"][:3]), "val_top1")
     assert all(steps[-1][0] == 20 for steps in curves.values())  # stretched to 20 epochs
+
+
+def test_a_new_optuna_sqlite_storage_starts_in_wal(tmp_path):
+    """The search's own SQLite storage: WAL, synchronous=NORMAL on Optuna's connections."""
+    from suite.studies.storage import open_storage
+
+    storage = open_storage(f"sqlite:///{tmp_path}/optuna.db", 10, 30, 2)
+    con = sqlite3.connect(tmp_path / "optuna.db")
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    with storage.engine.connect() as c:
+        assert c.exec_driver_sql("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
