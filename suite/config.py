@@ -80,6 +80,9 @@ class TrainConfig:
     device: str = "auto"
     out_dir: str = "runs"  # checkpoints go to out_dir/<run id or name>/
     checkpoint: bool = True
+    # what a FINISHED run keeps (suite.training.checkpoint.KEEP_CHECKPOINTS): "best" its
+    # weights-only best.pt, "all" last.pt (optimizer state) too, "none" nothing
+    keep_checkpoints: str = "best"
 
 
 @dataclass(frozen=True)
@@ -337,6 +340,13 @@ def _validate_train(t: TrainConfig) -> None:
     amps = ("auto", *PRECISIONS)
     need(t.amp in amps, "train.amp", t.amp, f"must be one of {', '.join(amps)}")
     need(0 < t.ema_decay < 1, "train.ema_decay", t.ema_decay, "must be in (0, 1)")
+    keeps = ("best", "all", "none")  # suite.training.checkpoint.KEEP_CHECKPOINTS
+    need(
+        t.keep_checkpoints in keeps,
+        "train.keep_checkpoints",
+        t.keep_checkpoints,
+        f"must be one of {', '.join(keeps)}",
+    )
     devs = ("auto", "cpu", "cuda")
     need(
         t.device in devs or t.device.startswith("cuda:"),

@@ -6,6 +6,7 @@ This is the only module that imports mlflow.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import sys
 import tempfile
@@ -53,7 +54,11 @@ class Run:
 
     def set_tags(self, tags: Mapping[str, Any]) -> None: ...
 
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+    def log_artifact(
+        self, path: str | Path, artifact_path: str | None = None, link: bool = False
+    ) -> None:
+        """Copy the file into the run's artifacts; with ``link``, a hard link to it instead
+        where the artifacts are a local folder on the same disk (one copy of a checkpoint)."""
 
     def log_dict(self, data: Any, artifact_file: str) -> None: ...
 
@@ -99,6 +104,11 @@ class Tracker:
 
     def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
         return []
+
+    def metric_histories(self, run_ids: list[str], key: str) -> dict[str, list[tuple[int, float]]]:
+        """``key``'s (step, value) history of each run, read in as few queries as the store
+        allows (one per metric and 500 runs on a database store, not one per run)."""
+        return {rid: self.metric_history(rid, key) for rid in run_ids}
 
     def attach(self, run_id: str) -> Run:
         """An existing run, to log more onto it (its status is left as it is)."""
@@ -183,6 +193,26 @@ def _quote(value: str) -> str:
     raise UserError(f"{value!r}: a name with both ' and \" cannot be searched for in MLflow")
 
 
+def select_runs(runs: Any, status: str | None = None, **tags: str) -> Any:
+    """The rows of a ``Tracker.runs`` frame that ``runs(experiment, status, **tags)`` would have
+    returned: a command that needs several subsets reads the store once and selects here."""
+    mask = runs["status"] == status if status is not None else runs["run_id"].notna()
+    for k, v in tags.items():
+        col = f"tags.{k}"
+        if col not in runs:
+            mask &= False
+            break
+        mask &= runs[col] == str(v)
+    out = runs[mask].reset_index(drop=True)
+    if out.empty:  # as the store answers no runs: the four columns alone
+        return out[["run_id", "run_name", "status", "start_time"]]
+    # as the store would: no column for a param or tag none of the selected runs has (a
+    # study's params.search.storage is not a trial's searched parameter); params and tags
+    # are strings, so an empty column is a missing key (a metric may be NaN: kept)
+    empty = [c for c in out.columns if c.startswith(("params.", "tags.")) and out[c].isna().all()]
+    return out.drop(columns=empty)
+
+
 class _MlflowRun(Run):
     def __init__(self, client: Any, run_id: str) -> None:
         self.client = client
@@ -230,8 +260,32 @@ class _MlflowRun(Run):
         items = [RunTag(k, redact(str(v))) for k, v in tags.items()]
         self.client.log_batch(self.run_id, tags=items, synchronous=True)
 
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+    def log_artifact(
+        self, path: str | Path, artifact_path: str | None = None, link: bool = False
+    ) -> None:
+        if link and self._link_artifact(Path(path), artifact_path):
+            return
         self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def _link_artifact(self, path: Path, artifact_path: str | None) -> bool:
+        """Hard-link ``path`` into a local artifact folder (what MLflow's local repository's
+        copy would be, byte for byte, without a second copy on disk); False where the
+        artifacts are elsewhere (a server, S3) or the link fails (another disk)."""
+        from urllib.parse import urlparse
+
+        from mlflow.utils.file_utils import local_file_uri_to_path
+
+        uri = self.client.get_run(self.run_id).info.artifact_uri
+        if urlparse(uri).scheme not in ("", "file"):
+            return False
+        dst = Path(local_file_uri_to_path(uri)) / (artifact_path or "") / path.name
+        try:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.unlink(missing_ok=True)
+            os.link(path, dst)
+        except OSError:
+            return False
+        return True
 
     def log_dict(self, data: Any, artifact_file: str) -> None:
         self.client.log_dict(self.run_id, redact_data(data), artifact_file)
@@ -482,6 +536,25 @@ class MlflowTracker(Tracker):
     def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
         return [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]
 
+    def metric_histories(self, run_ids: list[str], key: str) -> dict[str, list[tuple[int, float]]]:
+        # MLflow's client has no bulk history call, its database store has (the server's
+        # get-history-bulk): used where the store is one, else one request per run
+        store = getattr(getattr(self.client._client, "_tracking_client", None), "store", None)
+        bulk = getattr(store, "get_metric_history_bulk", None)
+        engine = self._sql_engine()
+        if bulk is None and engine is None:
+            return super().metric_histories(run_ids, key)
+        out: dict[str, list[tuple[int, float]]] = {rid: [] for rid in run_ids}
+        for i in range(0, len(run_ids), 500):  # well under SQLite's bound parameters
+            chunk = run_ids[i : i + 500]
+            if engine is not None:  # plain rows: the ORM's objects cost 60 us a point
+                for rid, step, value in _histories_by_sql(engine, chunk, key):
+                    out[rid].append((step, value))
+                continue
+            for m in bulk(chunk, key, max_results=2**31 - 1):
+                out[m.run_id].append((m.step, m.value))
+        return out
+
     def attach(self, run_id: str) -> Run:
         return _MlflowRun(self.client, run_id)
 
@@ -530,6 +603,9 @@ class MlflowTracker(Tracker):
         where = filter_string(status, **tags)
 
         exp = self.client.get_experiment_by_name(experiment)
+        engine = self._sql_engine()
+        if exp is not None and engine is not None:
+            return _runs_by_sql(engine, exp.experiment_id, status, tags)
         rows = []
         if exp is not None:
             token = None
@@ -555,14 +631,109 @@ class MlflowTracker(Tracker):
             rows, columns=None if rows else ["run_id", "run_name", "status", "start_time"]
         )
 
+    def _sql_engine(self) -> Any:
+        """The SQLAlchemy engine behind MLflow's plain database store (SQLite, PostgreSQL,
+        MySQL), for ``runs`` to read in four queries; None for a server, another store, or a
+        subclass that filters what it returns (workspaces), which go through ``search_runs``."""
+        if not SQL_RUNS:
+            return None
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        store = getattr(getattr(self.client._client, "_tracking_client", None), "store", None)
+        return store.engine if type(store) is SqlAlchemyStore else None
+
+
+# ``runs`` on a database store reads MLflow's tables in four queries (runs, params, tags,
+# latest metrics) instead of ``search_runs``, whose ORM builds an object per param, tag and
+# metric: 6-7 s for 1,000 runs of the suite's shape, against a fraction of a second (issue 24;
+# benchmarks/bench_scale.py). False: always ``search_runs`` (the tests compare the two).
+SQL_RUNS = True
+
+
+def _runs_by_sql(engine: Any, experiment_id: str, status: str | None, tags: Mapping) -> Any:
+    """What ``search_runs`` returns for the experiment's active runs with ``status`` and tag
+    values, as ``MlflowTracker.runs``'s frame: newest first (then by run ID), each run's
+    params, latest metrics (NaN where MLflow stored NaN) and tags."""
+    import pandas as pd
+    from sqlalchemy import text
+
+    where = ["experiment_id = :exp", "lifecycle_stage = 'active'"]
+    args: dict[str, Any] = {"exp": int(experiment_id)}
+    if status is not None:
+        where.append("status = :status")
+        args["status"] = status
+    for i, (k, v) in enumerate(tags.items()):
+        where.append(f"run_uuid IN (SELECT run_uuid FROM tags WHERE key = :k{i} AND value = :v{i})")
+        args[f"k{i}"], args[f"v{i}"] = k, str(v)
+    chosen = f"SELECT run_uuid FROM runs WHERE {' AND '.join(where)}"
+    with engine.connect() as con:
+        # rows as plain tuples: pandas probes SQLAlchemy's Row objects attribute by attribute
+        runs = pd.DataFrame(
+            map(
+                tuple,
+                con.execute(
+                    text(
+                        f"SELECT run_uuid, name, status, start_time FROM runs WHERE "
+                        f"{' AND '.join(where)} ORDER BY start_time DESC, run_uuid"
+                    ),
+                    args,
+                ),
+            ),
+            columns=["run_id", "run_name", "status", "start_time"],
+        )
+        parts = [runs.set_index("run_id")]
+        for table, prefix, value in (
+            ("params", "params.", "value"),
+            ("latest_metrics", "metrics.", "CASE WHEN is_nan THEN NULL ELSE value END"),
+            ("tags", "tags.", "value"),
+        ):
+            rows = con.execute(
+                text(f"SELECT run_uuid, key, {value} FROM {table} WHERE run_uuid IN ({chosen})"),
+                args,
+            )
+            long = pd.DataFrame(map(tuple, rows), columns=["run_id", "key", "value"])
+            if table == "latest_metrics":
+                long["value"] = long["value"].astype(float)  # NULL (MLflow's NaN) -> NaN
+            wide = long.pivot(index="run_id", columns="key", values="value")
+            parts.append(wide.add_prefix(prefix))
+    if runs.empty:
+        return runs
+    out = pd.concat(parts, axis=1).loc[runs["run_id"]]
+    out.columns.name = None
+    return out.rename_axis("run_id").reset_index()
+
+
+def _histories_by_sql(engine: Any, run_ids: list[str], key: str) -> list[tuple[str, int, float]]:
+    """(run ID, step, value) of ``key`` for the runs, in the order of MLflow's bulk history
+    (run, timestamp, step, value); NaN where MLflow stored NaN."""
+    from sqlalchemy import bindparam, text
+
+    query = text(
+        "SELECT run_uuid, step, CASE WHEN is_nan THEN NULL ELSE value END FROM metrics "
+        "WHERE key = :key AND run_uuid IN :ids ORDER BY run_uuid, timestamp, step, value"
+    ).bindparams(bindparam("ids", expanding=True))
+    with engine.connect() as con:
+        rows = con.execute(query, {"key": key, "ids": list(run_ids)})
+        return [(r, int(s), math.nan if v is None else float(v)) for r, s, v in rows]
+
 
 class _Stop(Exception):
     """SIGTERM arrived while the UI ran."""
 
 
-def serve_ui(uri: str | None = None, port: int = 0, host: str = "127.0.0.1") -> int:
+def ui_env(jobs: bool = False) -> dict[str, str]:
+    """The environment of the server ``tntbench ui`` starts: MLflow's job runner (GenAI jobs:
+    a Huey consumer and its workers, 12 processes and 2.4 GB against 4 and 0.6 GB without, and
+    a first search over 1,000 runs 22-33 s against 8 s; issue 24) only with ``--jobs``."""
+    return {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "true" if jobs else "false"}
+
+
+def serve_ui(
+    uri: str | None = None, port: int = 0, host: str = "127.0.0.1", jobs: bool = False
+) -> int:
     """Run ``mlflow server`` on the store (loopback, a free port by default) until Ctrl-C or
-    SIGTERM, which stop the server's whole process group (its own session) too."""
+    SIGTERM, which stop the server's whole process group (its own session) too; MLflow's job
+    execution only with ``jobs`` (``ui_env``)."""
     import signal
     import socket
     import threading
@@ -588,7 +759,7 @@ def serve_ui(uri: str | None = None, port: int = 0, host: str = "127.0.0.1") -> 
         signal.signal(signal.SIGTERM, on_term)
     # its own session: a terminal's Ctrl-C reaches only us, and we stop the whole group;
     # guarded, so that the group stops too when this process is killed -9
-    proc = start_guarded(cmd)
+    proc = start_guarded(cmd, env=ui_env(jobs))
     try:
         return proc.wait()
     except (KeyboardInterrupt, _Stop):
@@ -653,13 +824,16 @@ def open_store(uri: str, make_client: Any) -> Any:
     with FileLock(f"{db}.lock", timeout=120):
         _check_half_built(uri, db)
         new = not db.is_file() or db.stat().st_size == 0
+        tune_sqlite(db, created=new)
         try:
-            return _probe(uri, make_client)
+            client = _probe(uri, make_client)
         except UserError:
             if new:  # its creation failed (disk full, a file-size limit): leave no half store
                 for suffix in ("", "-journal", "-wal", "-shm"):
                     Path(f"{db}{suffix}").unlink(missing_ok=True)
             raise
+        tune_sqlite(db)  # MLflow's schema is there now: its statistics
+        return client
 
 
 def _in_memory(uri: str) -> bool:
@@ -669,6 +843,80 @@ def _in_memory(uri: str) -> bool:
         return False
     path, _, query = uri.removeprefix("sqlite:").lstrip("/").partition("?")
     return path in ("", ":memory:") or path.startswith("file::memory:") or "mode=memory" in query
+
+
+# A table this many rows larger than its statistics say is analyzed again: SQLite without
+# current ``ANALYZE`` statistics answers MLflow's history query from the wrong index and scans
+# that metric for every run (26 ms a run at 1,000 runs, 0.1 ms after ANALYZE; issue 24).
+STATS_GROWTH = 2
+STATS_MIN_ROWS = 1000
+# ANALYZE samples about this many rows per index: seconds become milliseconds on large stores,
+# and rough counts are all the planner needs to pick the run's index
+ANALYSIS_LIMIT = 1000
+
+
+def tune_sqlite(db: Path, created: bool = False) -> None:
+    """The suite's SQLite stores: a store it is about to create starts in WAL mode (commits
+    append to a log instead of rewriting pages; readers do not block the writer), and every
+    store's planner statistics are refreshed when the metrics have grown past them. WAL is a
+    property of the file, kept by every later connection; ``sqlite_pragmas`` (installed here,
+    before MLflow or Optuna connect) sets synchronous=NORMAL on each."""
+    import sqlite3
+
+    _install_sqlite_pragmas()
+    if not created and not db.is_file():
+        return
+    con = sqlite3.connect(db, timeout=60)
+    try:
+        if created:
+            con.execute("PRAGMA journal_mode=WAL")
+        else:
+            refresh_statistics(con)
+    except sqlite3.DatabaseError:  # busy beyond the timeout, or not a database (the probe says)
+        pass
+    finally:
+        con.close()
+
+
+def refresh_statistics(con: Any) -> bool:
+    """``ANALYZE`` (sampled) when the ``metrics`` table has no statistics or has grown
+    ``STATS_GROWTH`` times past them; whether it ran. ``max(rowid)`` is the cheap row count."""
+    tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if "metrics" not in tables:
+        return False
+    rows = con.execute("SELECT max(rowid) FROM metrics").fetchone()[0] or 0
+    known = 0
+    if "sqlite_stat1" in tables:
+        stat = con.execute("SELECT stat FROM sqlite_stat1 WHERE tbl = 'metrics'").fetchone()
+        known = int(stat[0].split()[0]) if stat else 0
+    if rows < STATS_MIN_ROWS or rows <= known * STATS_GROWTH:
+        return False
+    con.execute(f"PRAGMA analysis_limit={ANALYSIS_LIMIT}")
+    con.execute("ANALYZE")
+    con.commit()
+    return True
+
+
+def sqlite_pragmas(dbapi_connection: Any, connection_record: Any = None) -> None:
+    """On each new SQLite connection (MLflow's and Optuna's engines): a WAL file commits with
+    synchronous=NORMAL, no fsync per commit (durable at checkpoints; a power cut may lose the
+    last commits, never corrupt the file). Journal-mode files keep SQLite's default."""
+    import sqlite3
+
+    if not isinstance(dbapi_connection, sqlite3.Connection):
+        return
+    mode = dbapi_connection.execute("PRAGMA journal_mode").fetchone()
+    if mode and str(mode[0]).lower() == "wal":
+        dbapi_connection.execute("PRAGMA synchronous=NORMAL")
+
+
+def _install_sqlite_pragmas() -> None:
+    """``sqlite_pragmas`` on every SQLAlchemy pool of this process, once."""
+    from sqlalchemy import event
+    from sqlalchemy.pool import Pool
+
+    if not event.contains(Pool, "connect", sqlite_pragmas):
+        event.listen(Pool, "connect", sqlite_pragmas)
 
 
 def _sqlite_path(uri: str) -> Path | None:

@@ -108,12 +108,12 @@ def _evil_checkpoint(tmp: Path) -> Path:
 
 
 def _truncated(tmp: Path, ckpt_dir: Path) -> Path:
-    data = (ckpt_dir / "last.pt").read_bytes()
+    data = (ckpt_dir / "best.pt").read_bytes()  # a finished run keeps only its best.pt
     return _write(tmp / "trunc.pt", data[: len(data) // 2])
 
 
 def _other_arch(tmp: Path, ckpt_dir: Path) -> Path:
-    ckpt = torch.load(ckpt_dir / "last.pt", weights_only=True)
+    ckpt = torch.load(ckpt_dir / "best.pt", weights_only=True)
     ckpt["model_name"] = "vit_nano"
     torch.save(ckpt, tmp / "other.pt")
     return tmp / "other.pt"

@@ -432,3 +432,78 @@ def test_tsne_has_a_class_legend():
     # the points of class k have the legend's color k
     pts = fig.axes[0].collections[0].get_facecolors()
     assert tuple(pts[1][:3]) == pytest.approx(colors[1][:3])  # RGB; the points are translucent
+
+
+def _alarm(seconds: int):
+    """A generous bound (no pytest-timeout here): a hang fails the test instead of the job."""
+    import signal
+
+    def stop(signum, frame):
+        raise TimeoutError(f"over {seconds} s")
+
+    signal.signal(signal.SIGALRM, stop)
+    signal.alarm(seconds)
+
+
+def test_importances_keep_float_params_as_floats_on_50_trials():
+    """50 trials with a continuous lr: rebuilt as one category per trial, fANOVA never
+    finished (issue 24); with the space's own distributions it takes seconds and still ranks
+    the parameter that moves top-1 first."""
+    import random
+
+    import pandas as pd
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    from suite.outputs.report import _distribution, importances
+
+    rng = random.Random(0)
+
+    def trials(n: int) -> pd.DataFrame:
+        rows = []
+        for i in range(n):
+            heads, lr, depth = rng.choice([1, 2, 4]), 10 ** rng.uniform(-4, -2), rng.randint(1, 12)
+            # MLflow hands params back as strings
+            rows.append(
+                {
+                    "params.search.model.inner_heads": str(heads),
+                    "params.search.train.lr": str(lr),
+                    "params.search.model.depth": str(depth),
+                    "top-1 mean": 40.0 + 10 * heads + rng.random(),
+                    "run_id": f"r{i}",
+                }
+            )
+        return pd.DataFrame(rows)
+
+    done = trials(50)
+    pcols = [c for c in done if c.startswith("params.search.")]
+    space = {
+        "model.inner_heads": {"choices": [1, 2, 4]},
+        "train.lr": {"low": 1e-4, "high": 1e-2, "log": True},
+        "model.depth": {"low": 1, "high": 12, "log": False},
+    }
+    lr = done["params.search.train.lr"]
+    assert _distribution(lr, space["train.lr"]) == FloatDistribution(1e-4, 1e-2, log=True)
+    assert _distribution(done["params.search.model.depth"], space["model.depth"]) == (
+        IntDistribution(1, 12)
+    )
+    heads = _distribution(done["params.search.model.inner_heads"], space["model.inner_heads"])
+    assert isinstance(heads, CategoricalDistribution) and set(heads.choices) == {"1", "2", "4"}
+    # no space (a study without its parent run): 50 distinct numbers were a range, not choices
+    inferred = _distribution(lr, None)
+    assert isinstance(inferred, FloatDistribution) and not inferred.log
+    assert inferred.low == min(map(float, lr)) and inferred.high == max(map(float, lr))
+    _alarm(240)
+    try:
+        for sp in (space, None):
+            imp = importances(done, pcols, sp)
+            assert set(imp["param"]) == {"model.inner_heads", "train.lr", "model.depth"}
+            assert imp["importance"].sum() == pytest.approx(1.0)
+            assert imp.iloc[0]["param"] == "model.inner_heads"
+            assert imp.iloc[0]["importance"] > 0.8 and imp.attrs["evaluator"] == "fANOVA"
+        # a study past FANOVA_MAX_TRIALS: PED-ANOVA, the same ranking
+        imp = importances(trials(400), pcols, space)
+        assert imp.attrs["evaluator"] == "PED-ANOVA" and imp.iloc[0]["param"] == "model.inner_heads"
+    finally:
+        import signal
+
+        signal.alarm(0)

@@ -244,7 +244,7 @@ def test_compiled_training_keeps_plain_checkpoint_names(tmp_path):
     )
     r = fit(cfg, make_tracker(uri), progress=False)
     assert math.isfinite(r.metrics["train_loss"])
-    ckpt = torch.load(os.path.join(r.checkpoint_dir, "last.pt"), weights_only=True)
+    ckpt = torch.load(os.path.join(r.checkpoint_dir, "best.pt"), weights_only=True)
     create_model(ckpt["model_name"], **ckpt["model_kwargs"]).load_state_dict(ckpt["model"])
     run = mlflow.MlflowClient(uri).get_run(r.run_id)
     assert run.data.tags["compile"] == "whole" and "compile_fallback" not in run.data.tags

@@ -32,7 +32,7 @@ from suite.outputs.report_plots import (
 from suite.studies.matrix import group_runs, varied_columns
 from suite.studies.search import count_line
 from suite.studies.storage import readonly_storage
-from suite.tracking import Tracker
+from suite.tracking import Tracker, select_runs
 
 # The TNT paper's ablations on TNT-S, ImageNet top-1 (Han et al. 2021, arXiv 2103.00112,
 # section 4.3: inner heads, pixel size, positional encodings)
@@ -73,9 +73,10 @@ def _runs_of(tracker: Tracker, experiments: list[str], **tags: str) -> pd.DataFr
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def training_runs(tracker: Tracker, experiments: list[str], matrix: str | None) -> pd.DataFrame:
-    """FINISHED training runs (matrix cells and plain ``tntbench train`` runs), not trials."""
-    df = _runs_of(tracker, experiments, status="FINISHED")
+def training_runs(everything: pd.DataFrame, matrix: str | None) -> pd.DataFrame:
+    """FINISHED training runs (matrix cells and plain ``tntbench train`` runs), not trials,
+    selected from all runs of the report's experiments (read once)."""
+    df = select_runs(everything, status="FINISHED") if not everything.empty else everything
     if df.empty or "metrics.val_top1" not in df:
         return pd.DataFrame()
     df = df[
@@ -246,15 +247,16 @@ def _as_int(v: Any) -> Any:
         return v
 
 
-def search_tables(tracker: Tracker, experiments: list[str], study: str | None) -> dict:
+def search_tables(everything: pd.DataFrame, study: str | None) -> dict:
     """Per study: best trials (captioned with the trial counts ``tntbench search`` prints), the
-    Pareto front (top-1 vs GMACs), and parameter importances once there are enough trials."""
-    trials = _runs_of(tracker, experiments, kind="trial")
+    Pareto front (top-1 vs GMACs), and parameter importances once there are enough trials;
+    from all runs of the report's experiments (read once)."""
+    trials = select_runs(everything, kind="trial") if not everything.empty else everything
     if trials.empty:
         return {}
     if study:
         trials = trials[trials["tags.study"] == study]
-    parents = _runs_of(tracker, experiments, kind="study")
+    parents = select_runs(everything, kind="study")
     out: dict[str, pd.DataFrame] = {}
     for name, g in trials.groupby("tags.study"):
         done = g[g["status"] == "FINISHED"].copy()
@@ -278,9 +280,11 @@ def search_tables(tracker: Tracker, experiments: list[str], study: str | None) -
         front = pareto(done, "top-1 mean", "GMACs")[cols].rename(columns=_short)
         front.attrs["caption"] = f"Search {key}: Pareto front (top-1 vs GMACs)"
         out[f"search_{key}_pareto"] = front
-        imp = importances(done, pcols) if n_complete >= MIN_TRIALS_FOR_IMPORTANCE else None
+        enough = n_complete >= MIN_TRIALS_FOR_IMPORTANCE
+        imp = importances(done, pcols, search_space(parents, str(name))) if enough else None
         if imp is not None and not imp.empty:
-            imp.attrs["caption"] = f"Search {key}: parameter importances (fANOVA)"
+            how = imp.attrs.get("evaluator", "fANOVA")
+            imp.attrs["caption"] = f"Search {key}: parameter importances ({how})"
             out[f"search_{key}_importances"] = imp
         else:
             best.attrs["note"] += ". " + importance_caveat(n_complete)
@@ -345,37 +349,130 @@ def _short(c: str) -> str:
     return {"run_id": "run_ids"}.get(c, c.removeprefix("params.search."))
 
 
-def importances(done: pd.DataFrame, pcols: list[str]) -> pd.DataFrame:
-    """Optuna's fANOVA importances, from the trials' params and val top-1."""
+# fANOVA (a random forest) is the finer ranking but grows with the trials: about 2 s at 300
+# float-valued trials and 22 s at 3,000 on one core; PED-ANOVA (Optuna's evaluator built for
+# large studies) stays about 1 s at 3,000, so it takes over above this many trials (measured,
+# benchmarks/bench_scale.py).
+FANOVA_MAX_TRIALS = 300
+# With no search space to read (a study without its parent run), a numeric parameter with more
+# distinct values than this was sampled from a range, not chosen from a list.
+MAX_INFERRED_CHOICES = 8
+
+
+def importances(
+    done: pd.DataFrame, pcols: list[str], space: dict[str, dict[str, Any]] | None = None
+) -> pd.DataFrame:
+    """Optuna's importances from the trials' params and val top-1, each parameter with its own
+    distribution: a float range stays a float (as a category per trial, fANOVA's cost explodes
+    with the trials), an integer range an int, choices categorical. ``space`` is the search's
+    ``[search.space]`` tables (the study's parent run logs them); without it they are inferred."""
     if len(done) < 3 or not pcols:
         return pd.DataFrame()
     import optuna
-    from optuna.distributions import CategoricalDistribution
 
-    study = optuna.create_study(direction="maximize")
-    dists = {
-        c.removeprefix("params.search."): CategoricalDistribution(sorted({str(v) for v in done[c]}))
-        for c in pcols
-    }
+    names = {c: c.removeprefix("params.search.") for c in pcols}
+    dists = {names[c]: _distribution(done[c], (space or {}).get(names[c])) for c in pcols}
+    trials = []
     for _, r in done.iterrows():
-        params = {c.removeprefix("params.search."): str(r[c]) for c in pcols}
-        study.add_trial(
+        params = {}
+        for c in pcols:
+            v = _as_param(r[c], dists[names[c]])
+            if v is not None:  # a key this trial did not sample (or logged oddly) is left out
+                params[names[c]] = v
+        trials.append(
             optuna.trial.create_trial(
-                params=params, distributions=dists, value=float(r["top-1 mean"])
+                params=params,
+                distributions={k: dists[k] for k in params},
+                value=float(r["top-1 mean"]),
             )
         )
+    study = optuna.create_study(direction="maximize")
+    study.add_trials(trials)
+    evaluator = _evaluator(len(trials))
     try:
-        imp = optuna.importance.get_param_importances(study, evaluator=_evaluator())
+        imp = optuna.importance.get_param_importances(study, evaluator=evaluator)
     except Exception:
         return pd.DataFrame()
-    return pd.DataFrame({"param": list(imp), "importance": list(imp.values())})
+    t = pd.DataFrame({"param": list(imp), "importance": [float(v) for v in imp.values()]})
+    t.attrs["evaluator"] = "fANOVA" if len(trials) <= FANOVA_MAX_TRIALS else "PED-ANOVA"
+    return t
 
 
-def _evaluator() -> Any:
-    """fANOVA with a fixed seed: the same trials give the same importances in every report."""
-    from optuna.importance import FanovaImportanceEvaluator
+def _numbers(values: pd.Series) -> list[float] | None:
+    """The values as floats, or None when any is not a number."""
+    try:
+        return [float(v) for v in values.dropna()]
+    except (TypeError, ValueError):
+        return None
 
-    return FanovaImportanceEvaluator(seed=0)
+
+def _distribution(values: pd.Series, spec: dict[str, Any] | None) -> Any:
+    """The parameter's Optuna distribution: from its ``[search.space]`` table when known (a
+    tied or derived key has none), else a range when it is numeric with many distinct values."""
+    from optuna.distributions import (
+        CategoricalDistribution,
+        FloatDistribution,
+        IntDistribution,
+    )
+
+    nums = _numbers(values)
+    if spec is not None and "low" in spec and "high" in spec and nums is not None:
+        # the space's bounds, widened to the logged values (a resumed study may have changed)
+        low, high = min([float(spec["low"]), *nums]), max([float(spec["high"]), *nums])
+        log = bool(spec.get("log", False)) and low > 0
+        if all(isinstance(spec[k], int) for k in ("low", "high")) and all(
+            n.is_integer() for n in nums
+        ):
+            return IntDistribution(int(low), int(high), log=log)
+        return FloatDistribution(low, high, log=log)
+    if spec is None and nums and len(set(nums)) > MAX_INFERRED_CHOICES:
+        low, high = min(nums), max(nums)
+        if all(n.is_integer() for n in nums):
+            return IntDistribution(int(low), int(high))
+        return FloatDistribution(low, high)
+    return CategoricalDistribution(sorted({str(v) for v in values}))
+
+
+def _as_param(value: Any, dist: Any) -> Any:
+    """An MLflow param (a string) as the distribution's value; None when it cannot be one."""
+    from optuna.distributions import CategoricalDistribution, IntDistribution
+
+    if isinstance(dist, CategoricalDistribution):
+        return str(value)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    if math.isnan(number):
+        return None
+    return int(number) if isinstance(dist, IntDistribution) else number
+
+
+def _evaluator(n_trials: int) -> Any:
+    """fANOVA with a fixed seed (the same trials give the same importances in every report) up
+    to ``FANOVA_MAX_TRIALS``; PED-ANOVA, deterministic and near-flat in the trials, above."""
+    from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvaluator
+
+    if n_trials <= FANOVA_MAX_TRIALS:
+        return FanovaImportanceEvaluator(seed=0)
+    return PedAnovaImportanceEvaluator()
+
+
+def search_space(parents: pd.DataFrame, study: str) -> dict[str, dict[str, Any]] | None:
+    """The study's ``[search.space]`` tables, as its parent run logged them (``search.space``)."""
+    import json
+
+    if parents.empty or "params.search.space" not in parents:
+        return None
+    rows = parents[parents.get("tags.study", pd.Series("", parents.index)) == study]
+    for text in rows["params.search.space"].dropna():
+        try:
+            space = json.loads(text)
+        except ValueError:  # too long for MLflow, logged as its hash
+            continue
+        if isinstance(space, dict):
+            return {k: v for k, v in space.items() if isinstance(v, dict)}
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,8 +488,10 @@ def make_plots(tracker: Tracker, rep: Report, runs: pd.DataFrame) -> None:
         figures["top1_vs_gmacs"] = accuracy_figure(main, "GMACs") if "GMACs" in main else None
         if "train img/s" in main:
             figures["top1_vs_throughput"] = accuracy_figure(main, "train img/s", log_x=True)
+        # one bulk read of every run's history, not one query per run
+        history = tracker.metric_histories(list(runs["run_id"]), "val_top1")
         curves = {
-            str(m): [tracker.metric_history(rid, "val_top1") for rid in g["run_id"]]
+            str(m): [history[rid] for rid in g["run_id"]]
             for m, g in runs.groupby("params.model.name")
         }
         figures["learning_curves"] = learning_curves_figure(curves)
@@ -455,19 +554,23 @@ def build_report(
     from suite.errors import UserError
 
     names = experiments or [e for e in tracker.experiment_names() if e not in ("reports",)]
+    # every run of the experiments, read once; each table selects its own from it
+    everything = _runs_of(tracker, names)
     for flag, kind, value in (("--matrix", "matrix", matrix), ("--study", "study", study)):
-        if value and all(tracker.runs(e, kind=kind, **{kind: value}).empty for e in names):
+        if value and (
+            everything.empty or select_runs(everything, kind=kind, **{kind: value}).empty
+        ):
             raise UserError(f"{flag} {value}: no such {kind} in the store {tracker.uri}")
     out, created = _out_folder(out)
     rep = Report(out)
-    runs = training_runs(tracker, names, matrix)
+    runs = training_runs(everything, matrix)
     if not runs.empty:
         rep.tables["main"] = main_table(runs)
         rep.tables.update(ablation_tables(runs))
         sp = spread_table(runs)
         if sp is not None:
             rep.tables["feature_spread"] = sp
-    rep.tables.update(search_tables(tracker, names, study))
+    rep.tables.update(search_tables(everything, study))
     if not rep.tables:
         if created and not any(out.iterdir()):
             out.rmdir()  # a failed report leaves no empty folder behind
@@ -476,7 +579,7 @@ def build_report(
     if not runs.empty:
         rep.plots.update(viz_figures(tracker, runs, out))
     uri = getattr(tracker, "uri", "")
-    _stamp_and_links(tracker, rep, runs, names)
+    _stamp_and_links(tracker, rep, runs, everything)
     write_outputs(rep, uri)
     with tracker.run("reports", f"report/{out.name}", {"kind": "report"}) as run:
         for f in sorted(out.iterdir()):
@@ -485,10 +588,12 @@ def build_report(
     return rep
 
 
-def _stamp_and_links(tracker: Tracker, rep: Report, runs: pd.DataFrame, names: list[str]) -> None:
+def _stamp_and_links(
+    tracker: Tracker, rep: Report, runs: pd.DataFrame, everything: pd.DataFrame
+) -> None:
     """The header's stamp (device and dtype over every run shown, trials included), and each
     shown run's experiment ID for its link."""
-    trials = _runs_of(tracker, names, kind="trial")
+    trials = select_runs(everything, kind="trial") if not everything.empty else everything
     everything = pd.concat([f for f in (runs, trials) if not f.empty] or [pd.DataFrame()])
     rep.header = stamp(everything, getattr(tracker, "uri", ""))
     experiment_id = getattr(tracker, "experiment_id", None)

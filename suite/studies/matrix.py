@@ -43,7 +43,7 @@ from suite.config import (
     with_values,
 )
 from suite.errors import MissingPathError, UserError, parse_assignment, redact
-from suite.tracking import Tracker, flatten, process_is_gone
+from suite.tracking import Tracker, flatten, process_is_gone, select_runs
 
 
 @dataclass
@@ -166,24 +166,43 @@ class MatrixResult:
     runs: pd.DataFrame  # one row per finished cell: its MLflow metrics
 
 
-def finished_digests(tracker: Tracker, experiment: str) -> dict[str, str]:
+def _read(
+    tracker: Tracker, experiment: str, runs: pd.DataFrame | None, status: str | None = None, **tags
+) -> pd.DataFrame:
+    """``tracker.runs(experiment, status, **tags)``, or the same selected from ``runs`` (all of
+    the experiment's runs, read once by the caller)."""
+    if runs is None:
+        return tracker.runs(experiment, status, **tags)
+    return select_runs(runs, status, **tags) if len(runs) else runs
+
+
+def finished_digests(
+    tracker: Tracker, experiment: str, runs: pd.DataFrame | None = None
+) -> dict[str, str]:
     """cell hash -> run ID of the FINISHED cell runs already in the experiment."""
-    df = tracker.runs(experiment, status="FINISHED", kind="cell")
+    df = _read(tracker, experiment, runs, "FINISHED", kind="cell")
     if df.empty or "tags.cell_hash" not in df:
         return {}
     return dict(zip(df["tags.cell_hash"], df["run_id"], strict=True))
 
 
-def _parent_run_id(tracker: Tracker, experiment: str, name: str) -> str | None:
-    df = tracker.runs(experiment, kind="matrix", matrix=name)
+def _parent_run_id(
+    tracker: Tracker, experiment: str, name: str, runs: pd.DataFrame | None = None
+) -> str | None:
+    df = _read(tracker, experiment, runs, kind="matrix", matrix=name)
     return None if df.empty else str(df.sort_values("start_time")["run_id"].iloc[0])
 
 
 def open_parent(
-    tracker: Tracker, experiment: str, name: str, cells: list[Cell], path: str | Path
+    tracker: Tracker,
+    experiment: str,
+    name: str,
+    cells: list[Cell],
+    path: str | Path,
+    runs: pd.DataFrame | None = None,
 ) -> str:
     """The matrix's parent run ID: the existing one, or a new one with the matrix's params."""
-    known = _parent_run_id(tracker, experiment, name)
+    known = _parent_run_id(tracker, experiment, name, runs)
     if known is not None:
         return known
     with tracker.run(experiment, f"matrix/{name}", {"kind": "matrix", "matrix": name}) as parent:
@@ -194,13 +213,18 @@ def open_parent(
 
 
 def finish_parent(
-    parent: Any, tracker: Tracker, experiment: str, name: str, cells: list[Cell]
+    parent: Any,
+    tracker: Tracker,
+    experiment: str,
+    name: str,
+    cells: list[Cell],
+    runs: pd.DataFrame | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, int]:
     """Summary, finished cell runs and failed count, logged onto the parent: the summary as
     text and CSV, and per group the mean top-1 and img/s (so the collapsed parent row in the
     MLflow UI already answers the matrix's question)."""
     wanted = {c.digest for c in cells}
-    runs = cell_runs(tracker, experiment, name, wanted)
+    runs = cell_runs(tracker, experiment, name, wanted, runs)
     summary = summarize(runs, seeds=len({c.seed for c in cells}))
     got = set(runs["tags.cell_hash"]) if len(runs) else set()
     failed = len(wanted - got)
@@ -225,18 +249,23 @@ def run_matrix(
     the cells not FINISHED yet, and a cell cut short by a killed process goes on in its run."""
     name, base, cells = expand(path, sets)
     experiment = base.get("tracking", {}).get("experiment") or name
-    done = finished_digests(tracker, experiment)
+    # the experiment's runs read once: finished cells, the parent and cut-short cells all
+    # come from it (a rerun of a finished 1,000-cell matrix read them four times; issue 24)
+    everything = tracker.runs(experiment)
+    done = finished_digests(tracker, experiment, everything)
     todo = [c for c in cells if c.digest not in done]
     check_paths(todo, path)
-    parent_id = open_parent(tracker, experiment, name, cells, path)
-    running = unfinished_cells(tracker, experiment, name)
+    parent_id = open_parent(tracker, experiment, name, cells, path, everything)
+    running = unfinished_cells(tracker, experiment, name, everything)
     bar = _MatrixBar(cells, todo, name) if progress else None
     with tracker.run(experiment, f"matrix/{name}", run_id=parent_id) as parent:
         for cell in todo:
             _run_or_skip(cell, running, bar, name, experiment, parent_id, tracker, profile_steps)
         if bar is not None:
             bar.close()
-        summary, runs, failed = finish_parent(parent, tracker, experiment, name, cells)
+        # nothing ran: the runs read at the start are still the store's
+        known = everything if not todo else None
+        summary, runs, failed = finish_parent(parent, tracker, experiment, name, cells, known)
     return MatrixResult(name, parent_id, len(todo), len(cells) - len(todo), failed, summary, runs)
 
 
@@ -325,12 +354,14 @@ def check_paths(cells: list[Cell], path: str | Path) -> None:
 RESUMABLE = ("RUNNING", "KILLED")
 
 
-def unfinished_cells(tracker: Tracker, experiment: str, matrix: str) -> dict:
+def unfinished_cells(
+    tracker: Tracker, experiment: str, matrix: str, runs: pd.DataFrame | None = None
+) -> dict:
     """cell hash -> (run ID, alive) of the matrix's cell runs cut short (``RESUMABLE``), the
     newest per cell: alive while RUNNING unless its process is known to be gone (killed on
     this host)."""
-    df = tracker.runs(experiment, kind="cell", matrix=matrix)
-    df = df[df["status"].isin(RESUMABLE)]
+    df = _read(tracker, experiment, runs, kind="cell", matrix=matrix)
+    df = df[df["status"].isin(RESUMABLE)] if len(df) else df
     out: dict[str, tuple[str, bool]] = {}
     for _, r in df.sort_values("start_time").iterrows() if len(df) else []:
         host, pid = r.get("tags.host", ""), int(r.get("tags.pid", 0) or 0)
@@ -453,13 +484,18 @@ SUMMARY_METRICS = {
 
 
 def cell_runs(
-    tracker: Tracker, experiment: str, matrix: str, digests: set[str] | None = None
+    tracker: Tracker,
+    experiment: str,
+    matrix: str,
+    digests: set[str] | None = None,
+    runs: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """The matrix's FINISHED cell runs (newest per cell hash), one row each; with ``digests``
     (the current cells' config hashes) only those: runs of an earlier version of the matrix
     (train.epochs edited, say) are other cells, and pooling them with the new runs would
-    count them as extra seeds. How many were left out is said on stderr."""
-    df = tracker.runs(experiment, status="FINISHED", kind="cell", matrix=matrix)
+    count them as extra seeds. How many were left out is said on stderr. ``runs``: the
+    experiment's runs already read (one read per command), else they are read here."""
+    df = _read(tracker, experiment, runs, "FINISHED", kind="cell", matrix=matrix)
     if df.empty:
         return df
     df = df.sort_values("start_time").drop_duplicates("tags.cell_hash", keep="last")

@@ -53,7 +53,13 @@ def open_storage(url: str, heartbeat_interval: int, grace_period: int, max_retry
             f"postgresql+psycopg://..., or a path ending in .journal)"
         )
     if url.startswith("sqlite:///") and url != "sqlite:///:memory:":  # a new folder is made
-        _writable_file(url.removeprefix("sqlite:///").partition("?")[0], url)  # no ?options
+        db = Path(url.removeprefix("sqlite:///").partition("?")[0])  # no ?options
+        _writable_file(str(db), url)  # its folder made, the file writable: else one line
+        # a file the suite creates starts in WAL mode, committed with synchronous=NORMAL:
+        # Optuna commits ~27 times a trial, each an fsync'd page rewrite otherwise (issue 24)
+        from suite.tracking import tune_sqlite
+
+        tune_sqlite(db, created=not db.is_file() or db.stat().st_size == 0)
     try:
         # Optuna builds a new database's schema on first open: two processes doing that at
         # once collide (a unique violation in PostgreSQL's catalog), so one at a time

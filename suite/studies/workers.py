@@ -343,10 +343,16 @@ def status_table(
     experiment = base.get("tracking", {}).get("experiment") or name
     runs = tracker.runs(experiment, kind="cell", matrix=name)
     queued = _queue_states(storage, name, tracker.uri)
+    # one pass over the runs, oldest first, grouped by cell (not a pandas filter per cell:
+    # 5-15 ms each, 45 s for 1,000 cells; issue 24)
+    by_cell: dict[str, list[dict[str, Any]]] = {}
+    if len(runs):
+        for r in runs.sort_values("start_time", kind="stable").to_dict("records"):
+            by_cell.setdefault(r.get("tags.cell_hash"), []).append(r)
     rows = []
     for c in cells:
-        mine = runs[runs["tags.cell_hash"] == c.digest] if len(runs) else runs
-        rows.append({"cell": c.index, "run name": c.run_name, **_state(mine, queued.get(c.digest))})
+        state = _state(by_cell.get(c.digest, []), queued.get(c.digest))
+        rows.append({"cell": c.index, "run name": c.run_name, **state})
     return pd.DataFrame(rows)
 
 
@@ -367,17 +373,15 @@ def _queue_states(storage: str | None, name: str, tracking_uri: str) -> dict[str
     return MatrixQueue(storage, name).states()
 
 
-def _state(runs: pd.DataFrame, trial: dict[str, Any] | None) -> dict[str, Any]:
-    """A cell's state: MLflow's FINISHED wins; else the queue's; else the newest run's."""
+def _state(runs: list[dict[str, Any]], trial: dict[str, Any] | None) -> dict[str, Any]:
+    """A cell's state from its runs (oldest first): MLflow's FINISHED wins (the newest
+    finished run); else the queue's; else the newest run's."""
     row = {"state": "todo", "worker": "", "since": "", "run": ""}
-    if len(runs):
-        newest = runs.sort_values("start_time").iloc[-1]
-        finished = runs[runs["status"] == "FINISHED"]
-        r = finished.iloc[-1] if len(finished) else newest
+    if runs:
+        finished = [r for r in runs if r["status"] == "FINISHED"]
+        r = finished[-1] if finished else runs[-1]
         row.update(state=str(r["status"]).lower(), run=str(r["run_id"])[:8])
-        start = r["start_time"]  # epoch ms from MLflow
-        unit = "ms" if pd.api.types.is_number(start) else None
-        row["since"] = pd.to_datetime(start, unit=unit).strftime("%Y-%m-%d %H:%M:%S")
+        row["since"] = _since(r["start_time"])
         if r["status"] == "RUNNING":
             row["worker"] = f"{r.get('tags.host', '')}:{r.get('tags.pid', '')}"
         if r["status"] == "FINISHED":
@@ -387,6 +391,19 @@ def _state(runs: pd.DataFrame, trial: dict[str, Any] | None) -> dict[str, Any]:
         if trial["since"] is not None:
             row["since"] = trial["since"].strftime("%Y-%m-%d %H:%M:%S")
     return row
+
+
+def _since(start: Any) -> str:
+    """MLflow's start time (epoch ms; a datetime from elsewhere) as UTC text, as pandas'
+    ``to_datetime(ms, unit="ms")`` wrote it, without pandas per cell."""
+    import datetime as dt
+    import numbers
+
+    if isinstance(start, numbers.Real):  # numpy's integers too
+        when = dt.datetime.fromtimestamp(start / 1000, tz=dt.UTC)
+    else:
+        when = pd.to_datetime(start)
+    return when.strftime("%Y-%m-%d %H:%M:%S")
 
 
 STATES = ("finished", "running", "waiting", "failed", "killed", "todo")

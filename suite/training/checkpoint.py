@@ -98,9 +98,20 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path: s
         raise UserError(f"checkpoint {path} does not fit the model: {detail[:300]}") from None
 
 
+# What a FINISHED run keeps (``train.keep_checkpoints``). A running or interrupted run always
+# has its ``last.pt`` (everything ``--resume`` needs); once FINISHED nothing resumes it, and the
+# optimizer's moments (AdamW: 2 x the weights) are dead weight in every cell of a study.
+KEEP_CHECKPOINTS = {
+    "best": ("best.pt",),  # the weights-only best (default): viz, teachers, fine-tuning
+    "all": ("best.pt", "last.pt"),  # last.pt too, with its optimizer state
+    "none": (),
+}
+
+
 class Checkpointer:
     """The only writer and reader of a run's checkpoints: ``last.pt`` after every epoch,
-    ``best.pt`` on a new best top-1, each holding everything ``--resume`` needs.
+    holding everything ``--resume`` needs, and ``best.pt`` on a new best top-1, weights only
+    (the model, its EMA if any, and what rebuilds it: no optimizer, schedule or RNG state).
 
     ``state`` is a ``TrainState`` (suite.training.engine); ``meta`` the run's fixed entries
     (model name and constructor arguments, config TOML, run ID). ``enabled`` is False on
@@ -109,6 +120,41 @@ class Checkpointer:
 
     def __init__(self, folder: Path, meta: dict[str, Any], enabled: bool = True) -> None:
         self.folder, self.meta, self.enabled = Path(folder), meta, enabled
+
+    def save_best(self, state: Any) -> None:
+        """``best.pt``: the weights of the best epoch, without the optimizer state that only
+        a resume needs (12.3 -> 4 bytes per parameter in fp32, 8 with an EMA)."""
+        if not self.enabled:
+            return
+        ema = state.ema.state_dict() if state.ema is not None else None
+        save_checkpoint(
+            self.folder / "best.pt",
+            {
+                **self.meta,
+                "model": state.model.state_dict(),
+                "ema": ema,
+                "epoch": state.epoch,
+                "best_top1": state.best,
+            },
+        )
+
+    def kept_size(self, keep: str) -> dict[str, float]:
+        """``checkpoint_mb``: the size of what the run keeps once FINISHED (a metric)."""
+        if not self.enabled:
+            return {}
+        kept = [self.folder / n for n in KEEP_CHECKPOINTS[keep]]
+        return {"checkpoint_mb": sum(p.stat().st_size for p in kept if p.is_file()) / 2**20}
+
+    def finish(self, keep: str) -> list[Path]:
+        """The run is FINISHED: remove the checkpoints ``keep`` does not name; the kept files.
+        A checkpointer that is off (another rank, ``train.checkpoint = false``) removes none."""
+        if not self.enabled:
+            return []
+        kept = KEEP_CHECKPOINTS[keep]
+        for name in ("best.pt", "last.pt"):
+            if name not in kept:
+                (self.folder / name).unlink(missing_ok=True)
+        return [self.folder / n for n in kept if (self.folder / n).is_file()]
 
     def save(self, state: Any, name: str = "last.pt") -> None:
         if not self.enabled:
@@ -140,6 +186,11 @@ class Checkpointer:
             raise UserError(
                 f"--resume {path}: a checkpoint of {ckpt.get('model_name')!r}, but "
                 f"the config trains {model_name!r}"
+            )
+        if "model" in ckpt and "optimizer" not in ckpt:
+            raise UserError(
+                f"--resume {path}: weights only (a best.pt), no optimizer state to resume from; "
+                "resume from the run's last.pt, which it keeps until it finishes"
             )
         load_weights(state.model, model_state(ckpt, path), path)
         try:

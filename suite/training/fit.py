@@ -41,7 +41,13 @@ from suite.runtime import (
     seed_everything,
 )
 from suite.tracking import Run, Tracker, environment_tags, flatten, make_tracker
-from suite.training.checkpoint import Checkpointer, load_checkpoint, load_weights, model_state
+from suite.training.checkpoint import (
+    KEEP_CHECKPOINTS,
+    Checkpointer,
+    load_checkpoint,
+    load_weights,
+    model_state,
+)
 from suite.training.data import DataInfo, build_datasets
 from suite.training.engine import (
     Criterion,
@@ -210,10 +216,14 @@ def _fit(
         final = {**(state.history[-1] if state.history else {}), **profile}
         # peak memory of the training process (CUDA: max allocated; CPU: peak RSS)
         final["best_val_top1"], final["peak_mb"] = state.best, peak_memory_mb(recipe.device)
-        run.log_metrics({"best_val_top1": state.best, "peak_mb": final["peak_mb"]})
+        last = {"best_val_top1": state.best, "peak_mb": final["peak_mb"]}
         if rank == 0:
             _log_artifacts(run, state.history, folder, cfg, state.model)
-        return TrainResult(run.run_id, final, state.history, str(folder), state.best)
+            last.update(ckpt.kept_size(cfg.train.keep_checkpoints))
+        run.log_metrics(last)  # one request (a search trial's commits add up)
+    # FINISHED now (the block ended the run): nothing resumes it, last.pt goes unless kept
+    ckpt.finish(cfg.train.keep_checkpoints)
+    return TrainResult(run.run_id, final, state.history, str(folder), state.best)
 
 
 def train_epochs(
@@ -233,7 +243,7 @@ def train_epochs(
             improved = state.finish_epoch(metrics)
             ckpt.save(state, "last.pt")
             if improved:
-                ckpt.save(state, "best.pt")
+                ckpt.save_best(state)
             run.log_metric_rows([*step_rows, (epoch + 1, _epoch_row(metrics))])
             if reason := training_noise(metrics, recipe.device):  # the report marks it
                 run.set_tags({"timing_noisy": f"train img/s, epoch {epoch + 1}: {reason}"})
@@ -683,7 +693,8 @@ def _log_artifacts(run: Run, history: list, ckpt_dir: Path, cfg: Config, model: 
     run.log_figure(fig, "learning_curves.png")
     pyplot().close(fig)
     best = ckpt_dir / "best.pt"
-    if best.is_file():
-        run.log_artifact(best, "checkpoints")
+    if best.is_file() and "best.pt" in KEEP_CHECKPOINTS[cfg.train.keep_checkpoints]:
+        # a link, not a second copy, where the artifact store is a local folder
+        run.log_artifact(best, "checkpoints", link=True)
     if cfg.tracking.log_model:
         run.log_model(model.cpu())
