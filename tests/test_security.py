@@ -241,8 +241,8 @@ def test_checkpoint_model_arguments_are_bounded(trained, tmp_path, capsys, path)
     model from the config, checked as any config is)."""
     uri, run_id, ckpt_dir = trained
     big = _altered_checkpoint(
-        ckpt_dir / "last.pt",
-        tmp_path / "ck" / "last.pt",
+        ckpt_dir / "best.pt",
+        tmp_path / "ck" / "best.pt",
         lambda t: t.replace("depth = 1\n", "depth = 100000000\n"),
         depth=100_000_000,
     )
