@@ -12,7 +12,7 @@ from suite.tracking import make_tracker, refresh_statistics, select_runs
 
 
 def test_new_store_is_wal_with_normal_sync_and_current_statistics(tmp_path, monkeypatch):
-    import suite.tracking as tracking
+    import suite.tracking.store as store
 
     db = tmp_path / "mlflow.db"
     tracker = make_tracker(f"sqlite:///{db}")
@@ -22,12 +22,16 @@ def test_new_store_is_wal_with_normal_sync_and_current_statistics(tmp_path, monk
     with engine.connect() as c:  # MLflow's own connections commit without an fsync each
         assert c.exec_driver_sql("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
     # an existing store in rollback-journal mode stays so (only stores the suite creates)
+    # (a complete MLflow store, copied out of the new one: a file without MLflow's tables is a
+    # half-built store, started again as a new one)
     other = tmp_path / "theirs.db"
-    sqlite3.connect(other).execute("CREATE TABLE t (x)").connection.commit()
+    con.execute("VACUUM INTO ?", (str(other),))
+    sqlite3.connect(other).execute("PRAGMA journal_mode=DELETE").fetchone()
+    assert sqlite3.connect(other).execute("PRAGMA journal_mode").fetchone()[0] == "delete"
     make_tracker(f"sqlite:///{other}")
     assert sqlite3.connect(other).execute("PRAGMA journal_mode").fetchone()[0] == "delete"
 
-    monkeypatch.setattr(tracking, "STATS_MIN_ROWS", 50)
+    monkeypatch.setattr(store, "STATS_MIN_ROWS", 50)
     ids = []
     for i in range(3):
         with tracker.run("e", f"r{i}") as run:
@@ -56,7 +60,7 @@ def test_select_runs_and_sql_reads_match_what_mlflow_searches(tmp_path, monkeypa
 
     import pandas as pd
 
-    import suite.tracking as tracking
+    import suite.tracking.sql as sql
 
     tracker = make_tracker(f"sqlite:///{tmp_path}/mlflow.db")
     kinds = [("trial", "a"), ("trial", "b"), ("study", "a"), ("cell", "")]
@@ -77,9 +81,9 @@ def test_select_runs_and_sql_reads_match_what_mlflow_searches(tmp_path, monkeypa
     ]
     for args, tags in queries:
         by_sql = tracker.runs("e", *args, **tags)
-        monkeypatch.setattr(tracking, "SQL_RUNS", False)
+        monkeypatch.setattr(sql, "SQL_RUNS", False)
         by_mlflow = tracker.runs("e", *args, **tags)
-        monkeypatch.setattr(tracking, "SQL_RUNS", True)
+        monkeypatch.setattr(sql, "SQL_RUNS", True)
         assert list(by_sql["run_id"]) == list(by_mlflow["run_id"])  # newest first
         pd.testing.assert_frame_equal(
             by_sql[sorted(by_sql.columns)], by_mlflow[sorted(by_mlflow.columns)], check_dtype=False
@@ -253,7 +257,7 @@ def test_ui_runs_mlflow_jobs_only_with_the_flag(tmp_path, monkeypatch, argv, val
     --jobs, whatever the caller's environment says."""
     import subprocess
 
-    import suite.tracking as tracking
+    import suite.tracking.ui as ui
     from suite.cli import main
 
     started = []
@@ -269,7 +273,7 @@ def test_ui_runs_mlflow_jobs_only_with_the_flag(tmp_path, monkeypatch, argv, val
 
     monkeypatch.setenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "true" if value == "false" else "0")
     monkeypatch.setattr(subprocess, "Popen", FakeServer)
-    monkeypatch.setattr(tracking, "_stop_group", lambda proc: None)
+    monkeypatch.setattr(ui, "_stop_group", lambda proc: None)
     uri = f"sqlite:///{tmp_path}/m.db"
     assert main(["ui", "--tracking-uri", uri, "--port", "5999", *argv]) == 0
     ((cmd, kwargs),) = started
