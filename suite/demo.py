@@ -9,7 +9,7 @@ from pathlib import Path
 from suite.errors import UserError
 from suite.studies.matrix import format_summary, run_matrix
 from suite.studies.search import format_search, run_search
-from suite.tracking import make_tracker
+from suite.tracking import make_tracker, param_col
 
 # the smallest settings that still run every stage (matrix, search, viz, report): tests
 TINY_SETS = [
@@ -67,7 +67,7 @@ def run_demo(
     # the paper's feature figures: TNT's pixel-level maps and t-SNE beside ViT's (seed 0)
     from suite.outputs.viz import format_viz, run_viz
 
-    names = r.runs.get("params.model.name")
+    names = r.runs.get(param_col("model.name"))
     pick = []
     for m in ("tnt_nano", "vit_nano"):
         if names is not None and (names == m).any():

@@ -105,6 +105,37 @@ def test_no_mlflow_filters_private_optuna_or_message_matching_outside_their_plac
         assert "in str(e)" not in text, name
 
 
+COLUMN_PREFIXES = ("tags.", "params.", "metrics.")
+
+
+def column_names(source: str) -> list[str]:
+    """Strings (plain, or a part of an f-string) that begin with one of MLflow's run-table
+    column prefixes, with their line numbers."""
+    return [
+        f"{node.lineno}: {node.value[:40]!r}"
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and node.value.startswith(COLUMN_PREFIXES)
+    ]
+
+
+def test_mlflow_column_names_stay_in_tracking():
+    """Outside suite.tracking, a run table's column is named by suite.tracking's ``param_col``,
+    ``metric_col`` and ``tag_col`` (and read back by ``param_key``), never spelled out."""
+    assert column_names('x = f"tags.{k}"\ny = r.get("params.model.name")\n') == [
+        "1: 'tags.'",
+        "2: 'params.model.name'",
+    ]
+    bad = [
+        f"{name}:{hit}"
+        for name, path in modules().items()
+        if unit(name) != "suite.tracking"
+        for hit in column_names(path.read_text())
+    ]
+    assert not bad, "\n".join(bad)
+
+
 def test_functions_are_short_and_take_few_positional_arguments():
     """At most 60 lines and 8 positional parameters (self aside; keyword-only knobs, as model
     constructors have, are fine)."""

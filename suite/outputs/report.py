@@ -32,7 +32,15 @@ from suite.outputs.report_plots import (
 from suite.studies.matrix import group_runs, varied_columns
 from suite.studies.search import count_line
 from suite.studies.storage import readonly_storage
-from suite.tracking import Tracker, select_runs
+from suite.tracking import (
+    Tracker,
+    is_param_col,
+    metric_col,
+    param_col,
+    param_key,
+    select_runs,
+    tag_col,
+)
 
 # The TNT paper's ablations on TNT-S, ImageNet top-1 (Han et al. 2021, arXiv 2103.00112,
 # section 4.3: inner heads, pixel size, positional encodings)
@@ -77,20 +85,21 @@ def training_runs(everything: pd.DataFrame, matrix: str | None) -> pd.DataFrame:
     """FINISHED training runs (matrix cells and plain ``tntbench train`` runs), not trials,
     selected from all runs of the report's experiments (read once)."""
     df = select_runs(everything, status="FINISHED") if not everything.empty else everything
-    if df.empty or "metrics.val_top1" not in df:
+    if df.empty or metric_col("val_top1") not in df:
         return pd.DataFrame()
     df = df[
-        df["metrics.val_top1"].notna() & df.get("tags.kind", pd.Series("", df.index)).ne("trial")
+        df[metric_col("val_top1")].notna()
+        & df.get(tag_col("kind"), pd.Series("", df.index)).ne("trial")
     ]
-    df = df[df.get("tags.kind", pd.Series("", df.index)).ne("report")]
+    df = df[df.get(tag_col("kind"), pd.Series("", df.index)).ne("report")]
     if matrix:
-        df = df[df.get("tags.matrix", pd.Series("", df.index)) == matrix]
+        df = df[df.get(tag_col("matrix"), pd.Series("", df.index)) == matrix]
     return df.reset_index(drop=True)
 
 
 def _pos_label(row: pd.Series) -> str | None:
-    patch = str(row.get("params.model.patch_pos_embed", "True")) != "False"
-    pixel = str(row.get("params.model.pixel_pos_embed", "True")) != "False"
+    patch = str(row.get(param_col("model.patch_pos_embed"), "True")) != "False"
+    pixel = str(row.get(param_col("model.pixel_pos_embed"), "True")) != "False"
     return {
         (True, True): "both",
         (True, False): "patch only",
@@ -102,16 +111,19 @@ def _pos_label(row: pd.Series) -> str | None:
 def _noisy(g: pd.DataFrame, tag: str = "timing_noisy") -> str:
     """The reasons some of the group's runs were timed under load (``timing_noisy`` tag), or
     another such mark (``data_bound``: an epoch waited for its data, issue 23)."""
-    if f"tags.{tag}" not in g:
+    if tag_col(tag) not in g:
         return ""
-    return "; ".join(sorted({str(v) for v in g[f"tags.{tag}"].dropna() if str(v).strip()}))
+    return "; ".join(sorted({str(v) for v in g[tag_col(tag)].dropna() if str(v).strip()}))
 
 
 def is_imagenet(g: pd.DataFrame) -> bool:
     """The paper's top-1 is ImageNet's: compare it only with runs on ImageNet (an image folder
     whose root names it)."""
     where = " ".join(
-        str(v) for c in ("params.data.name", "params.data.root") if c in g for v in g[c].dropna()
+        str(v)
+        for c in (param_col("data.name"), param_col("data.root"))
+        if c in g
+        for v in g[c].dropna()
     )
     return "imagenet" in where.lower()
 
@@ -135,21 +147,23 @@ def main_table(df: pd.DataFrame) -> pd.DataFrame:
     """Per model, dataset and varied key: params, GMACs, throughput, latency, memory, top-1/top-5
     over seeds, with the paper's values and measured - paper beside rows that are paper configs."""
     varied = varied_columns(df)
-    paper_config = not any(c.startswith(("params.model.", "params.varied.model.")) for c in varied)
+    paper_config = not any(is_param_col(c, "model.", "varied.model.") for c in varied)
     rows = []
     for row, g in group_runs(df):
-        row["params (M)"] = _num(g, "metrics.params_m").mean()
-        row["GMACs"] = _num(g, "metrics.gmacs").mean()
-        row["train img/s"] = _num(g, "metrics.train_img_per_s").mean()
-        row["infer img/s"] = _num(g, "metrics.infer_img_per_s").mean()
-        row["infer ms"] = _num(g, "metrics.infer_step_ms").mean()
-        row["infer peak MB"] = _num(g, "metrics.infer_peak_mb").mean()
+        row["params (M)"] = _num(g, metric_col("params_m")).mean()
+        row["GMACs"] = _num(g, metric_col("gmacs")).mean()
+        row["train img/s"] = _num(g, metric_col("train_img_per_s")).mean()
+        row["infer img/s"] = _num(g, metric_col("infer_img_per_s")).mean()
+        row["infer ms"] = _num(g, metric_col("infer_step_ms")).mean()
+        row["infer peak MB"] = _num(g, metric_col("infer_peak_mb")).mean()
         for k in ("top-1", "top-5"):
-            acc = _num(g, f"metrics.val_top{k[-1]}")
+            acc = _num(g, metric_col(f"val_top{k[-1]}"))
             row[f"{k} mean"], row[f"{k} std"] = acc.mean(), _std(acc)
         row["n"] = len(g)
-        row["n planned"] = _num(g, "tags.matrix_n_seeds").max()  # a matrix's seeds; else NaN
-        row["device / dtype"] = f"{one_value(g, 'tags.device_name')} / {one_value(g, 'tags.amp')}"
+        row["n planned"] = _num(g, tag_col("matrix_n_seeds")).max()  # a matrix's seeds; else NaN
+        row["device / dtype"] = (
+            f"{one_value(g, tag_col('device_name'))} / {one_value(g, tag_col('amp'))}"
+        )
         paper_columns(row, g, paper_config)
         row["timing_noisy"] = _noisy(g)
         row["data_bound"] = _noisy(g, "data_bound")
@@ -173,16 +187,16 @@ def ablation_tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     df = df.copy()
     df["pos_embed"] = df.apply(_pos_label, axis=1)
     for key in ABLATION_KEYS:
-        col = "pos_embed" if key == "pos_embed" else f"params.model.{key}"
+        col = "pos_embed" if key == "pos_embed" else param_col(f"model.{key}")
         if col not in df or df[col].dropna().nunique() < 2:
             continue
         rows = []
-        for (model, value), g in df.groupby(["params.model.name", col], sort=True):
+        for (model, value), g in df.groupby([param_col("model.name"), col], sort=True):
             row = {"model": model, key: value}
-            if key == "pixel_size" and "params.model.inner_dim" in g:
-                row["inner_dim"] = g["params.model.inner_dim"].iloc[0]
-            row["GMACs"] = _num(g, "metrics.gmacs").mean()
-            acc = _num(g, "metrics.val_top1")
+            if key == "pixel_size" and param_col("model.inner_dim") in g:
+                row["inner_dim"] = g[param_col("model.inner_dim")].iloc[0]
+            row["GMACs"] = _num(g, metric_col("gmacs")).mean()
+            acc = _num(g, metric_col("val_top1"))
             row["top-1 mean"], row["top-1 std"] = acc.mean(), _std(acc)
             row["n"] = len(g)
             ref = PAPER_ABLATIONS.get(key, {})
@@ -203,15 +217,15 @@ def spread_table(df: pd.DataFrame) -> pd.DataFrame | None:
     rows = []
     for _, r in df.iterrows():
         for L in layers:
-            v = r.get(f"metrics.viz_layer{L}_mean_pdist")
+            v = r.get(metric_col(f"viz_layer{L}_mean_pdist"))
             if v is None or pd.isna(v):
                 continue
             rows.append(
                 {
-                    "model": r.get("params.model.name", "-"),
+                    "model": r.get(param_col("model.name"), "-"),
                     "layer": L,
                     "mean_pdist": v,
-                    "dim_std": r.get(f"metrics.viz_layer{L}_dim_std"),
+                    "dim_std": r.get(metric_col(f"viz_layer{L}_dim_std")),
                     "run_ids": r["run_id"],
                 }
             )
@@ -225,9 +239,9 @@ def spread_table(df: pd.DataFrame) -> pd.DataFrame | None:
 def viz_figures(tracker: Tracker, df: pd.DataFrame, out: Path) -> dict[str, Path]:
     """The PNGs ``tntbench viz`` logged under the runs' ``viz/<run ids>/``, each set once."""
     plots: dict[str, Path] = {}
-    if "tags.viz_time" not in df:
+    if tag_col("viz_time") not in df:
         return plots
-    for rid in df.loc[df["tags.viz_time"].notna(), "run_id"]:
+    for rid in df.loc[df[tag_col("viz_time")].notna(), "run_id"]:
         for art in tracker.list_artifacts(rid, "viz"):
             parts = art.split("/")
             if not art.endswith(".png") or len(parts) != 3:
@@ -255,18 +269,18 @@ def search_tables(everything: pd.DataFrame, study: str | None) -> dict:
     if trials.empty:
         return {}
     if study:
-        trials = trials[trials["tags.study"] == study]
+        trials = trials[trials[tag_col("study")] == study]
     parents = select_runs(everything, kind="study")
     out: dict[str, pd.DataFrame] = {}
-    for name, g in trials.groupby("tags.study"):
+    for name, g in trials.groupby(tag_col("study")):
         done = g[g["status"] == "FINISHED"].copy()
         if done.empty:
             continue
         counts = study_counts(parents, str(name)) or mlflow_counts(g)
-        pcols = [c for c in done.columns if c.startswith("params.search.")]
-        done["top-1 mean"] = _num(done, "metrics.val_top1")
-        done["GMACs"] = _num(done, "metrics.gmacs")
-        done["trial"] = pd.to_numeric(done["tags.trial"], errors="coerce")
+        pcols = [c for c in done.columns if is_param_col(c, "search.")]
+        done["top-1 mean"] = _num(done, metric_col("val_top1"))
+        done["GMACs"] = _num(done, metric_col("gmacs"))
+        done["trial"] = pd.to_numeric(done[tag_col("trial")], errors="coerce")
         cols = ["trial", "top-1 mean", "GMACs", *pcols, "run_id"]
         key = safe_name(name)  # table and plot file names come from it
         best = done.sort_values("top-1 mean", ascending=False)[cols].head(10).rename(columns=_short)
@@ -313,10 +327,10 @@ def format_counts(study: str, counts: dict[str, int]) -> str:
 def study_counts(parents: pd.DataFrame, study: str) -> dict[str, int] | None:
     """Trials per Optuna state, read from the study's own storage (the one the search named on
     its parent run), as the console's summary is: None when that storage cannot be read."""
-    if parents.empty or "params.search.storage" not in parents:
+    if parents.empty or param_col("search.storage") not in parents:
         return None
-    rows = parents[parents.get("tags.study", pd.Series("", parents.index)) == study]
-    for url in rows["params.search.storage"].dropna().unique():
+    rows = parents[parents.get(tag_col("study"), pd.Series("", parents.index)) == study]
+    for url in rows[param_col("search.storage")].dropna().unique():
         try:
             import optuna
             from optuna.trial import TrialState
@@ -346,7 +360,7 @@ def mlflow_counts(trials: pd.DataFrame) -> dict[str, int]:
 
 
 def _short(c: str) -> str:
-    return {"run_id": "run_ids"}.get(c, c.removeprefix("params.search."))
+    return {"run_id": "run_ids"}.get(c, param_key(c, "search."))
 
 
 # fANOVA (a random forest) is the finer ranking but grows with the trials: about 2 s at 300
@@ -370,7 +384,7 @@ def importances(
         return pd.DataFrame()
     import optuna
 
-    names = {c: c.removeprefix("params.search.") for c in pcols}
+    names = {c: param_key(c, "search.") for c in pcols}
     dists = {names[c]: _distribution(done[c], (space or {}).get(names[c])) for c in pcols}
     trials = []
     for _, r in done.iterrows():
@@ -462,10 +476,10 @@ def search_space(parents: pd.DataFrame, study: str) -> dict[str, dict[str, Any]]
     """The study's ``[search.space]`` tables, as its parent run logged them (``search.space``)."""
     import json
 
-    if parents.empty or "params.search.space" not in parents:
+    if parents.empty or param_col("search.space") not in parents:
         return None
-    rows = parents[parents.get("tags.study", pd.Series("", parents.index)) == study]
-    for text in rows["params.search.space"].dropna():
+    rows = parents[parents.get(tag_col("study"), pd.Series("", parents.index)) == study]
+    for text in rows[param_col("search.space")].dropna():
         try:
             space = json.loads(text)
         except ValueError:  # too long for MLflow, logged as its hash
@@ -492,7 +506,7 @@ def make_plots(tracker: Tracker, rep: Report, runs: pd.DataFrame) -> None:
         history = tracker.metric_histories(list(runs["run_id"]), "val_top1")
         curves = {
             str(m): [history[rid] for rid in g["run_id"]]
-            for m, g in runs.groupby("params.model.name")
+            for m, g in runs.groupby(param_col("model.name"))
         }
         figures["learning_curves"] = learning_curves_figure(curves)
     for name, t in rep.tables.items():

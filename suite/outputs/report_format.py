@@ -21,7 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pandas as pd
 
-from suite.tracking import git
+from suite.tracking import git, tag_col
 
 NOISY_NOTE = "\\* timing disturbed (load or spread); see the run's timing_noisy tag"
 DATA_BOUND_NOTE = (
@@ -347,8 +347,8 @@ def stamp(runs: pd.DataFrame, uri: str) -> dict[str, str]:
         "suite version": suite_version(),
         "git commit": git_commit(),
         "store": mask_uri(uri),
-        "device": one_value(runs, "tags.device_name"),
-        "dtype": one_value(runs, "tags.amp"),
+        "device": one_value(runs, tag_col("device_name")),
+        "dtype": one_value(runs, tag_col("amp")),
     }
 
 

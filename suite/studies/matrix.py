@@ -43,7 +43,17 @@ from suite.config import (
     with_values,
 )
 from suite.errors import MissingPathError, UserError, parse_assignment, redact
-from suite.tracking import Tracker, flatten, process_is_gone, select_runs
+from suite.tracking import (
+    Tracker,
+    flatten,
+    is_param_col,
+    metric_col,
+    param_col,
+    param_key,
+    process_is_gone,
+    select_runs,
+    tag_col,
+)
 
 
 @dataclass
@@ -181,9 +191,9 @@ def finished_digests(
 ) -> dict[str, str]:
     """cell hash -> run ID of the FINISHED cell runs already in the experiment."""
     df = _read(tracker, experiment, runs, "FINISHED", kind="cell")
-    if df.empty or "tags.cell_hash" not in df:
+    if df.empty or tag_col("cell_hash") not in df:
         return {}
-    return dict(zip(df["tags.cell_hash"], df["run_id"], strict=True))
+    return dict(zip(df[tag_col("cell_hash")], df["run_id"], strict=True))
 
 
 def _parent_run_id(
@@ -226,7 +236,7 @@ def finish_parent(
     wanted = {c.digest for c in cells}
     runs = cell_runs(tracker, experiment, name, wanted, runs)
     summary = summarize(runs, seeds=len({c.seed for c in cells}))
-    got = set(runs["tags.cell_hash"]) if len(runs) else set()
+    got = set(runs[tag_col("cell_hash")]) if len(runs) else set()
     failed = len(wanted - got)
     if len(summary):
         parent.log_text(format_summary(summary), "summary.txt")
@@ -364,9 +374,9 @@ def unfinished_cells(
     df = df[df["status"].isin(RESUMABLE)] if len(df) else df
     out: dict[str, tuple[str, bool]] = {}
     for _, r in df.sort_values("start_time").iterrows() if len(df) else []:
-        host, pid = r.get("tags.host", ""), int(r.get("tags.pid", 0) or 0)
+        host, pid = r.get(tag_col("host"), ""), int(r.get(tag_col("pid"), 0) or 0)
         gone = r["status"] != "RUNNING" or process_is_gone(host, pid, r["start_time"])
-        out[r["tags.cell_hash"]] = (r["run_id"], not gone)
+        out[r[tag_col("cell_hash")]] = (r["run_id"], not gone)
     return out
 
 
@@ -498,9 +508,9 @@ def cell_runs(
     df = _read(tracker, experiment, runs, "FINISHED", kind="cell", matrix=matrix)
     if df.empty:
         return df
-    df = df.sort_values("start_time").drop_duplicates("tags.cell_hash", keep="last")
+    df = df.sort_values("start_time").drop_duplicates(tag_col("cell_hash"), keep="last")
     if digests is not None:
-        stale = ~df["tags.cell_hash"].isin(digests)
+        stale = ~df[tag_col("cell_hash")].isin(digests)
         if stale.any():
             print(
                 f"note: matrix {matrix}: {int(stale.sum())} finished run(s) of an earlier "
@@ -517,23 +527,23 @@ def varied_columns(runs: pd.DataFrame) -> list[str]:
     in the cells' ``varied`` tag (runs from before that tag: their ``params.varied.*``)."""
     own = {"model.name", "data.name", "train.seed"}
     keys: set[str] = set()
-    for v in runs["tags.varied"].dropna() if "tags.varied" in runs else []:
+    for v in runs[tag_col("varied")].dropna() if tag_col("varied") in runs else []:
         keys |= {k for k in str(v).split(",") if k and k not in own}
-    cols = {f"params.{k}" for k in keys} & set(runs.columns)
-    legacy = {c for c in runs.columns if c.startswith("params.varied.")}
-    return sorted(cols | {c for c in legacy if c.removeprefix("params.varied.") not in own})
+    cols = {param_col(k) for k in keys} & set(runs.columns)
+    legacy = {c for c in runs.columns if is_param_col(c, "varied.")}
+    return sorted(cols | {c for c in legacy if param_key(c, "varied.") not in own})
 
 
 def group_runs(runs: pd.DataFrame) -> Iterator[tuple[dict[str, Any], pd.DataFrame]]:
     """Runs grouped by model, dataset and every other varied key (seeds pooled), in order of
     appearance: ({"model", "dataset", <varied key>...}, the group's runs); missing -> "-"."""
     varied = varied_columns(runs)
-    keys = ["params.model.name", "params.data.name", *varied]
+    keys = [param_col("model.name"), param_col("data.name"), *varied]
     df = runs.copy()
     for c in keys:
         df[c] = df[c].fillna("-")
     names = ["model", "dataset"]
-    names += [c.removeprefix("params.varied.").removeprefix("params.") for c in varied]
+    names += [param_key(param_key(c, "varied.")) for c in varied]
     for key, g in df.groupby(keys, sort=False):
         yield dict(zip(names, key, strict=True)), g
 
@@ -548,16 +558,16 @@ def summarize(runs: pd.DataFrame, seeds: int | None = None) -> pd.DataFrame:
     rows = []
     for row, g in group_runs(runs):
         for m, label in SUMMARY_METRICS.items():
-            col = f"metrics.{m}"
+            col = metric_col(m)
             row[label] = g[col].mean() if col in g else float("nan")
-        top1 = g["metrics.val_top1"]
+        top1 = g[metric_col("val_top1")]
         row["top-1 mean"] = top1.mean()
         row["top-1 std"] = top1.std(ddof=1) if len(top1) > 1 else 0.0
         row["top-1"] = f"{row['top-1 mean']:.2f} +- {row['top-1 std']:.2f}"
         row["n"] = len(g)
         row["partial"] = seeds is not None and len(g) < seeds
         row["run_ids"] = ",".join(g["run_id"])
-        tag = g["tags.timing_noisy"].dropna() if "tags.timing_noisy" in g else []
+        tag = g[tag_col("timing_noisy")].dropna() if tag_col("timing_noisy") in g else []
         row["timing_noisy"] = "; ".join(tag)  # suite.noise: a disturbed img/s figure
         rows.append(row)
     return pd.DataFrame(rows)

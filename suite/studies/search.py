@@ -50,6 +50,7 @@ from suite.tracking import (
     make_tracker,
     process_is_gone,
     resolve_uri,
+    tag_col,
     worker_id,
 )
 
@@ -477,7 +478,7 @@ def reap_dead_trials(study: Any, tracker: Tracker, experiment: str, study_name: 
     running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
     runs = tracker.runs(experiment, status="RUNNING", kind="trial", study=study_name)
     for _, r in runs.iterrows():
-        if int(r["tags.trial"]) not in running:  # its trial ended without it: the worker died
+        if int(r[tag_col("trial")]) not in running:  # its trial ended without it: the worker died
             tracker.attach(r["run_id"]).end("KILLED")
 
 

@@ -47,7 +47,7 @@ from suite.studies.queue import (
     study_name,
 )
 from suite.studies.storage import check_not_tracking_store, open_storage
-from suite.tracking import Tracker, make_tracker, resolve_uri, worker_id
+from suite.tracking import Tracker, make_tracker, metric_col, resolve_uri, tag_col, worker_id
 
 
 @dataclass(frozen=True)
@@ -293,9 +293,9 @@ def _cell_run(tracker: Tracker, experiment: str, digest: str) -> dict[str, str]:
 
 def _top1(tracker: Tracker, experiment: str, digest: str) -> float | None:
     df = tracker.runs(experiment, status="FINISHED", kind="cell", cell_hash=digest)
-    if df.empty or "metrics.val_top1" not in df:
+    if df.empty or metric_col("val_top1") not in df:
         return None
-    return float(df.sort_values("start_time")["metrics.val_top1"].iloc[-1])
+    return float(df.sort_values("start_time")[metric_col("val_top1")].iloc[-1])
 
 
 def _torchrun_cell(plan: Plan, cell: Cell, resume: str | None) -> None:
@@ -348,7 +348,7 @@ def status_table(
     by_cell: dict[str, list[dict[str, Any]]] = {}
     if len(runs):
         for r in runs.sort_values("start_time", kind="stable").to_dict("records"):
-            by_cell.setdefault(r.get("tags.cell_hash"), []).append(r)
+            by_cell.setdefault(r.get(tag_col("cell_hash")), []).append(r)
     rows = []
     for c in cells:
         state = _state(by_cell.get(c.digest, []), queued.get(c.digest))
@@ -383,7 +383,7 @@ def _state(runs: list[dict[str, Any]], trial: dict[str, Any] | None) -> dict[str
         row.update(state=str(r["status"]).lower(), run=str(r["run_id"])[:8])
         row["since"] = _since(r["start_time"])
         if r["status"] == "RUNNING":
-            row["worker"] = f"{r.get('tags.host', '')}:{r.get('tags.pid', '')}"
+            row["worker"] = f"{r.get(tag_col('host'), '')}:{r.get(tag_col('pid'), '')}"
         if r["status"] == "FINISHED":
             return row
     if trial is not None and trial["state"] in ("waiting", "running"):

@@ -9,6 +9,7 @@ This package is the only place that imports mlflow or names its run-table column
 - ``sql``: plain-SQL reads of MLflow's database store (runs, metric histories)
 - ``store``: opening a store (refusals, half-built stores, probing, SQLite tuning)
 - ``ui``: ``tntbench ui``'s server and its process group
+- ``columns``: the names of the run table's param, metric and tag columns
 - ``env``: environment tags, git, the worker's id, whether a recorded process is gone
 """
 
@@ -23,6 +24,14 @@ from suite.tracking.base import (
     flatten,
     resolve_uri,
     select_runs,
+)
+from suite.tracking.columns import (
+    is_param_col,
+    is_param_or_tag_col,
+    metric_col,
+    param_col,
+    param_key,
+    tag_col,
 )
 from suite.tracking.env import environment_tags, git, process_is_gone, worker_id
 from suite.tracking.mlflow_store import (
@@ -48,6 +57,12 @@ __all__ = [
     "filter_string",
     "flatten",
     "git",
+    "is_param_col",
+    "is_param_or_tag_col",
+    "metric_col",
+    "param_col",
+    "param_key",
+    "tag_col",
     "make_tracker",
     "open_store",
     "process_is_gone",

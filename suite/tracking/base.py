@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from suite.errors import UserError
+from suite.tracking.columns import is_param_or_tag_col, tag_col
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 # MLflow's limits: a param value's length and an experiment name's
@@ -194,7 +195,7 @@ def select_runs(runs: Any, status: str | None = None, **tags: str) -> Any:
     returned: a command that needs several subsets reads the store once and selects here."""
     mask = runs["status"] == status if status is not None else runs["run_id"].notna()
     for k, v in tags.items():
-        col = f"tags.{k}"
+        col = tag_col(k)
         if col not in runs:
             mask &= False
             break
@@ -205,5 +206,5 @@ def select_runs(runs: Any, status: str | None = None, **tags: str) -> Any:
     # as the store would: no column for a param or tag none of the selected runs has (a
     # study's params.search.storage is not a trial's searched parameter); params and tags
     # are strings, so an empty column is a missing key (a metric may be NaN: kept)
-    empty = [c for c in out.columns if c.startswith(("params.", "tags.")) and out[c].isna().all()]
+    empty = [c for c in out.columns if is_param_or_tag_col(c) and out[c].isna().all()]
     return out.drop(columns=empty)

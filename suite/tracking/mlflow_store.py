@@ -23,6 +23,7 @@ from suite.tracking.base import (
     filter_string,
     resolve_uri,
 )
+from suite.tracking.columns import metric_col, param_col, tag_col
 from suite.tracking.sql import histories_by_sql, runs_by_sql, sql_engine
 from suite.tracking.store import open_store, sqlite_path
 
@@ -434,9 +435,9 @@ class MlflowTracker(Tracker):
                         "status": r.info.status,
                         "start_time": r.info.start_time,
                     }
-                    row.update({f"params.{k}": v for k, v in r.data.params.items()})
-                    row.update({f"metrics.{k}": v for k, v in r.data.metrics.items()})
-                    row.update({f"tags.{k}": v for k, v in r.data.tags.items()})
+                    row.update({param_col(k): v for k, v in r.data.params.items()})
+                    row.update({metric_col(k): v for k, v in r.data.metrics.items()})
+                    row.update({tag_col(k): v for k, v in r.data.tags.items()})
                     rows.append(row)
                 token = page.token
                 if not token:

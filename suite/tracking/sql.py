@@ -7,6 +7,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from suite.tracking.columns import METRIC_PREFIX, PARAM_PREFIX, TAG_PREFIX
+
 # ``runs`` on a database store reads MLflow's tables in four queries (runs, params, tags,
 # latest metrics) instead of ``search_runs``, whose ORM builds an object per param, tag and
 # metric: 6-7 s for 1,000 runs of the suite's shape, against a fraction of a second (issue 24;
@@ -60,9 +62,9 @@ def runs_by_sql(engine: Any, experiment_id: str, status: str | None, tags: Mappi
         )
         parts = [runs.set_index("run_id")]
         for table, prefix, value in (
-            ("params", "params.", "value"),
-            ("latest_metrics", "metrics.", "CASE WHEN is_nan THEN NULL ELSE value END"),
-            ("tags", "tags.", "value"),
+            ("params", PARAM_PREFIX, "value"),
+            ("latest_metrics", METRIC_PREFIX, "CASE WHEN is_nan THEN NULL ELSE value END"),
+            ("tags", TAG_PREFIX, "value"),
         ):
             rows = con.execute(
                 text(f"SELECT run_uuid, key, {value} FROM {table} WHERE run_uuid IN ({chosen})"),
