@@ -35,6 +35,8 @@ TRAIN = [
     "model.depth=1",
     "--set",
     "train.amp='fp32'",
+    "--set",  # the store's finished run keeps last.pt: the --resume cases reach their check
+    "train.keep_checkpoints='all'",
 ]
 
 SEARCH = """
