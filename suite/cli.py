@@ -75,11 +75,13 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from suite.config import load_config
+    from suite.models import check_model_config
     from suite.tracking import make_tracker
     from suite.training.engine import NonFiniteLoss
     from suite.training.fit import dist_env, fit
 
     cfg = load_config(args.config, args.set)
+    check_model_config(cfg.model.name, cfg.model.overrides)
     uri = args.tracking_uri or cfg.tracking.uri or None
     # under torchrun only rank 0 records (the others only look up, e.g. the run to resume)
     tracker = make_tracker(uri, enabled=cfg.tracking.enabled, rank=dist_env()[0])

@@ -224,10 +224,10 @@ def _merge(base: dict[str, Any], key: str, value: Any, source: str) -> None:
         target[name] = value
 
 
-def from_dict(
-    raw: dict[str, Any], source: str = "config", check_paths: bool = True, check_model: bool = True
-) -> Config:
-    """A validated Config from a nested dict (a parsed TOML file plus overrides)."""
+def from_dict(raw: dict[str, Any], source: str = "config", check_paths: bool = True) -> Config:
+    """A validated Config from a nested dict (a parsed TOML file plus overrides). Its model
+    knobs are the model's to check: ``suite.models.check_model_config``, which every command
+    calls on the configs it builds."""
     sections = {}
     for name, values in raw.items():
         if name in EXTRA_SECTIONS:
@@ -239,7 +239,7 @@ def from_dict(
             raise UserError(f"{source}: [{name}] must be a table")
         sections[name] = _build_section(name, values, source)
     cfg = Config(**sections)
-    validate(cfg, check_paths, check_model)
+    validate(cfg, check_paths)
     return cfg
 
 
@@ -267,11 +267,9 @@ def load_config(path: str | Path | None = None, sets: list[str] | None = None) -
     return from_dict(apply_sets(raw, sets), str(path or "config"))
 
 
-def validate(cfg: Config, check_paths: bool = True, check_model: bool = True) -> None:
-    """Impossible values, named with the key; the model is built on the meta device to check
-    its overrides; with ``check_paths``, data roots and teacher files must exist."""
-    if check_model:
-        _validate_model(cfg.model)
+def validate(cfg: Config, check_paths: bool = True) -> None:
+    """Impossible values, named with the key; with ``check_paths``, data roots and teacher
+    files must exist. (The model's knobs: ``suite.models.check_model_config``.)"""
     _validate_data(cfg.data, check_paths)
     _validate_train(cfg.train)
     _validate_distill(cfg.distill, check_paths)
@@ -286,18 +284,6 @@ def validate(cfg: Config, check_paths: bool = True, check_model: bool = True) ->
 def _need(ok: bool, key: str, value: Any, why: str) -> None:
     if not ok:
         raise UserError(f"{key} = {value!r}: {why}")
-
-
-def _validate_model(m: ModelConfig) -> None:
-    import torch
-
-    from suite.models import create_model
-
-    try:  # built on the meta device: every shape check runs, no memory, no init
-        with torch.device("meta"):
-            create_model(m.name, **m.overrides)
-    except (ValueError, TypeError) as e:
-        raise UserError(f"model: {e}") from None
 
 
 def _validate_data(d: DataConfig, check_paths: bool) -> None:

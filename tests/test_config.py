@@ -7,6 +7,15 @@ import pytest
 from suite.cli import main
 from suite.config import Config, load_config, to_toml
 from suite.errors import UserError
+from suite.models import check_model_config
+
+
+def load_checked(path, sets=None):
+    """What every command does with a config: its values (config.py), then its model's knobs
+    (where models live)."""
+    cfg = load_config(path, sets)
+    check_model_config(cfg.model.name, cfg.model.overrides)
+    return cfg
 
 
 def write(tmp_path, text):
@@ -55,7 +64,7 @@ def test_int_is_accepted_for_float_and_round_trips_through_toml(tmp_path):
 )
 def test_bad_config_is_one_named_error(tmp_path, text, sets, words):
     with pytest.raises(UserError) as e:
-        load_config(write(tmp_path, text), sets)
+        load_checked(write(tmp_path, text), sets)
     for w in words:
         assert w in str(e.value)
 
@@ -96,3 +105,13 @@ def test_to_toml_round_trips_what_needs_escaping():
     text = to_toml(d)
     assert tomllib.loads(text) == d
     assert text.startswith('[model]\nname = "tnt_nano"\n')  # one section per table, readable
+
+
+def test_config_checks_values_and_the_model_its_knobs():
+    """config.py checks keys, types and values; a model knob is the model's to refuse (config
+    imports no torch), with one ``model: ...`` line."""
+    cfg = load_config(None, ["model.foo=1"])
+    assert cfg.model.overrides == {"foo": 1}
+    with pytest.raises(UserError, match=r"^model: unknown knob 'foo'"):
+        check_model_config(cfg.model.name, cfg.model.overrides)
+    check_model_config("tnt_nano", {"inner_heads": 2})  # a buildable one passes

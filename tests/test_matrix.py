@@ -7,6 +7,7 @@ import pytest
 
 from suite.cli import main
 from suite.config import from_dict, load_config
+from suite.models import check_model_config
 from suite.studies.matrix import expand, run_matrix
 from suite.tracking import make_tracker
 
@@ -31,9 +32,11 @@ def test_every_experiment_config_loads_and_states_its_question(path):
         name, _, cells = expand(path)
         assert cells
         for c in cells:  # every cell is a valid config
-            from_dict(c.raw, f"{path.name} cell {c.index}", check_paths=False)
+            cfg = from_dict(c.raw, f"{path.name} cell {c.index}", check_paths=False)
+            check_model_config(cfg.model.name, cfg.model.overrides)
     else:
-        load_config(path)
+        cfg = load_config(path)
+        check_model_config(cfg.model.name, cfg.model.overrides)
 
 
 def test_expand_product_and_tied_keys(tmp_path):

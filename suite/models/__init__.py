@@ -4,6 +4,7 @@ from .layers import Attention, Block, DropPath, Mlp, PatchEmbed, compile_blocks
 from .registry import (
     ModelEntry,
     PaperRef,
+    check_model_config,
     create_model,
     get_entry,
     list_models,
@@ -25,6 +26,7 @@ __all__ = [
     "PatchEmbed",
     "TNTBlock",
     "VisionTransformer",
+    "check_model_config",
     "compile_blocks",
     "create_model",
     "get_entry",

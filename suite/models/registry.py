@@ -209,6 +209,22 @@ def resolve_kwargs(name: str, **overrides: Any) -> dict[str, Any]:
     return kwargs
 
 
+def check_model_config(name: str, overrides: dict[str, Any]) -> None:
+    """A run config's ``[model]``: ``name`` with ``overrides`` built on the meta device, so that
+    every shape check runs with no memory and no init; one ``UserError`` (``model: ...``)
+    where it cannot be built. The commands call it on every config they build (config.py
+    checks values, not models)."""
+    import torch
+
+    from suite.errors import UserError
+
+    try:
+        with torch.device("meta"):
+            create_model(name, **overrides)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"model: {e}") from None
+
+
 def create_model(name: str, **overrides: Any) -> nn.Module:
     """Build a registered model, with any constructor argument overridden (as timm does)."""
     entry = get_entry(name)

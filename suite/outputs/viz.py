@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from suite.errors import UserError
-from suite.models import TNT
+from suite.models import TNT, check_model_config
 from suite.plots import pyplot
 from suite.tracking import Tracker
 
@@ -154,6 +154,7 @@ def load_run(tracker: Tracker, run_id: str, device: torch.device) -> VizRun:
             f"checkpoint {ckpt_path}: not a tntbench training checkpoint ({e})"
         ) from None
     cfg = from_dict(raw, source=str(ckpt_path), check_paths=False)
+    check_model_config(cfg.model.name, cfg.model.overrides)
     try:
         model = create_model(name, **kwargs)
     except (ValueError, TypeError) as e:

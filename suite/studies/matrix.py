@@ -96,9 +96,7 @@ def config_digest(raw: dict[str, Any]) -> str:
     any edited setting (or a changed default) makes a new cell, never pooled with the old
     runs. A cell whose config is invalid (it fails alone, when it runs) hashes as written."""
     try:
-        body: dict[str, Any] = from_dict(
-            raw, "cell", check_paths=False, check_model=False
-        ).to_dict()
+        body: dict[str, Any] = from_dict(raw, "cell", check_paths=False).to_dict()
     except UserError:
         body = dict(raw)
     body = {k: v for k, v in body.items() if k not in ("tracking", "matrix", "search")}
@@ -140,7 +138,7 @@ def _check_base(base: dict, cells: list[Cell], source: str) -> None:
     """Unknown sections/keys and bad types in the shared base fail the whole matrix up front;
     a model that cannot be built fails only its own cells, when they run (so an expansion
     needs no torch: a rerun that skips every cell starts fast)."""
-    from_dict(cells[0].raw, source, check_paths=False, check_model=False)
+    from_dict(cells[0].raw, source, check_paths=False)
 
 
 def cells_table(cells: list[Cell], done: set[str] | None = None) -> pd.DataFrame:
@@ -351,7 +349,7 @@ def check_paths(cells: list[Cell], path: str | Path) -> None:
     work. A cell that is impossible alone is recorded FAILED when its turn comes."""
     for c in cells:
         try:
-            from_dict(c.raw, str(path), check_model=False)
+            from_dict(c.raw, str(path))
         except MissingPathError:
             raise
         except UserError:
@@ -407,6 +405,9 @@ def run_cell(
     raw.setdefault("tracking", {}).update(experiment=experiment, run_name=cell.run_name)
     try:
         cfg = from_dict(raw, f"cell {cell.index}")
+        from suite.models import check_model_config
+
+        check_model_config(cfg.model.name, cfg.model.overrides)
     except UserError as e:
         with tracker.run(experiment, cell.run_name, tags, parent_id) as run:
             run.log_params({**flatten(raw), **params})

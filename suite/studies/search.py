@@ -198,6 +198,9 @@ class Objective:
             raw.setdefault("tracking", {})["run_name"] = f"{self.scfg.study}/trial-{trial.number}"
             raw["tracking"]["experiment"] = self.experiment()
             cfg = from_dict(raw, f"trial {trial.number}")
+            from suite.models import check_model_config
+
+            check_model_config(cfg.model.name, cfg.model.overrides)
         except UserError as e:  # cannot be built: pruned before any training
             trial.set_user_attr("pruned_reason", str(e))
             self._record_unbuildable(tracker, trial, tags, str(e))
@@ -375,7 +378,11 @@ def _load(
             )
             scfg = SearchConfig(**{**scfg.__dict__, "n_trials": size})
     base = {k: v for k, v in raw.items() if k not in ("search", "matrix")}
-    return scfg, from_dict(base, str(path))  # the base must be a valid run on its own
+    cfg = from_dict(base, str(path))  # the base must be a valid run on its own
+    from suite.models import check_model_config
+
+    check_model_config(cfg.model.name, cfg.model.overrides)
+    return scfg, cfg
 
 
 def _run_workers(args: tuple, workers: int) -> None:
@@ -395,6 +402,9 @@ def _worker(path, sets, storage, scfg: SearchConfig, uri, parent_id, timeout) ->
     raw = apply_sets(read_toml(path), sets)
     base = {k: v for k, v in raw.items() if k not in ("search", "matrix")}
     cfg = from_dict(base, str(path))
+    from suite.models import check_model_config
+
+    check_model_config(cfg.model.name, cfg.model.overrides)
     study = optuna.load_study(
         study_name=scfg.study,
         storage=make_storage(storage, scfg),
