@@ -312,8 +312,10 @@ def _kill_one_of_two_workers(tmp_path, storage):
         return None
 
     try:
-        victim = wait_for(a_running_trial, 180, "a worker's trial", proc)
-        time.sleep(1.0)
+        wait_for(a_running_trial, 180, "a worker's trial", proc)
+        time.sleep(1.0)  # into its training
+        # read again just before the kill: a short trial may have finished during the sleep
+        victim = wait_for(a_running_trial, 180, "a worker's trial still running", proc)
         kill9(proc, int(victim.user_attrs["worker"].rpartition(":")[2]))
         out, _ = proc.communicate(timeout=420)
     finally:

@@ -59,7 +59,14 @@ def open_storage(url: str, heartbeat_interval: int, grace_period: int, max_retry
         # Optuna commits ~27 times a trial, each an fsync'd page rewrite otherwise (issue 24)
         from suite.tracking import tune_sqlite
 
-        tune_sqlite(db, created=not db.is_file() or db.stat().st_size == 0)
+        new = not db.is_file() or db.stat().st_size == 0
+        try:
+            tune_sqlite(db, created=new)
+        except UserError as e:
+            if new:  # nothing half-made left behind
+                for suffix in ("", "-wal", "-shm"):
+                    Path(f"{db}{suffix}").unlink(missing_ok=True)
+            raise UserError(f"--storage {url}: {e}") from None
     try:
         # Optuna builds a new database's schema on first open: two processes doing that at
         # once collide (a unique violation in PostgreSQL's catalog), so one at a time

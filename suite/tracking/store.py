@@ -38,8 +38,8 @@ def open_store(uri: str, make_client: Any) -> Any:
     with FileLock(f"{db}.lock", timeout=120):
         _check_half_built(uri, db)
         new = not db.is_file() or db.stat().st_size == 0
-        tune_sqlite(db, created=new)
         try:
+            tune_sqlite(db, created=new)
             client = _probe(uri, make_client)
         except UserError:
             if new:  # its creation failed (disk full, a file-size limit): leave no half store
@@ -84,10 +84,15 @@ def tune_sqlite(db: Path, created: bool = False) -> None:
     try:
         if created:
             con.execute("PRAGMA journal_mode=WAL")
+            # a first read maps the WAL index (-shm, 32 kB): where the disk (or a file-size
+            # limit) refuses it, say so now; MLflow would retry its engine for ~100 s
+            con.execute("SELECT count(*) FROM sqlite_master").fetchone()
         else:
             refresh_statistics(con)
-    except sqlite3.DatabaseError:  # busy beyond the timeout, or not a database (the probe says)
-        pass
+    except sqlite3.DatabaseError as e:
+        if created:
+            raise UserError(f"{db}: cannot create an SQLite store there ({e})") from None
+        # busy beyond the timeout, or not a database (the probe says which): stats can wait
     finally:
         con.close()
 
