@@ -969,3 +969,25 @@ def test_postgres_queue_lost_mid_cell_one_line_then_rerun_finishes(tmp_path, pg_
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     done = [t.user_attrs["cell_hash"] for t in trials if t.state == TrialState.COMPLETE]
     assert sorted(done) == sorted({r.data.tags["cell_hash"] for r in cells})  # once each
+
+
+@pytest.mark.parametrize("kind", ["app", "optuna"])
+def test_a_database_that_is_not_an_mlflow_store_is_refused_never_replaced(tmp_path, capsys, kind):
+    """An SQLite file of someone else's (an app's tables, an Optuna storage) named as the
+    tracking store: one line, and the file is left exactly as it was (it used to be taken for
+    a half-built store and started again, deleting it)."""
+    import sqlite3
+
+    db = tmp_path / "other.db"
+    if kind == "app":
+        with sqlite3.connect(db) as con:
+            con.execute("CREATE TABLE accounts (name TEXT)")
+            con.execute("INSERT INTO accounts VALUES ('alice')")
+        con.close()
+    else:
+        optuna.create_study(study_name="s", storage=f"sqlite:///{db}")
+    before = db.read_bytes()
+    assert main(["report", "--tracking-uri", f"sqlite:///{db}", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not an MLflow store" in err[0] and str(db) in err[0], err
+    assert db.read_bytes() == before

@@ -180,6 +180,13 @@ def _check_half_built(uri: str, db: Path) -> None:
         )
     if n_runs or n_exps > 1:
         return  # an older MLflow's store, with runs: MLflow upgrades it (or says why not)
+    foreign = sorted(_foreign_tables(names))
+    if foreign:  # someone else's database (an Optuna storage, an app's): never started again
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise UserError(
+            f"tracking store {uri}: {db} is not an MLflow store (it holds other tables: "
+            f"{shown}); name another file"
+        )
     for suffix in ("", "-journal", "-wal", "-shm"):  # a stale journal must not reach the new one
         Path(f"{db}{suffix}").unlink(missing_ok=True)
 
@@ -188,6 +195,16 @@ def _one(con: Any, sql: str, table: str, names: set[str]) -> Any:
     """The single value ``sql`` reads from ``table``, None if the table is not there."""
     row = con.execute(sql).fetchone() if table in names else None
     return row[0] if row else None
+
+
+def _foreign_tables(names: set[str]) -> set[str]:
+    """The tables of ``names`` that no MLflow schema has (nothing when it cannot be read)."""
+    try:
+        from mlflow.store.db.base_sql_model import Base
+    except ImportError:
+        return set()
+    ours = set(Base.metadata.tables) | {"alembic_version"}
+    return {n for n in names - ours if not n.startswith(("_alembic_tmp_", "sqlite_"))}
 
 
 def _schema_gaps(names: set[str]) -> tuple[set[str], str | None]:
