@@ -283,7 +283,54 @@ def measure(tmp: Path, template: Path, n: int, epoch: Any, extra: int) -> dict[s
     out["rerun_ran"] = res.ran
     out["search_per_trial"] = list(search_per_trial(tmp, uri, s, n, extra, epoch))
     out["store_mb"] = (tmp / f"n{n}" / "mlflow.db").stat().st_size / 2**20
+    out["ui_first_search_s"], out["ui_mb"] = ui_first_search(tmp, uri)
     return out
+
+
+def ui_first_search(tmp: Path, uri: str) -> tuple[float, float]:
+    """``tntbench ui`` on the store, as a user starts it: (seconds of the experiment's first
+    REST search of runs, the whole process tree's resident memory in MB after it). The UI
+    page's first request is the same ``runs/search`` (1,000 runs a page, newest first)."""
+    import signal
+    import socket
+    import subprocess
+    import urllib.request
+
+    import psutil
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "suite", "ui", "--tracking-uri", uri, "--port", str(port)]
+    proc = subprocess.Popen(cmd, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+    try:
+        deadline = time.time() + 120
+        while True:  # the server answers once its workers are up
+            try:
+                url = f"{base}/experiments/search?max_results=100"
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    exps = json.loads(r.read())["experiments"]
+                break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise RuntimeError("tntbench ui did not answer within 120 s") from None
+                time.sleep(0.5)
+        ids = [e["experiment_id"] for e in exps if e["experiment_id"] != "0"]
+        body = json.dumps({"experiment_ids": ids, "max_results": 1000}).encode()
+        req = urllib.request.Request(
+            f"{base}/runs/search", body, {"Content-Type": "application/json"}
+        )
+        t0 = time.perf_counter()
+        with urllib.request.urlopen(req, timeout=120) as r:
+            r.read()
+        took = time.perf_counter() - t0
+        root = psutil.Process(proc.pid)
+        rss = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+        return took, rss / 2**20
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
 
 
 def growth(rows: list[dict[str, Any]], key: str) -> list[float]:
@@ -308,17 +355,18 @@ def markdown(rows: list[dict[str, Any]], command: str, note: str) -> str:
         "",
         "Seconds, wall / CPU; growth = exponent of the CPU time between sizes.",
         "",
-        "| N | " + " | ".join(KEYS) + " | importances | status | store MB |",
-        "|---|" + "---|" * (len(KEYS) + 3),
+        "| N | " + " | ".join(KEYS) + " | importances | status | store MB | ui search s | ui MB |",
+        "|---|" + "---|" * (len(KEYS) + 5),
     ]
     for r in rows:
         cells = [f"{r[k][0]:.2f} / {r[k][1]:.2f}" for k in KEYS]
         lines.append(
             f"| {r['n']} | "
             + " | ".join(cells)
-            + f" | {r['importances']} | {r['status_counts']} | {r['store_mb']:.1f} |"
+            + f" | {r['importances']} | {r['status_counts']} | {r['store_mb']:.1f}"
+            + f" | {r['ui_first_search_s']:.2f} | {r['ui_mb']:.0f} |"
         )
-    lines.append("| growth | " + " | ".join(str(growth(rows, k)) for k in KEYS) + " | | | |")
+    lines.append("| growth | " + " | ".join(str(growth(rows, k)) for k in KEYS) + " | | | | | |")
     return "\n".join(lines) + "\n"
 
 
