@@ -113,3 +113,14 @@ def pg_storage_url(pg_url: str):
                 conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     finally:
         admin.dispose()
+
+
+class Evil:
+    """A pickle that runs ``touch MARKER`` when unpickled: planted in checkpoints and data
+    files, it must never be loaded (tests check that the marker never appears)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))

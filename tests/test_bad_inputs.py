@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import Evil
 
 from suite.cli import main
 
@@ -58,16 +59,6 @@ amp = "fp32"
 [tracking]
 system_metrics = false
 """
-
-
-class Evil:
-    """A pickle that runs code when loaded: it must never be loaded."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 @pytest.fixture(scope="module")

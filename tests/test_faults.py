@@ -20,6 +20,7 @@ import torch
 
 mlflow = pytest.importorskip("mlflow")
 optuna = pytest.importorskip("optuna")
+from conftest import Evil  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
 from suite.cli import main  # noqa: E402
@@ -443,14 +444,6 @@ def test_failing_checkpoint_write_keeps_the_last_one(tmp_path, monkeypatch, caps
     (run,) = runs(uri)
     assert run.info.status == "FINISHED" and "error" not in run.data.tags
     assert epochs_logged(uri, run.info.run_id) == [1, 2, 3]
-
-
-class Evil:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 def test_planted_pickles_are_refused_by_resume_teacher_and_viz(tmp_path, capsys):

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import Evil
 
 from suite.cli import main
 from suite.config import DataConfig
@@ -29,16 +30,6 @@ from suite.training.data import build_datasets
 
 mlflow = pytest.importorskip("mlflow")
 optuna = pytest.importorskip("optuna")
-
-
-class Evil:
-    """Runs ``touch MARKER`` when unpickled."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 TINY = """
