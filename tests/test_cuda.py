@@ -16,7 +16,7 @@ import torch
 from suite.models import Attention, create_model
 from suite.models.fastpath import SDPA_MAX_BATCH, sdpa
 from suite.runtime import compile_model
-from suite.training.engine import Criterion, build_optimizer, train_one_epoch
+from suite.training.engine import Criterion, StepOptions, build_optimizer, train_one_epoch
 
 pytestmark = [
     pytest.mark.cuda,
@@ -83,9 +83,8 @@ def test_mixed_precision_training_steps_stay_finite(name, amp):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
     loader = [(torch.randn(8, 3, 224, 224), torch.randint(0, 10, (8,))) for _ in range(4)]
-    m = train_one_epoch(
-        model, loader, opt, sched, Criterion(0.1), CUDA, amp=amp, scaler=scaler, log_every=1
-    )
+    opts = StepOptions(amp=amp, scaler=scaler, log_every=1)
+    m = train_one_epoch(model, loader, opt, sched, Criterion(0.1), CUDA, opts)
     assert math.isfinite(m["train_loss"]) and m["steps"] == 4
     assert all(torch.isfinite(p).all() for p in model.parameters())
     if amp == "fp16":

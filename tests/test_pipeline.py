@@ -22,6 +22,7 @@ from suite.training.data import build_datasets, build_mixup
 from suite.training.engine import (
     DATA_BOUND_FRAC,
     Criterion,
+    StepOptions,
     build_optimizer,
     build_scheduler,
     data_bound,
@@ -382,7 +383,8 @@ def _epoch(delay_s: float) -> dict[str, float]:
     opt = build_optimizer(model, 1e-3, 0.05)
     sched = build_scheduler(opt, total_steps=4, warmup_steps=1, lr=1e-3, min_lr=1e-5)
     prep = BatchPrep((0.5,) * 3, (0.5,) * 3, 0.25, BatchMix(0.8, 1.0, 10))
-    return train_one_epoch(model, loader, opt, sched, Criterion(), torch.device("cpu"), prep=prep)
+    opts = StepOptions(prep=prep)
+    return train_one_epoch(model, loader, opt, sched, Criterion(), torch.device("cpu"), opts)
 
 
 def test_data_bound_epoch_is_marked():

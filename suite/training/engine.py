@@ -278,6 +278,26 @@ def device_batch(
     return x, y
 
 
+@dataclass(frozen=True)
+class StepOptions:
+    """How each training step of an epoch runs, beyond the model, its optimizer and the loss:
+    built once by ``fit`` from the config and passed whole (``dataclasses.replace`` changes a
+    field, e.g. the per-epoch ``on_log``)."""
+
+    amp: str = "fp32"  # autocast precision (suite.runtime.autocast)
+    scaler: torch.amp.GradScaler | None = None  # fp16 on CUDA
+    clip_grad: float = 0.0  # max grad norm; 0 = off
+    ema: nn.Module | None = None  # an AveragedModel updated after each step
+    # the batch-level input pipeline on the device (``pipeline.BatchPrep``: uint8 images
+    # normalised, erased, mixed), and a mix for loaders whose items are already float
+    prep: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    mixup: Callable | None = None
+    teacher: nn.Module | None = None  # a frozen teacher for DeiT's distillation
+    log_every: int = 20  # steps between per-step metrics given to ``on_log``
+    on_log: Callable[[int, dict[str, float]], None] | None = None  # (step, metrics), buffered
+    progress: Callable[[int, float], None] | None = None  # (step, loss or nan), a progress bar
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable,
@@ -285,24 +305,12 @@ def train_one_epoch(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     criterion: Criterion,
     device: torch.device,
-    *,
-    amp: str = "fp32",
-    scaler: torch.amp.GradScaler | None = None,
-    clip_grad: float = 0.0,
-    ema: nn.Module | None = None,
-    mixup: Callable | None = None,
-    prep: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
-    teacher: nn.Module | None = None,
-    log_every: int = 20,
-    on_log: Callable[[int, dict[str, float]], None] | None = None,
-    progress: Callable[[int, float], None] | None = None,
+    opts: StepOptions = StepOptions(),  # noqa: B008 - frozen, so one shared default is safe
 ) -> dict[str, float]:
     """One pass over ``loader``: train_loss, train_img_per_s (over compute time: the loader's
     stalls are apart as data_wait_s; train_img_per_s_wall is the wall-clock rate), epoch_s,
-    steps, and the timing conditions (``EpochClock``). Per-step metrics go to ``on_log``
-    every ``log_every`` steps (the caller buffers them: no logging inside the timed loop).
-    ``prep(x, y)``: the batch-level part of the input pipeline, on the device (uint8 images
-    normalised, erased and mixed: ``pipeline.BatchPrep``), before ``mixup`` if both are given.
+    steps, and the timing conditions (``EpochClock``). Per-step metrics go to ``opts.on_log``
+    every ``opts.log_every`` steps (the caller buffers them: no logging inside the timed loop).
     Raises NonFiniteLoss if the loss diverges."""
     model.train()
     loss_sum = torch.zeros((), device=device)  # summed on device: no sync per step
@@ -311,19 +319,19 @@ def train_one_epoch(
     with noise.watch(device) as cond:
         t0 = time.perf_counter()
         for x, y in clock.batches(loader):
-            x, y = device_batch(x, y, device, prep, mixup)
-            loss = forward_loss(model, x, y, criterion, teacher, device, amp)
-            optimizer_step(model, loss, optimizer, scaler, clip_grad)
+            x, y = device_batch(x, y, device, opts.prep, opts.mixup)
+            loss = forward_loss(model, x, y, criterion, opts.teacher, device, opts.amp)
+            optimizer_step(model, loss, optimizer, opts.scaler, opts.clip_grad)
             scheduler.step()
-            if ema is not None:
-                ema.update_parameters(model)
+            if opts.ema is not None:
+                opts.ema.update_parameters(model)
             loss_sum += loss.detach() * x.shape[0]
             seen += x.shape[0]
             steps += 1
-            if steps % log_every == 0:
-                _check_and_log(loss, steps, optimizer, on_log)
-            if progress is not None:
-                progress(steps, loss.item() if steps % 10 == 0 else float("nan"))
+            if steps % opts.log_every == 0:
+                _check_and_log(loss, steps, optimizer, opts.on_log)
+            if opts.progress is not None:
+                opts.progress(steps, loss.item() if steps % 10 == 0 else float("nan"))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - t0

@@ -51,6 +51,7 @@ from suite.training.checkpoint import (
 from suite.training.data import DataInfo, build_datasets
 from suite.training.engine import (
     Criterion,
+    StepOptions,
     TrainState,
     build_ema,
     build_optimizer,
@@ -533,23 +534,20 @@ def run_epoch(
         if progress
         else None
     )
-    m = train_one_epoch(
-        state.net,
-        data.train,
-        state.optimizer,
-        state.scheduler,
-        recipe.criterion,
-        device,
+    opts = StepOptions(
         amp=amp,
         scaler=state.scaler,
         clip_grad=cfg.train.clip_grad,
         ema=state.ema,
-        mixup=recipe.mixup,
         prep=data.prep,
+        mixup=recipe.mixup,
         teacher=recipe.teacher,
         log_every=cfg.tracking.log_every,
         on_log=lambda s, v: step_rows.append((base_step + s, v)),
         progress=bar,
+    )
+    m = train_one_epoch(
+        state.net, data.train, state.optimizer, state.scheduler, recipe.criterion, device, opts
     )
     if bar is not None:
         bar.close()
