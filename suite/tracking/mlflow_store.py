@@ -217,11 +217,18 @@ def bound_http_retries() -> None:
         os.environ.setdefault(k, v)
 
 
+# what a tracking server's answer says when its database refused a duplicate row
+_UNIQUE_TEXTS = ("UniqueViolation", "duplicate key value", "UNIQUE constraint failed")
+
+
 def _is_unique_violation(e: BaseException) -> bool:
-    """SQLAlchemy's IntegrityError (SQLite, PostgreSQL), as MLflow passes it on."""
+    """SQLAlchemy's IntegrityError (SQLite, PostgreSQL), as MLflow passes it on; through a
+    tracking server, its REST error, which carries only the database's message."""
     from sqlalchemy.exc import IntegrityError
 
-    return any(isinstance(x, IntegrityError) for x in _causes(e))
+    return any(
+        isinstance(x, IntegrityError) or any(t in str(x) for t in _UNIQUE_TEXTS) for x in _causes(e)
+    )
 
 
 def _is_sqlite_busy(e: BaseException | None) -> bool:
