@@ -26,6 +26,14 @@ class Terminated(KeyboardInterrupt):
     the process dying with its MLflow run left RUNNING."""
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name when the message is empty):
+    what a one-line error quotes of the library or database below, without its traceback or
+    the SQL statement that follows the first line."""
+    lines = str(e).strip().splitlines()
+    return lines[0].strip() if lines else type(e).__name__
+
+
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """Within this block, SIGTERM raises ``Terminated`` in the main thread (elsewhere: no-op)."""
