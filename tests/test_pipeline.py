@@ -31,6 +31,7 @@ from suite.training.engine import (
 from suite.training.pipeline import (
     BatchMix,
     BatchPrep,
+    PilRandAugment,
     batch_preps,
     dct_reduction,
     decode_rgb,
@@ -39,6 +40,7 @@ from suite.training.pipeline import (
     open_image,
     rrc_box,
 )
+from suite.training.randaugment import _DIV13_MUL, _DIV13_SHIFT, FAST_OPS
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -121,6 +123,13 @@ def _record_randaugment(monkeypatch) -> list[tuple[str, float]]:
         return orig(self, image, transform_id, magnitude, interpolation, fill)
 
     monkeypatch.setattr(v2.RandAugment, "_apply_image_or_video_transform", spy)
+    for op, kernel in list(FAST_OPS.items()):  # PilRandAugment's own kernels of these ops
+
+        def fast_spy(image, magnitude, op=op, kernel=kernel):
+            seen.append((op, round(float(magnitude), 5)))
+            return kernel(image, magnitude)
+
+        monkeypatch.setitem(FAST_OPS, op, fast_spy)
     return seen
 
 
@@ -144,6 +153,74 @@ def test_same_crops_flips_and_randaugment_ops_as_today(tmp_path, monkeypatch):
     for dims in [(0, 2, 3)]:
         torch.testing.assert_close(x_new_f.mean(dims), x_today.mean(dims), atol=0.06, rtol=0)
         torch.testing.assert_close(x_new_f.std(dims), x_today.std(dims), atol=0.06, rtol=0)
+
+
+def _randaugment_images() -> list[Image.Image]:
+    """RGB images for the RandAugment kernels: random ones of odd sizes (down to 3 x 3),
+    some with a few levels only (AutoContrast's and Equalize's corner cases), a flat one,
+    and crops and resizes of scikit-learn's two photos."""
+    from sklearn.datasets import load_sample_images
+
+    rng = np.random.default_rng(0)
+    images = []
+    for k in range(12):
+        h, w = (int(v) for v in rng.integers(3, 160, 2))
+        if k % 3 == 0:  # one to eight levels around a random one
+            lo = int(rng.integers(0, 256))
+            x = rng.integers(lo, min(256, lo + int(rng.integers(1, 9))), (h, w, 3))
+        else:
+            x = rng.integers(0, 256, (h, w, 3))
+        images.append(Image.fromarray(x.astype(np.uint8)))
+    images.append(Image.fromarray(rng.integers(0, 256, (3, 3, 3)).astype(np.uint8)))
+    images.append(Image.new("RGB", (64, 48), (7, 200, 30)))
+    for photo in load_sample_images().images:
+        im = Image.fromarray(photo)
+        images += [im.resize((224, 224)), im.crop((100, 50, 324, 274)), im.reduce(3)]
+    return images
+
+
+@pytest.mark.parametrize("op", sorted(FAST_OPS))
+def test_fast_randaugment_ops_equal_torchvisions_pil_kernels(op):
+    """Each fast colour op gives torchvision's PIL kernel's bytes exactly, on every magnitude
+    bin tried (m 0..30), both signs of a signed op, random images and photos."""
+    ra = v2.RandAugment()
+    magnitudes_fn, signed = ra._AUGMENTATION_SPACE[op]
+    images = _randaugment_images()
+    for m in (0, 1, 5, 9, 15, 22, 30):
+        mags = magnitudes_fn(31, 224, 224)
+        magnitude = float(mags[m]) if mags is not None else 0.0
+        for sign in (1, -1) if signed else (1,):
+            for im in images:
+                want = ra._apply_image_or_video_transform(
+                    im, op, sign * magnitude, interpolation=ra.interpolation, fill=ra._fill
+                )
+                got = FAST_OPS[op](im, sign * magnitude)
+                assert got.mode == want.mode and got.size == want.size
+                assert np.array_equal(np.asarray(got), np.asarray(want)), (op, m, sign, im.size)
+
+
+def test_smooth_division_by_13_is_exact():
+    n = np.arange(13 * 255 + 7, dtype=np.uint32)  # every rounded SMOOTH sum
+    assert np.array_equal((n * _DIV13_MUL) >> _DIV13_SHIFT, n // 13)
+
+
+@pytest.mark.parametrize("magnitude", [9, 20])
+def test_pil_randaugment_gives_torchvisions_images_on_a_seed(magnitude, monkeypatch):
+    """PilRandAugment with the fast ops, on a fixed seed: the same images as v2.RandAugment
+    on PIL and as PilRandAugment with torchvision's kernels only (the draws unchanged)."""
+    images = [im for im in _randaugment_images() if min(im.size) >= 8]
+    fast, ref = PilRandAugment(magnitude=magnitude), v2.RandAugment(magnitude=magnitude)
+
+    def run(t):
+        torch.manual_seed(5)
+        return [np.asarray(t(im)) for _ in range(12) for im in images]
+
+    got, want = run(fast), run(ref)
+    monkeypatch.setattr("suite.training.pipeline.FAST_OPS", {})
+    before = run(PilRandAugment(magnitude=magnitude))
+    assert len(got) == len(want) == len(before)
+    for a, b, c in zip(got, want, before, strict=True):
+        assert np.array_equal(a, b) and np.array_equal(a, c)
 
 
 def test_crop_and_flip_images_equal_todays_without_draft(tmp_path):

@@ -36,6 +36,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 
 from suite.config import DataConfig
+from suite.training.randaugment import FAST_OPS
 
 # torchvision's RandomResizedCrop / RandomErasing defaults, which today's pipeline uses
 RRC_RATIO = (3 / 4, 4 / 3)
@@ -228,8 +229,11 @@ def draft_size(width: int, height: int, box_w: float, box_h: float, out: int) ->
 class PilRandAugment(v2.RandAugment):
     """``v2.RandAugment`` for one PIL image, without its per-call input flattening and
     magnitude tables: the same draws in the same order (op index, then the sign of a signed
-    op's magnitude), the same op kernels (``_apply_image_or_video_transform``), the magnitude
-    tables made once per image size."""
+    op's magnitude), the magnitude tables made once per image size. The op kernels are
+    torchvision's (``_apply_image_or_video_transform``) but on an RGB image for the colour
+    ops of ``randaugment.FAST_OPS`` (Brightness, Contrast, Sharpness, Posterize, Solarize,
+    AutoContrast, Equalize): the same bytes as torchvision's PIL kernels, 1.3-3x faster
+    (lookup tables from the C histogram, SMOOTH in integer numpy; see randaugment.py)."""
 
     def forward(self, *inputs: object) -> object:
         if len(inputs) != 1 or not isinstance(inputs[0], Image.Image):
@@ -242,9 +246,13 @@ class PilRandAugment(v2.RandAugment):
             op, magnitude, signed = table[k]
             if signed and torch.rand(()) <= 0.5:
                 magnitude = -magnitude
-            im = self._apply_image_or_video_transform(
-                im, op, magnitude, interpolation=self.interpolation, fill=self._fill
-            )
+            fast = FAST_OPS.get(op) if im.mode == "RGB" else None
+            if fast is not None:
+                im = fast(im, magnitude)
+            else:
+                im = self._apply_image_or_video_transform(
+                    im, op, magnitude, interpolation=self.interpolation, fill=self._fill
+                )
         return im
 
     def _tables(self, height: int, width: int) -> list[tuple[str, float, bool]]:
