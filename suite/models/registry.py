@@ -29,6 +29,9 @@ class PaperRef:
 
 @dataclass(frozen=True)
 class ModelEntry:
+    """One row of the table: the model's config and the published figures it is checked
+    against."""
+
     name: str
     config: ModelConfig
     paper: PaperRef = field(default_factory=PaperRef)
