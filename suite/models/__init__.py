@@ -1,5 +1,6 @@
-"""TNT, ViT and DeiT from one shared set of transformer layers."""
+"""TNT, ViT and DeiT from one shared set of transformer layers, each built from a config."""
 
+from .configs import TNTConfig, TransformerConfig, ViTConfig
 from .layers import Attention, Block, DropPath, Mlp, PatchEmbed, compile_blocks
 from .registry import (
     ModelEntry,
@@ -25,6 +26,9 @@ __all__ = [
     "PaperRef",
     "PatchEmbed",
     "TNTBlock",
+    "TNTConfig",
+    "TransformerConfig",
+    "ViTConfig",
     "VisionTransformer",
     "check_model_config",
     "compile_blocks",

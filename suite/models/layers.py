@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .configs import TransformerConfig
 from .fastpath import SDPA_MIN_TOKENS, Linear, sdpa, use_sdpa
 
 
@@ -138,6 +139,25 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def patch_block(config: TransformerConfig, drop_path: float, eps: float = 1e-6) -> Block:
+    """The block over patch tokens that ``config`` describes: ViT's, and TNT's outer one."""
+    return Block(
+        config.embed_dim,
+        config.num_heads,
+        mlp_ratio=config.mlp_ratio,
+        qkv_bias=config.qkv_bias,
+        drop=config.drop_rate,
+        attn_drop=config.attn_drop_rate,
+        drop_path=drop_path,
+        eps=eps,
+    )
+
+
+def classifier(dim: int, num_classes: int) -> nn.Module:
+    """The linear head on a class token; no head (identity) for ``num_classes`` 0."""
+    return nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
 
 
 class PatchEmbed(nn.Module):

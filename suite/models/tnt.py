@@ -7,15 +7,22 @@ sequence for the inner transformer; patch tokens as (B, 1 + N, D) with the class
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .configs import TNTConfig
 from .fastpath import Linear
 from .kernels.inner_op import check_inner_kernel, inner_forward
-from .layers import Block, check_divisible, check_input, drop_path_rates, init_weights
+from .layers import (
+    Block,
+    check_divisible,
+    check_input,
+    classifier,
+    drop_path_rates,
+    init_weights,
+    patch_block,
+)
 
 LN_EPS = 1e-5  # the official code and timm's TNT use nn.LayerNorm's default
 
@@ -27,19 +34,19 @@ class PixelEmbed(nn.Module):
     so the zero padding stops at the patch border exactly as in the official code.
     """
 
-    def __init__(
-        self, img_size: int, patch_size: int, pixel_size: int, in_chans: int, inner_dim: int
-    ) -> None:
+    def __init__(self, config: TNTConfig) -> None:
         super().__init__()
-        check_divisible("img_size", img_size, "patch_size", patch_size)
-        check_divisible("patch_size", patch_size, "pixel_size", pixel_size)
-        self.img_size = img_size
-        self.patch_size = patch_size
-        self.grid = img_size // patch_size
-        self.num_patches = self.grid**2
-        self.pixel_grid = patch_size // pixel_size
-        self.num_pixels = self.pixel_grid**2
-        self.proj = nn.Conv2d(in_chans, inner_dim, kernel_size=7, padding=3, stride=pixel_size)
+        check_divisible("img_size", config.img_size, "patch_size", config.patch_size)
+        check_divisible("patch_size", config.patch_size, "pixel_size", config.pixel_size)
+        self.img_size = config.img_size
+        self.patch_size = config.patch_size
+        self.grid = config.img_size // config.patch_size
+        self.num_patches = config.num_patches
+        self.pixel_grid = config.patch_size // config.pixel_size
+        self.num_pixels = config.num_pixels
+        self.proj = nn.Conv2d(
+            config.in_chans, config.inner_dim, kernel_size=7, padding=3, stride=config.pixel_size
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.img_size)
@@ -54,29 +61,27 @@ class PixelEmbed(nn.Module):
 class TNTBlock(nn.Module):
     """Inner block on pixels, pixel->patch projection added to patch tokens, outer block."""
 
-    def __init__(
-        self,
-        inner_dim: int,
-        embed_dim: int,
-        num_pixels: int,
-        *,
-        inner_heads: int,
-        num_heads: int,
-        mlp_ratio: float,
-        inner_mlp_ratio: float,
-        inner_kernel: str = "auto",
-        **common: Any,  # qkv_bias, drop, attn_drop, drop_path: the same for both blocks
-    ) -> None:
+    def __init__(self, config: TNTConfig, drop_path: float = 0.0) -> None:
         super().__init__()
-        self.inner = Block(inner_dim, inner_heads, mlp_ratio=inner_mlp_ratio, eps=LN_EPS, **common)
-        # "auto" | "triton" | "torch": whether self.inner runs as the fused Triton kernel
-        # (suite.models.kernels.inner_op.use_triton decides per call)
-        self.inner_kernel = inner_kernel
+        c, d = config.inner_dim, config.embed_dim
+        pixels_dim = config.num_pixels * c
+        self.inner = Block(
+            c,
+            config.inner_heads,
+            mlp_ratio=config.inner_mlp_ratio,
+            qkv_bias=config.qkv_bias,
+            drop=config.drop_rate,
+            attn_drop=config.attn_drop_rate,
+            drop_path=drop_path,
+            eps=LN_EPS,
+        )
+        # whether self.inner runs as the fused Triton kernel: see TNTConfig.inner_kernel
+        self.inner_kernel = config.inner_kernel
         # LN(P*c) -> Linear(P*c -> D, no bias) -> LN(D), added to the patch tokens without DropPath
-        self.proj_norm1 = nn.LayerNorm(num_pixels * inner_dim, eps=LN_EPS)
-        self.proj = Linear(num_pixels * inner_dim, embed_dim, bias=False)
-        self.proj_norm2 = nn.LayerNorm(embed_dim, eps=LN_EPS)
-        self.outer = Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, eps=LN_EPS, **common)
+        self.proj_norm1 = nn.LayerNorm(pixels_dim, eps=LN_EPS)
+        self.proj = Linear(pixels_dim, d, bias=False)
+        self.proj_norm2 = nn.LayerNorm(d, eps=LN_EPS)
+        self.outer = patch_block(config, drop_path, eps=LN_EPS)
 
     def forward(
         self, pixel: torch.Tensor, patch: torch.Tensor
@@ -91,65 +96,34 @@ class TNTBlock(nn.Module):
 
 
 class TNT(nn.Module):
-    def __init__(
-        self,
-        *,
-        img_size: int = 224,
-        in_chans: int = 3,
-        num_classes: int = 1000,
-        patch_size: int = 16,
-        pixel_size: int = 4,
-        embed_dim: int = 384,
-        inner_dim: int = 24,
-        depth: int = 12,
-        num_heads: int = 6,
-        inner_heads: int = 4,
-        mlp_ratio: float = 4.0,
-        inner_mlp_ratio: float = 4.0,
-        qkv_bias: bool = False,
-        drop_rate: float = 0.0,
-        attn_drop_rate: float = 0.0,
-        drop_path_rate: float = 0.0,
-        patch_pos_embed: bool = True,
-        pixel_pos_embed: bool = True,
-        inner_kernel: str = "auto",
-    ) -> None:
+    """TNT from a ``TNTConfig``: pixel embedding, the patch tokens made from it, ``depth`` TNT
+    blocks, class-token head."""
+
+    def __init__(self, config: TNTConfig) -> None:
         super().__init__()
-        check_divisible("embed_dim", embed_dim, "num_heads", num_heads)
-        check_divisible("inner_dim", inner_dim, "inner_heads", inner_heads)
-        self.num_classes = num_classes
-        self.embed_dim = embed_dim
-        self.inner_dim = inner_dim
+        check_divisible("embed_dim", config.embed_dim, "num_heads", config.num_heads)
+        check_divisible("inner_dim", config.inner_dim, "inner_heads", config.inner_heads)
+        self.config = config
+        c, d = config.inner_dim, config.embed_dim
+        self.inner_dim, self.embed_dim, self.num_classes = c, d, config.num_classes
         self.distilled = False
-        self.pixel_embed = PixelEmbed(img_size, patch_size, pixel_size, in_chans, inner_dim)
-        N, P = self.pixel_embed.num_patches, self.pixel_embed.num_pixels
-        check_inner_kernel(inner_kernel, P, inner_dim)
+        self.pixel_embed = PixelEmbed(config)
+        N, P = config.num_patches, config.num_pixels
         self.num_patches, self.num_pixels = N, P
+        check_inner_kernel(config.inner_kernel, P, c)
         # one (P, c) pixel position table shared by every patch
-        self.pixel_pos = nn.Parameter(torch.zeros(1, P, inner_dim)) if pixel_pos_embed else None
+        self.pixel_pos = nn.Parameter(torch.zeros(1, P, c)) if config.pixel_pos_embed else None
         # initial patch tokens from their pixels: LN(P*c) -> Linear -> LN(D)
-        self.norm1_proj = nn.LayerNorm(P * inner_dim, eps=LN_EPS)
-        self.proj = nn.Linear(P * inner_dim, embed_dim)
-        self.norm2_proj = nn.LayerNorm(embed_dim, eps=LN_EPS)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.patch_pos = nn.Parameter(torch.zeros(1, N + 1, embed_dim)) if patch_pos_embed else None
-        self.pos_drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
-        dpr = drop_path_rates(drop_path_rate, depth)
-        kw = dict(
-            inner_heads=inner_heads,
-            num_heads=num_heads,
-            mlp_ratio=mlp_ratio,
-            inner_mlp_ratio=inner_mlp_ratio,
-            qkv_bias=qkv_bias,
-            drop=drop_rate,
-            attn_drop=attn_drop_rate,
-            inner_kernel=inner_kernel,
-        )
-        self.blocks = nn.ModuleList(
-            TNTBlock(inner_dim, embed_dim, P, drop_path=dpr[i], **kw) for i in range(depth)
-        )
-        self.norm = nn.LayerNorm(embed_dim, eps=LN_EPS)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.norm1_proj = nn.LayerNorm(P * c, eps=LN_EPS)
+        self.proj = nn.Linear(P * c, d)
+        self.norm2_proj = nn.LayerNorm(d, eps=LN_EPS)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.patch_pos = nn.Parameter(torch.zeros(1, N + 1, d)) if config.patch_pos_embed else None
+        self.pos_drop = nn.Dropout(config.drop_rate) if config.drop_rate > 0 else nn.Identity()
+        rates = drop_path_rates(config.drop_path_rate, config.depth)
+        self.blocks = nn.ModuleList(TNTBlock(config, rate) for rate in rates)
+        self.norm = nn.LayerNorm(d, eps=LN_EPS)
+        self.head = classifier(d, config.num_classes)
         self._init_weights()
 
     def _init_weights(self) -> None:

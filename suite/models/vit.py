@@ -8,62 +8,40 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import Block, PatchEmbed, check_divisible, drop_path_rates, init_weights
+from .configs import ViTConfig
+from .layers import (
+    PatchEmbed,
+    check_divisible,
+    classifier,
+    drop_path_rates,
+    init_weights,
+    patch_block,
+)
 
 
 class VisionTransformer(nn.Module):
-    def __init__(
-        self,
-        *,
-        img_size: int = 224,
-        in_chans: int = 3,
-        num_classes: int = 1000,
-        patch_size: int = 16,
-        embed_dim: int = 768,
-        depth: int = 12,
-        num_heads: int = 12,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        drop_rate: float = 0.0,
-        attn_drop_rate: float = 0.0,
-        drop_path_rate: float = 0.0,
-        distilled: bool = False,
-        pos_embed: bool = True,
-    ) -> None:
+    """ViT/DeiT from a ``ViTConfig``: patch embedding, ``depth`` blocks, class-token head (and
+    DeiT's distillation head)."""
+
+    def __init__(self, config: ViTConfig) -> None:
         super().__init__()
-        check_divisible("embed_dim", embed_dim, "num_heads", num_heads)
-        self.num_classes = num_classes
-        self.embed_dim = embed_dim
-        self.distilled = distilled
-        self.num_prefix = 2 if distilled else 1
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
-        n = self.patch_embed.num_patches
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if distilled else None
-        self.pos_embed = (
-            nn.Parameter(torch.zeros(1, n + self.num_prefix, embed_dim)) if pos_embed else None
-        )
-        self.pos_drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
-        dpr = drop_path_rates(drop_path_rate, depth)
-        self.blocks = nn.ModuleList(
-            Block(
-                embed_dim,
-                num_heads,
-                mlp_ratio=mlp_ratio,
-                qkv_bias=qkv_bias,
-                drop=drop_rate,
-                attn_drop=attn_drop_rate,
-                drop_path=dpr[i],
-            )
-            for i in range(depth)
-        )
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        self.head_dist = (
-            (nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity())
-            if distilled
-            else None
-        )
+        check_divisible("embed_dim", config.embed_dim, "num_heads", config.num_heads)
+        self.config = config
+        d = config.embed_dim
+        self.embed_dim, self.num_classes = d, config.num_classes
+        self.distilled = config.distilled
+        self.num_prefix = 2 if config.distilled else 1
+        self.patch_embed = PatchEmbed(config.img_size, config.patch_size, config.in_chans, d)
+        tokens = self.num_prefix + self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, d)) if config.distilled else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, tokens, d)) if config.pos_embed else None
+        self.pos_drop = nn.Dropout(config.drop_rate) if config.drop_rate > 0 else nn.Identity()
+        rates = drop_path_rates(config.drop_path_rate, config.depth)
+        self.blocks = nn.ModuleList(patch_block(config, rate) for rate in rates)
+        self.norm = nn.LayerNorm(d, eps=1e-6)
+        self.head = classifier(d, config.num_classes)
+        self.head_dist = classifier(d, config.num_classes) if config.distilled else None
         self.apply(init_weights)
         for p in (self.cls_token, self.dist_token, self.pos_embed):
             if p is not None:

@@ -10,7 +10,7 @@ fp32 and are rounded to the matmul dtype inside the kernel, as autocast's linear
 op itself sees plain dtypes.
 
 Shapes: x (S, P, C): S sequences (B*N patches) of P pixels, C = inner dim; w the block's
-parameters flat in fp32 (``kernels.inner_triton.param_offsets``).
+parameters flat in fp32 (``kernels.shapes.param_offsets``).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from torch import nn
 from suite.errors import UserError
 
 from ..layers import Block, DropPath
+from .shapes import MAX_PADDED_DIM, hidden_from_length, shape_fits
 
 INNER_KERNELS = ("auto", "triton", "torch")
 # auto picks the kernel on CUDA where it applies: on an H200 (benchmarks/gpu_check.sh,
@@ -37,7 +38,6 @@ AUTO_PICKS_TRITON = True
 # on Hopper (sm_90) only, and "triton" still forces it anywhere Triton compiles
 AUTO_MIN_CAPABILITY = (8, 0)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-MAX_PADDED_DIM = 64  # the kernel's largest padded pixel count and inner dim (inner_triton)
 _KERNEL_MODULE = "suite.models.kernels.inner_triton"
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None  # looked up, not imported
 
@@ -47,15 +47,6 @@ def _kernels():
     from . import inner_triton
 
     return inner_triton
-
-
-def _padded(n: int) -> int:
-    return max(16, 1 << (n - 1).bit_length())
-
-
-def shape_fits(num_pixels: int, inner_dim: int) -> bool:
-    """Whether the kernel keeps this shape in one tile: both padded to <= 64."""
-    return _padded(num_pixels) <= MAX_PADDED_DIM and _padded(inner_dim) <= MAX_PADDED_DIM
 
 
 def check_inner_kernel(value: str, num_pixels: int, inner_dim: int) -> None:
@@ -127,7 +118,7 @@ def use_triton(setting: str, block: Block, x: torch.Tensor) -> bool:
 
 
 def flat_params(block: Block) -> torch.Tensor:
-    """The block's 12 parameter tensors flat in fp32, in ``param_offsets`` order (a zero qkv
+    """The block's 12 parameter tensors flat in fp32, in ``shapes.Offsets`` order (a zero qkv
     bias where the block has none, as TNT's blocks do)."""
     a, m = block.attn, block.mlp
     qkv_bias = a.qkv.bias if a.qkv.bias is not None else a.qkv.weight.new_zeros(a.qkv.out_features)
@@ -215,7 +206,7 @@ def inner_block_macs(x_shape: Sequence[int], w_len: int) -> int:
     qkv C->3C, proj C->C, fc1 C->HID, fc2 HID->C per token, and q k^T, attn v per sequence
     (2 P^2 C over all heads). Norms, softmax, GELU and biases are not multiply-adds."""
     s, p, c = x_shape
-    hidden = (w_len - 4 * c * c - 9 * c) // (2 * c + 1)  # inner_triton.hidden_from_length
+    hidden = hidden_from_length(c, w_len)
     return s * p * (4 * c * c + 2 * c * hidden) + 2 * s * p * p * c
 
 

@@ -1,12 +1,12 @@
 """Triton kernels for TNT's inner block, forward and backward, one tile of sequences per program.
 
-Shapes: S sequences (B*N patches) of P pixel tokens with C channels, NH heads of Dh = C / NH,
-HID = MLP hidden width. In a program: BS sequences, padded to PP >= 16 pixels and CP >= 16
-channels (powers of two, masked), so a tile is R = BS*PP rows of CP channels, held as
-(R, CP) for the linears and (BS, PP, CP) for the attention. The MLP runs in chunks of HB
-hidden channels, so HID needs no padding beyond its last chunk.
+Shapes as ``shapes`` names them: S sequences of P pixel tokens with C channels, NH heads, HID
+MLP hidden width; in a program BS sequences, padded to PP pixels and CP channels (masked), so
+a tile is R = BS*PP rows of CP channels, held as (R, CP) for the linears and (BS, PP, CP) for
+the attention. The MLP runs in chunks of HB hidden channels, so HID needs no padding beyond its
+last chunk.
 
-All parameters come in one flat fp32 vector ``w`` (see ``param_offsets``); the matmul operands
+All parameters come in one flat fp32 vector ``w`` (``shapes.Offsets``); the matmul operands
 are cast to the input's dtype (bf16/fp16 tensor cores, fp32 "ieee" in fp32), everything else
 (LayerNorm, softmax, GELU, residuals, accumulation) runs in fp32.
 
@@ -15,9 +15,12 @@ in registers (cheaper than storing q, k, v, the attention and the MLP hidden lay
 input's size for TNT-S), then writes dx and this tile's weight gradients into its own row of an
 fp32 (tiles, params) buffer that torch sums: no atomics, the same bits every run.
 
-``D``, the kernels' constexpr tuple: (P, C, HID, NH, PP, CP, HB, BS, EPS, SCALE);
-``O``: the offsets in ``w`` of (ln1 w, ln1 b, qkv w, qkv b, proj w, proj b, ln2 w, ln2 b,
-fc1 w, fc1 b, fc2 w, fc2 b, total).
+``D`` and ``O``, the kernels' constexpr arguments, are named tuples read by field name:
+``shapes.Dims`` (P, C, HID, NH, PP, CP, HB, BS, EPS, SCALE) and ``shapes.Offsets`` (where
+each parameter tensor starts in ``w``: ln1_w, ln1_b, qkv_w, ..., fc2_b, then total). Each
+jit function copies the fields it uses into ``tl.constexpr`` locals: Triton's compiler (unlike
+its interpreter) reads a constexpr tuple's fields as plain values, which ``tl.static_range``
+and friends refuse.
 """
 
 from __future__ import annotations
@@ -28,48 +31,20 @@ import torch
 import triton
 import triton.language as tl
 
+from .shapes import dims, hidden_from_length, padded, param_offsets
+
 # Triton 3.8's interpreter multiplies bf16 dot operands wrongly (garbage for tl.dot on two
 # bf16 tiles), so under it low-precision dots run on the rounded values in fp32
 # (the variable as @triton.jit reads it below; triton.knobs is only in triton >= 3.4)
 _INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
-HIDDEN_CHUNK = 32  # HB: MLP hidden channels per step
 # (rows per program, warps) by CP, forward and backward apart: rows = sequences x padded pixels,
-# CP and PP at most 64 (inner_op.MAX_PADDED_DIM declines larger shapes before they get here).
+# CP and PP at most 64 (inner_op declines larger shapes, shapes.MAX_PADDED_DIM, before here).
 # CP 32 (TNT-S) from benchmarks/bench_inner_kernel.py on an H200 (reports/gpu/nvidia-h200), bf16,
 # 25,088 sequences, of {1, 2, 4, 8} sequences x {2, 4, 8} warps: forward 8 x 8 warps 0.122 ms
 # (4 x 4: 0.126), backward 4 x 4 warps 0.595 ms (8 x 8: 0.661; 1 x 2: 1.025). CP 16 and 64 are
 # not measured yet: the same ~2k fp32 values per (R, CP) tile at 4 warps
 FWD_TILE = {16: (64, 4), 32: (128, 8), 64: (32, 4)}
 BWD_TILE = {16: (64, 4), 32: (64, 4), 64: (32, 4)}
-
-
-def param_offsets(c: int, hidden: int) -> tuple[int, ...]:
-    """Offsets in the flat parameter vector (a qkv bias slot always, zeros when the model has
-    none), then the total length."""
-    sizes = [c, c, 3 * c * c, 3 * c, c * c, c, c, c, hidden * c, hidden, c * hidden, c]
-    offs = [0]
-    for s in sizes:
-        offs.append(offs[-1] + s)
-    return tuple(offs)
-
-
-def hidden_from_length(c: int, length: int) -> int:
-    """HID from the flat vector's length: 4c^2 + 9c fixed, plus (2c + 1) per hidden channel."""
-    return (length - 4 * c * c - 9 * c) // (2 * c + 1)
-
-
-def padded(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
-
-
-def dims(
-    p: int, c: int, hidden: int, heads: int, eps: float, block_s: int | None, rows: int = 64
-) -> tuple:
-    """The kernels' constexpr tuple D for this shape (see the module docstring); ``block_s``
-    sequences per program, or as many as fill ``rows``."""
-    pp, cp = padded(p), padded(c)
-    bs = block_s or max(1, rows // pp)
-    return (p, c, hidden, heads, pp, cp, HIDDEN_CHUNK, bs, eps, (c // heads) ** -0.5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,11 +67,11 @@ def _mm(a, b, DT: tl.constexpr):
 def _tile(tile, S, D: tl.constexpr):
     """Element offsets of one tile in (S, P, C) and its masks: (R, CP) offsets and mask, and
     the (CP,) column mask."""
-    P: tl.constexpr = D[0]
-    C: tl.constexpr = D[1]
-    PP: tl.constexpr = D[4]
-    CP: tl.constexpr = D[5]
-    BS: tl.constexpr = D[7]
+    P: tl.constexpr = D.P
+    C: tl.constexpr = D.C
+    PP: tl.constexpr = D.PP
+    CP: tl.constexpr = D.CP
+    BS: tl.constexpr = D.BS
     r = tl.arange(0, BS * PP)
     seq = tile * BS + r // PP
     pix = r % PP
@@ -179,11 +154,11 @@ def _gelu(h):
 @triton.jit
 def _heads(D: tl.constexpr):
     """(CP,) head index of each channel (pads get NH, no head) and the (PP,) key mask."""
-    P: tl.constexpr = D[0]
-    C: tl.constexpr = D[1]
-    NH: tl.constexpr = D[3]
-    PP: tl.constexpr = D[4]
-    CP: tl.constexpr = D[5]
+    P: tl.constexpr = D.P
+    C: tl.constexpr = D.C
+    NH: tl.constexpr = D.NH
+    PP: tl.constexpr = D.PP
+    CP: tl.constexpr = D.CP
     return tl.arange(0, CP) // (C // NH), tl.arange(0, PP) < P
 
 
@@ -202,11 +177,11 @@ def _attention(q, k, v, D: tl.constexpr, DT: tl.constexpr):
 
     Heads are column ranges of CP; head h's scores use q with the other columns zeroed, and
     its output lands in its own columns, so the heads sum into one (BS, PP, CP) tile."""
-    PP: tl.constexpr = D[4]
-    CP: tl.constexpr = D[5]
-    BS: tl.constexpr = D[7]
-    NH: tl.constexpr = D[3]  # a constexpr local: Triton's compiler (unlike its interpreter)
-    SCALE: tl.constexpr = D[9]  # reads a constexpr tuple's items as plain values
+    PP: tl.constexpr = D.PP
+    CP: tl.constexpr = D.CP
+    BS: tl.constexpr = D.BS
+    NH: tl.constexpr = D.NH
+    SCALE: tl.constexpr = D.SCALE
     head, key_ok = _heads(D)
     q3 = tl.reshape(q * SCALE, (BS, PP, CP)).to(DT)  # (BS, PP, CP)
     kt = tl.permute(tl.reshape(k, (BS, PP, CP)).to(DT), (0, 2, 1))  # (BS, CP, PP)
@@ -222,11 +197,11 @@ def _attention(q, k, v, D: tl.constexpr, DT: tl.constexpr):
 @triton.jit
 def _attention_bwd(q, k, v, do, D: tl.constexpr, DT: tl.constexpr):
     """(dq, dk, dv), each (R, CP), of ``_attention`` given its output's gradient ``do``."""
-    PP: tl.constexpr = D[4]
-    CP: tl.constexpr = D[5]
-    BS: tl.constexpr = D[7]
-    NH: tl.constexpr = D[3]
-    SCALE: tl.constexpr = D[9]
+    PP: tl.constexpr = D.PP
+    CP: tl.constexpr = D.CP
+    BS: tl.constexpr = D.BS
+    NH: tl.constexpr = D.NH
+    SCALE: tl.constexpr = D.SCALE
     head, key_ok = _heads(D)
     q3 = tl.reshape(q * SCALE, (BS, PP, CP)).to(DT)  # scaled q, as the forward used it
     k3 = tl.reshape(k, (BS, PP, CP)).to(DT)
@@ -253,33 +228,33 @@ def _attention_bwd(q, k, v, do, D: tl.constexpr, DT: tl.constexpr):
 @triton.jit
 def _attn_branch(x, w_ptr, col_ok, D: tl.constexpr, O: tl.constexpr, DT: tl.constexpr):
     """x + proj(attention(qkv(LN1(x)))) and what the backward needs along the way."""
-    C: tl.constexpr = D[1]
-    CP: tl.constexpr = D[5]
-    EPS: tl.constexpr = D[8]
-    xn, xhat, rstd = _layernorm(x, w_ptr + O[0], col_ok, C, CP, EPS)
-    q = _linear(xn, w_ptr + O[2], w_ptr + O[3], C, C, CP, CP, DT)
-    k = _linear(xn, w_ptr + O[2] + C * C, w_ptr + O[3] + C, C, C, CP, CP, DT)
-    v = _linear(xn, w_ptr + O[2] + 2 * C * C, w_ptr + O[3] + 2 * C, C, C, CP, CP, DT)
+    C: tl.constexpr = D.C
+    CP: tl.constexpr = D.CP
+    EPS: tl.constexpr = D.EPS
+    xn, xhat, rstd = _layernorm(x, w_ptr + O.ln1_w, col_ok, C, CP, EPS)
+    q = _linear(xn, w_ptr + O.qkv_w, w_ptr + O.qkv_b, C, C, CP, CP, DT)
+    k = _linear(xn, w_ptr + O.qkv_w + C * C, w_ptr + O.qkv_b + C, C, C, CP, CP, DT)
+    v = _linear(xn, w_ptr + O.qkv_w + 2 * C * C, w_ptr + O.qkv_b + 2 * C, C, C, CP, CP, DT)
     o = _attention(q, k, v, D, DT)
-    x1 = x + _linear(o, w_ptr + O[4], w_ptr + O[5], C, C, CP, CP, DT)
+    x1 = x + _linear(o, w_ptr + O.proj_w, w_ptr + O.proj_b, C, C, CP, CP, DT)
     return x1, xn, xhat, rstd, q, k, v, o
 
 
 @triton.jit
 def _mlp(xn, w_ptr, D: tl.constexpr, O: tl.constexpr, DT: tl.constexpr):
     """fc2(GELU(fc1(xn))) in chunks of HB hidden channels: (R, CP) fp32."""
-    C: tl.constexpr = D[1]
-    HID: tl.constexpr = D[2]
-    CP: tl.constexpr = D[5]
-    HB: tl.constexpr = D[6]
-    R: tl.constexpr = D[7] * D[4]
+    C: tl.constexpr = D.C
+    HID: tl.constexpr = D.HID
+    CP: tl.constexpr = D.CP
+    HB: tl.constexpr = D.HB
+    R: tl.constexpr = D.BS * D.PP
     acc = tl.zeros((R, CP), tl.float32)
     for c0 in tl.static_range(0, HID, HB):
-        h = _linear(xn, w_ptr + O[8] + c0 * C, w_ptr + O[9] + c0, HID - c0, C, HB, CP, DT)
+        h = _linear(xn, w_ptr + O.fc1_w + c0 * C, w_ptr + O.fc1_b + c0, HID - c0, C, HB, CP, DT)
         a, _ = _gelu(h)  # (R, HB)
-        w2t = _mat(w_ptr + O[10] + c0, HID - c0, C, 1, HID, HB, CP)  # fc2 W^T rows c0..c0+HB
+        w2t = _mat(w_ptr + O.fc2_w + c0, HID - c0, C, 1, HID, HB, CP)  # fc2 W^T rows c0..c0+HB
         acc += _mm(a, w2t, DT)
-    return acc + _vec(w_ptr + O[11], C, CP)[None, :]
+    return acc + _vec(w_ptr + O.fc2_b, C, CP)[None, :]
 
 
 @triton.jit
@@ -289,10 +264,10 @@ def inner_fwd_kernel(x_ptr, w_ptr, out_ptr, S, D: tl.constexpr, O: tl.constexpr)
     offs, mask, col_ok = _tile(tl.program_id(0), S, D)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # (R, CP)
     x1, _, _, _, _, _, _, _ = _attn_branch(x, w_ptr, col_ok, D, O, DT)
-    C: tl.constexpr = D[1]
-    CP: tl.constexpr = D[5]
-    EPS: tl.constexpr = D[8]
-    xn2, _, _ = _layernorm(x1, w_ptr + O[6], col_ok, C, CP, EPS)
+    C: tl.constexpr = D.C
+    CP: tl.constexpr = D.CP
+    EPS: tl.constexpr = D.EPS
+    xn2, _, _ = _layernorm(x1, w_ptr + O.ln2_w, col_ok, C, CP, EPS)
     out = x1 + _mlp(xn2, w_ptr, D, O, DT)
     tl.store(out_ptr + offs, out.to(DT), mask=mask)
 
@@ -301,25 +276,25 @@ def inner_fwd_kernel(x_ptr, w_ptr, out_ptr, S, D: tl.constexpr, O: tl.constexpr)
 def _mlp_bwd(g, xn, w_ptr, dw_ptr, D: tl.constexpr, O: tl.constexpr, DT: tl.constexpr):
     """d(xn) of ``_mlp`` given its output's gradient g (R, CP); fc1/fc2 weight and bias
     gradients of this tile stored at ``dw_ptr`` (this tile's row of the partial buffer)."""
-    C: tl.constexpr = D[1]
-    HID: tl.constexpr = D[2]
-    CP: tl.constexpr = D[5]
-    HB: tl.constexpr = D[6]
+    C: tl.constexpr = D.C
+    HID: tl.constexpr = D.HID
+    CP: tl.constexpr = D.CP
+    HB: tl.constexpr = D.HB
     gt = tl.trans(g)  # (CP, R)
-    R: tl.constexpr = D[7] * D[4]
+    R: tl.constexpr = D.BS * D.PP
     dxn = tl.zeros((R, CP), tl.float32)
     for c0 in tl.static_range(0, HID, HB):
         n = HID - c0
-        h = _linear(xn, w_ptr + O[8] + c0 * C, w_ptr + O[9] + c0, n, C, HB, CP, DT)
+        h = _linear(xn, w_ptr + O.fc1_w + c0 * C, w_ptr + O.fc1_b + c0, n, C, HB, CP, DT)
         a, da_dh = _gelu(h)  # (R, HB)
-        w2 = _mat(w_ptr + O[10] + c0, C, n, HID, 1, CP, HB)  # fc2 W[:, c0:c0+HB]: (CP, HB)
-        _put_mat(dw_ptr + O[10] + c0, _mm(gt, a, DT), C, n, HID, 1)  # d fc2 W = g^T a
+        w2 = _mat(w_ptr + O.fc2_w + c0, C, n, HID, 1, CP, HB)  # fc2 W[:, c0:c0+HB]: (CP, HB)
+        _put_mat(dw_ptr + O.fc2_w + c0, _mm(gt, a, DT), C, n, HID, 1)  # d fc2 W = g^T a
         dh = _mm(g, w2, DT) * da_dh  # (R, HB)
-        _put_mat(dw_ptr + O[8] + c0 * C, _mm(tl.trans(dh), xn, DT), n, C, C, 1)  # dh^T xn
-        _put_vec(dw_ptr + O[9] + c0, tl.sum(dh, 0), n)
-        w1 = _mat(w_ptr + O[8] + c0 * C, n, C, C, 1, HB, CP)  # fc1 W[c0:c0+HB]: (HB, CP)
+        _put_mat(dw_ptr + O.fc1_w + c0 * C, _mm(tl.trans(dh), xn, DT), n, C, C, 1)  # dh^T xn
+        _put_vec(dw_ptr + O.fc1_b + c0, tl.sum(dh, 0), n)
+        w1 = _mat(w_ptr + O.fc1_w + c0 * C, n, C, C, 1, HB, CP)  # fc1 W[c0:c0+HB]: (HB, CP)
         dxn += _mm(dh, w1, DT)
-    _put_vec(dw_ptr + O[11], tl.sum(g, 0), C)
+    _put_vec(dw_ptr + O.fc2_b, tl.sum(g, 0), C)
     return dxn
 
 
@@ -335,43 +310,43 @@ def _linear_bwd(dy, x, w_ptr, dw_ptr, db_ptr, C: tl.constexpr, CP: tl.constexpr,
 def inner_bwd_kernel(x_ptr, w_ptr, g_ptr, dx_ptr, dw_ptr, S, D: tl.constexpr, O: tl.constexpr):
     """dx of one tile, and its weight gradients in row ``tile`` of dw (tiles, params)."""
     DT: tl.constexpr = x_ptr.dtype.element_ty
-    C: tl.constexpr = D[1]
-    CP: tl.constexpr = D[5]
+    C: tl.constexpr = D.C
+    CP: tl.constexpr = D.CP
     tile = tl.program_id(0)
     offs, mask, col_ok = _tile(tile, S, D)
-    dw_ptr += tile.to(tl.int64) * O[12]
+    dw_ptr += tile.to(tl.int64) * O.total
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # zero on padded rows
     # the forward again, in registers
     x1, xn1, xhat1, rstd1, q, k, v, o = _attn_branch(x, w_ptr, col_ok, D, O, DT)
-    EPS: tl.constexpr = D[8]
-    xn2, xhat2, rstd2 = _layernorm(x1, w_ptr + O[6], col_ok, C, CP, EPS)
+    EPS: tl.constexpr = D.EPS
+    xn2, xhat2, rstd2 = _layernorm(x1, w_ptr + O.ln2_w, col_ok, C, CP, EPS)
     # MLP branch and LN2; the residual passes g through
     dxn2 = _mlp_bwd(g, xn2, w_ptr, dw_ptr, D, O, DT)
-    dx1, dln_w, dln_b = _layernorm_bwd(dxn2, xhat2, rstd2, w_ptr + O[6], col_ok, C, CP)
-    _put_vec(dw_ptr + O[6], dln_w, C)
-    _put_vec(dw_ptr + O[7], dln_b, C)
+    dx1, dln_w, dln_b = _layernorm_bwd(dxn2, xhat2, rstd2, w_ptr + O.ln2_w, col_ok, C, CP)
+    _put_vec(dw_ptr + O.ln2_w, dln_w, C)
+    _put_vec(dw_ptr + O.ln2_b, dln_b, C)
     dx1 += g
     # attention branch: proj, attention, qkv, LN1; the residual passes dx1 through
-    do = _linear_bwd(dx1, o, w_ptr + O[4], dw_ptr + O[4], dw_ptr + O[5], C, CP, DT)
+    do = _linear_bwd(dx1, o, w_ptr + O.proj_w, dw_ptr + O.proj_w, dw_ptr + O.proj_b, C, CP, DT)
     dq, dk, dv = _attention_bwd(q, k, v, do, D, DT)
-    dxn1 = _linear_bwd(dq, xn1, w_ptr + O[2], dw_ptr + O[2], dw_ptr + O[3], C, CP, DT)
+    dxn1 = _linear_bwd(dq, xn1, w_ptr + O.qkv_w, dw_ptr + O.qkv_w, dw_ptr + O.qkv_b, C, CP, DT)
     dxn1 += _linear_bwd(
-        dk, xn1, w_ptr + O[2] + C * C, dw_ptr + O[2] + C * C, dw_ptr + O[3] + C, C, CP, DT
+        dk, xn1, w_ptr + O.qkv_w + C * C, dw_ptr + O.qkv_w + C * C, dw_ptr + O.qkv_b + C, C, CP, DT
     )
     dxn1 += _linear_bwd(
         dv,
         xn1,
-        w_ptr + O[2] + 2 * C * C,
-        dw_ptr + O[2] + 2 * C * C,
-        dw_ptr + O[3] + 2 * C,
+        w_ptr + O.qkv_w + 2 * C * C,
+        dw_ptr + O.qkv_w + 2 * C * C,
+        dw_ptr + O.qkv_b + 2 * C,
         C,
         CP,
         DT,
     )
-    dx, dln_w, dln_b = _layernorm_bwd(dxn1, xhat1, rstd1, w_ptr + O[0], col_ok, C, CP)
-    _put_vec(dw_ptr + O[0], dln_w, C)
-    _put_vec(dw_ptr + O[1], dln_b, C)
+    dx, dln_w, dln_b = _layernorm_bwd(dxn1, xhat1, rstd1, w_ptr + O.ln1_w, col_ok, C, CP)
+    _put_vec(dw_ptr + O.ln1_w, dln_w, C)
+    _put_vec(dw_ptr + O.ln1_b, dln_b, C)
     tl.store(dx_ptr + offs, (dx + dx1).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -385,7 +360,7 @@ def _launch(x: torch.Tensor, w: torch.Tensor, heads: int, eps: float, block_s, n
     hidden = hidden_from_length(c, w.numel())
     rows, warps = table.get(padded(c), (32, 4))
     d = dims(p, c, hidden, heads, eps, block_s, rows)
-    return d, param_offsets(c, hidden), triton.cdiv(s, d[7]), num_warps or warps
+    return d, param_offsets(c, hidden), triton.cdiv(s, d.BS), num_warps or warps
 
 
 def forward(
@@ -416,6 +391,6 @@ def backward(
     summed in a fixed order."""
     d, o, tiles, warps = _launch(x, w, heads, eps, block_s, num_warps, BWD_TILE)
     dx = torch.empty_like(x)
-    partial = torch.empty(tiles, o[-1], device=x.device, dtype=torch.float32)
+    partial = torch.empty(tiles, o.total, device=x.device, dtype=torch.float32)
     inner_bwd_kernel[(tiles,)](x, w, grad, dx, partial, x.shape[0], d, o, num_warps=warps)
     return dx, partial.sum(0)
