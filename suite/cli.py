@@ -42,22 +42,27 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     from dataclasses import asdict
     from pathlib import Path
 
-    from suite.profile import format_table, log_profile_row, profile_models, uncounted_ops_lines
+    from suite.profile import (
+        ProfileOptions,
+        format_table,
+        log_profile_row,
+        profile_models,
+        uncounted_ops_lines,
+    )
 
     if args.json and not Path(args.json).resolve().parent.is_dir():
         raise UserError(f"--json {args.json}: the folder {Path(args.json).parent} does not exist")
-    rows = profile_models(
-        args.models,
-        device=args.device,
-        dtype=args.dtype,
+    opts = ProfileOptions(
         img_size=args.img_size,
         batch_size=args.batch_size,
         mode=args.mode,
+        dtype=args.dtype,
         compile=args.compile,
         warmup=args.warmup,
         steps=args.steps,
         repeat=args.repeat,
     )
+    rows = profile_models(args.models, opts, device=args.device)
     print(format_table(rows))
     print("\n".join(uncounted_ops_lines(rows)))
     if args.json:
