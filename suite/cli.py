@@ -245,19 +245,17 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_viz(args: argparse.Namespace) -> int:
-    from suite.outputs.viz import format_viz, run_viz
+    from suite.outputs.viz import VizOptions, format_viz, run_viz
     from suite.tracking import make_tracker
 
-    res = run_viz(
-        make_tracker(args.tracking_uri),
-        args.run_ids,
+    opts = VizOptions(
         n_images=args.images,
         layers=args.layers,
-        out=args.out,
         channels=args.channels,
         n_maps=args.maps,
         device=args.device,
     )
+    res = run_viz(make_tracker(args.tracking_uri), args.run_ids, opts, out=args.out)
     print(format_viz(res))
     return 0
 
