@@ -65,7 +65,7 @@ def run_demo(
     print(format_search(s))
 
     # the paper's feature figures: TNT's pixel-level maps and t-SNE beside ViT's (seed 0)
-    from suite.outputs.viz import format_viz, run_viz
+    from suite.outputs.viz import VizOptions, format_viz, run_viz
 
     names = r.runs.get(param_col("model.name"))
     pick = []
@@ -74,7 +74,7 @@ def run_demo(
             pick.append(r.runs.loc[names == m, "run_id"].iloc[0])
     if len(pick) == 2:
         print("\nfeature maps and t-SNE: tnt_nano against vit_nano")
-        print(format_viz(run_viz(tracker, pick, n_images=48, out=root / "viz")))
+        print(format_viz(run_viz(tracker, pick, VizOptions(n_images=48), out=root / "viz")))
 
     from suite.outputs.report import build_report
 

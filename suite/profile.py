@@ -31,7 +31,7 @@ from suite.runtime import (
 )
 
 # peak_memory_mb and time_model are imported from here by fit and the matrix: re-exported
-from suite.timing import Timing, sync, time_model
+from suite.timing import Timing, TimingOptions, sync, time_model
 from suite.timing import peak_memory_mb as peak_memory_mb
 from suite.timing import reset_peak_memory as reset_peak_memory
 
@@ -207,36 +207,68 @@ def device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
+@dataclass(frozen=True)
+class ProfileOptions:
+    """How ``profile_model`` measures each model: ``tntbench profile``'s options. ``None``
+    means the model's input size, or the device's default batch size, warm-up and steps."""
+
+    img_size: int | None = None
+    batch_size: int | None = None  # 256 on CUDA, 16 (>= 128 px) or 64 on CPU
+    mode: str = "infer"  # infer or train (suite.timing.TimingOptions)
+    dtype: str = "fp32"
+    compile: bool | str = False
+    warmup: int | None = None  # 10 on CUDA, 3 on CPU
+    steps: int | None = None  # 40 on CUDA, 10 on CPU
+    repeat: int = 1
+
+    def check(self) -> None:
+        """A UserError naming the option that is out of range."""
+        for key in ("batch_size", "img_size", "steps", "repeat"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise UserError(f"--{key.replace('_', '-')} must be >= 1, got {value}")
+        if self.warmup is not None and self.warmup < 0:
+            raise UserError(f"--warmup must be >= 0, got {self.warmup}")
+
+    def batch(self, device: torch.device, img_size: int) -> int:
+        if self.batch_size:
+            return self.batch_size
+        return 256 if device.type == "cuda" else 16 if img_size >= 128 else 64
+
+    def timing(self, device: torch.device) -> TimingOptions:
+        cuda = device.type == "cuda"
+        return TimingOptions(
+            mode=self.mode,
+            dtype=self.dtype,
+            warmup=self.warmup if self.warmup is not None else (10 if cuda else 3),
+            steps=self.steps if self.steps is not None else (40 if cuda else 10),
+            compile=self.compile,
+            repeat=self.repeat,
+        )
+
+
 def profile_model(
     name: str,
+    opts: ProfileOptions | None = None,
     *,
-    img_size: int | None = None,
-    batch_size: int | None = None,
-    mode: str = "infer",
-    dtype: str = "fp32",
     device: str | torch.device = "auto",
-    compile: bool | str = False,
-    warmup: int | None = None,
-    steps: int | None = None,
     peak_tflops: float | None = None,
-    repeat: int = 1,
     **overrides: Any,
 ) -> ProfileRow:
+    """One model's row; ``overrides`` go to its constructor, ``peak_tflops`` (default:
+    measured) is what MFU divides by."""
+    opts = opts or ProfileOptions()
     dev = device if isinstance(device, torch.device) else resolve_device(device, key="--device")
-    check_precision(dtype, dev, "--dtype")
-    model, size = _build(name, img_size, overrides)
+    check_precision(opts.dtype, dev, "--dtype")
+    model, size = _build(name, opts.img_size, overrides)
     total, trainable = count_params(model)
     flops = count_flops(model, size)
-    cuda = dev.type == "cuda"
-    bs = batch_size or (256 if cuda else 16 if size >= 128 else 64)
-    warmup = warmup if warmup is not None else (10 if cuda else 3)
-    steps = steps if steps is not None else (40 if cuda else 10)
-    kw = dict(mode=mode, dtype=dtype, device=dev, compile=compile, warmup=warmup, steps=steps)
-    t = time_model(model, size, bs, num_classes=model.num_classes, repeat=repeat, **kw)
-    peak = peak_tflops or matmul_peak_tflops(dev, dtype)
+    bs = opts.batch(dev, size)
+    t = time_model(model, size, bs, opts.timing(dev), device=dev, num_classes=model.num_classes)
+    peak = peak_tflops or matmul_peak_tflops(dev, opts.dtype)
     # model FLOPs: forward = 2 x MACs per image, training = 3 x forward
-    achieved = (6 if mode == "train" else 2) * flops.gmacs_fvcore * 1e9 * t.img_per_s / 1e12
-    spec = spec_tflops(dev, dtype)
+    achieved = (6 if opts.mode == "train" else 2) * flops.gmacs_fvcore * 1e9 * t.img_per_s / 1e12
+    spec = spec_tflops(dev, opts.dtype)
     return ProfileRow(
         model=name,
         params_m=total / 1e6,
@@ -250,8 +282,8 @@ def profile_model(
         mfu=achieved / peak,
         img_size=size,
         batch_size=bs,
-        mode=mode,
-        dtype=dtype,
+        mode=opts.mode,
+        dtype=opts.dtype,
         device=dev.type,
         device_name=device_name(dev),
         compile=t.compile,
@@ -339,24 +371,16 @@ def format_table(rows: list[ProfileRow]) -> str:
 
 
 def profile_models(
-    names: list[str], *, device: str, dtype: str, **options: Any
+    names: list[str], opts: ProfileOptions, *, device: str = "auto"
 ) -> list[ProfileRow]:
-    """One row per model, on one device and dtype whose peak FLOP/s is measured once.
-    ``options``: profile_model's (img_size, batch_size, mode, compile, warmup, steps,
-    repeat)."""
-    for key in ("batch_size", "img_size", "steps"):
-        if options.get(key) is not None and options[key] < 1:
-            raise UserError(f"--{key.replace('_', '-')} must be >= 1, got {options[key]}")
-    if options.get("repeat") is not None and options["repeat"] < 1:
-        raise UserError(f"--repeat must be >= 1, got {options['repeat']}")
-    if options.get("warmup") is not None and options["warmup"] < 0:
-        raise UserError(f"--warmup must be >= 0, got {options['warmup']}")
+    """One row per model, on one device and dtype whose peak FLOP/s is measured once."""
+    opts.check()
     dev = resolve_device(device, key="--device")
-    check_precision(dtype, dev, "--dtype")
+    check_precision(opts.dtype, dev, "--dtype")
     for name in names:
         get_entry_or_fail(name)
-    peak = matmul_peak_tflops(dev, dtype)
-    return [profile_model(n, device=dev, dtype=dtype, peak_tflops=peak, **options) for n in names]
+    peak = matmul_peak_tflops(dev, opts.dtype)
+    return [profile_model(n, opts, device=dev, peak_tflops=peak) for n in names]
 
 
 def uncounted_ops_lines(rows: list[ProfileRow]) -> list[str]:

@@ -68,47 +68,54 @@ def _loss(out: torch.Tensor | tuple[torch.Tensor, ...], y: torch.Tensor) -> torc
     return sum(nn.functional.cross_entropy(o.float(), y) for o in outs)
 
 
+@dataclass(frozen=True)
+class TimingOptions:
+    """How ``time_model`` times a model: built once from the config or the command line.
+
+    A timed window goes on past ``steps`` until it has lasted ``min_window_s`` (at most
+    ``noise.MAX_WINDOW_STEPS`` steps), so that ``suite.noise`` can judge it; a disturbed window
+    is timed again up to ``retries`` times and reported noisy if it stays so. ``repeat``
+    independent windows give the median of their medians.
+    """
+
+    mode: str  # infer: forward under inference_mode; train: forward, backward, SGD step
+    dtype: str  # fp32, or autocast to bf16/fp16
+    warmup: int  # untimed steps, the first (compiling) one included
+    steps: int  # timed steps per window, at least
+    # a train.compile setting (suite.runtime.resolve_compile): the first step compiles and is
+    # timed apart as compile_s; a failed compile falls back to eager, saying why
+    compile: bool | str = False
+    repeat: int = 1
+    retries: int = noise.RETRIES
+    min_window_s: float = noise.MIN_WINDOW_S
+
+
 def time_model(
     model: nn.Module,
     img_size: int,
     batch_size: int,
+    opts: TimingOptions,
     *,
-    mode: str,
-    dtype: str,
     device: torch.device,
-    warmup: int,
-    steps: int,
-    compile: bool | str = False,
     num_classes: int = 1000,
-    repeat: int = 1,
-    retries: int = noise.RETRIES,
-    min_window_s: float = noise.MIN_WINDOW_S,
 ) -> Timing:
-    """Median, p10 and p90 step time of at least ``steps`` timed steps after ``warmup`` untimed
-    ones, with the conditions they ran in (``suite.noise``): a window goes on past ``steps``
-    until it has lasted ``min_window_s`` (at most ``noise.MAX_WINDOW_STEPS`` steps), so that it
-    can be judged; img/s is computed from all the steps it timed. A disturbed window is timed
-    again up to ``retries`` times and reported noisy if it stays so. ``repeat`` independent
-    windows give the median of their medians.
-
-    ``compile`` is a ``train.compile`` setting (``suite.runtime.resolve_compile``): the first
-    step compiles and is timed apart as ``compile_s``; a failed compile falls back to eager
-    and says why in ``compile_fallback``.
-    """
+    """Median, p10 and p90 step time of ``model`` on synthetic batches of ``batch_size``, with
+    the conditions the windows ran in (``suite.noise``); img/s is computed from all the steps
+    timed, compile time is reported apart and never counted in throughput."""
     model = model.to(device)
     x = torch.randn(batch_size, 3, img_size, img_size, device=device)
     y = torch.randint(0, max(num_classes, 1), (batch_size,), device=device)
-    step = _step(model, x, y, mode, dtype, device)
-    # the first call compiles; compile time is reported apart and never counted in throughput
+    step = _step(model, x, y, opts.mode, opts.dtype, device)
     try:
-        c = compile_model(model, resolve_compile(compile, device), step, device)
-        for _ in range(max(warmup - 1, 0)):
+        # the first call compiles (and is the first warm-up step)
+        c = compile_model(model, resolve_compile(opts.compile, device), step, device)
+        for _ in range(max(opts.warmup - 1, 0)):
             step(c.fn)
         sync(device)
         reset_peak_memory(device)
 
-        window = _window(step, c.fn, steps, device, min_window_s)
-        runs = [noise.measure(window, device, retries) for _ in range(repeat)]
+        window = _window(step, c.fn, opts.steps, device, opts.min_window_s)
+        runs = [noise.measure(window, device, opts.retries) for _ in range(opts.repeat)]
     except torch.cuda.OutOfMemoryError:
         raise UserError(oom_message("--batch-size", batch_size, device)) from None
     t = noise.combine(runs)

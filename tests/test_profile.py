@@ -8,7 +8,7 @@ import torch
 
 from suite.cli import main
 from suite.models import Attention, create_model, get_entry, list_models
-from suite.profile import MAC_OPS, count_flops, profile_model
+from suite.profile import MAC_OPS, ProfileOptions, count_flops, profile_model
 
 
 @functools.cache
@@ -84,7 +84,8 @@ def _agrees_with_its_window(img_per_s, batch, conditions):
 
 
 def test_profile_row_is_consistent():
-    row = profile_model("vit_nano", batch_size=4, mode="train", warmup=1, steps=3, device="cpu")
+    opts = ProfileOptions(batch_size=4, mode="train", warmup=1, steps=3)
+    row = profile_model("vit_nano", opts, device="cpu")
     assert row.conditions["timing_steps"] >= 3
     assert _agrees_with_its_window(row.img_per_s, 4, row.conditions), (row, row.conditions)
     assert 0 < row.p10_ms <= row.step_ms <= row.p90_ms

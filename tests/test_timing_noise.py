@@ -211,10 +211,10 @@ class Sleepy(torch.nn.Module):
 
 
 def _time_tiny(delay_s, min_window_s):
-    from suite.timing import time_model
+    from suite.timing import TimingOptions, time_model
 
-    kw = dict(mode="infer", dtype="fp32", device=torch.device("cpu"), warmup=1, steps=3, retries=0)
-    return time_model(Sleepy(delay_s), 4, 2, num_classes=10, min_window_s=min_window_s, **kw)
+    opts = TimingOptions("infer", "fp32", warmup=1, steps=3, retries=0, min_window_s=min_window_s)
+    return time_model(Sleepy(delay_s), 4, 2, opts, device=torch.device("cpu"), num_classes=10)
 
 
 def test_a_window_goes_on_past_its_steps_until_it_lasts_the_minimum():
@@ -395,11 +395,11 @@ def _time(name, repeat=1, retries=noise.RETRIES):
     ``noise.MIN_WINDOW_S`` (so that the rule can judge them; 5 steps stay bounded when other
     tests load these cores: ~30x slower steps have been seen here)."""
     from suite.models import create_model
-    from suite.timing import time_model
+    from suite.timing import TimingOptions, time_model
 
     model = create_model(name)
-    kw = dict(mode="infer", dtype="fp32", device=torch.device("cpu"), warmup=2, steps=5)
-    return time_model(model, 32, 8, repeat=repeat, retries=retries, **kw)
+    opts = TimingOptions("infer", "fp32", warmup=2, steps=5, repeat=repeat, retries=retries)
+    return time_model(model, 32, 8, opts, device=torch.device("cpu"))
 
 
 def _burners(n):

@@ -54,6 +54,18 @@ class VizResult:
     labels: dict[str, str] = field(default_factory=dict)  # run ID -> "model runid8"
 
 
+@dataclass(frozen=True)
+class VizOptions:
+    """What ``run_viz`` draws: ``tntbench viz``'s options."""
+
+    n_images: int = 64  # validation images, the same for every run
+    layers: str | None = None  # "1,6,12" (``parse_layers``; default: first, middle, last)
+    channels: int = 4  # channels shown per run in a feature map
+    n_maps: int = 4  # images given a feature-map PNG
+    max_points: int = 2000  # patch features sampled for t-SNE and the spread metrics
+    device: str = "cpu"
+
+
 # ---------------------------------------------------------------------------------------------
 # Token layouts
 
@@ -122,30 +134,10 @@ def load_run(tracker: Tracker, run_id: str, device: torch.device) -> VizRun:
     """The model of a run's best (else last) checkpoint, with its dataset's validation split."""
     from suite.config import from_dict
     from suite.models import create_model, model_img_size
-    from suite.training.checkpoint import load_checkpoint, load_weights, model_state
+    from suite.training.checkpoint import load_weights, model_state
     from suite.training.data import build_datasets
 
-    try:
-        run = tracker.get_run(run_id)
-    except Exception as e:
-        raise UserError(f"run {run_id}: not found in {tracker.uri or 'the store'} ({e})") from None
-    ckpt_path = None
-    d = run.data.tags.get("checkpoint_dir")
-    for name in ("best.pt", "last.pt"):
-        if d and (Path(d) / name).is_file():
-            ckpt_path = Path(d) / name
-            break
-    if ckpt_path is not None:
-        ckpt = load_checkpoint(ckpt_path)  # tensors and plain data only: never unpickled
-    elif "checkpoints/best.pt" in tracker.list_artifacts(run_id, "checkpoints"):
-        # the artifact is read into memory from a temporary folder, removed at once: viz
-        # leaves no copy of a checkpoint behind (~/.cache would fill with one per run viewed)
-        with tempfile.TemporaryDirectory(prefix="tntbench-viz-") as tmp:
-            ckpt_path = tracker.download_artifacts(run_id, "checkpoints/best.pt", Path(tmp))
-            ckpt = load_checkpoint(ckpt_path)
-        ckpt_path = Path(f"runs:/{run_id}/checkpoints/best.pt")  # what messages name
-    else:
-        raise UserError(f"run {run_id}: no checkpoint (not in {d!r} nor in its artifacts)")
+    ckpt, ckpt_path = _checkpoint(tracker, run_id)
     try:
         raw = tomllib.loads(ckpt["config_toml"])
         name, kwargs = str(ckpt["model_name"]), dict(ckpt["model_kwargs"])
@@ -162,16 +154,31 @@ def load_run(tracker: Tracker, run_id: str, device: torch.device) -> VizRun:
     load_weights(model, model_state(ckpt, ckpt_path), ckpt_path)
     model.to(device).eval()
     _, val, info = build_datasets(cfg.data, model_img_size(cfg.model.name, cfg.model.overrides))
-    return VizRun(
-        run_id,
-        f"{ckpt['model_name']} {run_id[:8]}",
-        model,
-        val,
-        info.classes,
-        info.mean,
-        info.std,
-        info.digest,
-    )
+    label = f"{ckpt['model_name']} {run_id[:8]}"
+    return VizRun(run_id, label, model, val, info.classes, info.mean, info.std, info.digest)
+
+
+def _checkpoint(tracker: Tracker, run_id: str) -> tuple[dict[str, Any], Path]:
+    """The run's best (else last) checkpoint in its ``checkpoint_dir``, else its logged
+    ``checkpoints/best.pt`` artifact; with the path messages name."""
+    from suite.training.checkpoint import load_checkpoint
+
+    try:
+        run = tracker.get_run(run_id)
+    except Exception as e:
+        raise UserError(f"run {run_id}: not found in {tracker.uri or 'the store'} ({e})") from None
+    d = run.data.tags.get("checkpoint_dir")
+    for name in ("best.pt", "last.pt"):
+        if d and (Path(d) / name).is_file():
+            # tensors and plain data only: never unpickled
+            return load_checkpoint(Path(d) / name), Path(d) / name
+    if "checkpoints/best.pt" not in tracker.list_artifacts(run_id, "checkpoints"):
+        raise UserError(f"run {run_id}: no checkpoint (not in {d!r} nor in its artifacts)")
+    # the artifact is read into memory from a temporary folder, removed at once: viz leaves
+    # no copy of a checkpoint behind (~/.cache would fill with one per run viewed)
+    with tempfile.TemporaryDirectory(prefix="tntbench-viz-") as tmp:
+        ckpt = load_checkpoint(tracker.download_artifacts(run_id, "checkpoints/best.pt", Path(tmp)))
+    return ckpt, Path(f"runs:/{run_id}/checkpoints/best.pt")
 
 
 def parse_layers(text: str | None, depth: int) -> list[int]:
@@ -207,36 +214,28 @@ def _normalise(m: Tensor) -> Tensor:
 
 def feature_map_figures(
     runs: list[VizRun],
-    x: Tensor,
-    y: Tensor,
+    images: tuple[Tensor, Tensor],
     feats: list[dict],
     layers: list[int],
-    channels: int,
-    n_maps: int,
+    opts: VizOptions,
     out: Path,
 ) -> list[Path]:
-    """One PNG per image: rows = layers; columns = the image (``x`` (B, 3, H, W) as the first
-    run's transform gives it, class ``y``), then ``channels`` maps per run."""
+    """One PNG for each of the first ``opts.n_maps`` images (x (B, 3, H, W) as the first run's
+    transform gives it, classes y): rows = layers; columns = the image, then
+    ``opts.channels`` maps per run."""
     plt = pyplot()
-    chosen = {}  # (run, layer) -> channels, and their normalised maps (B, k, H, W)
-    for r, f in enumerate(feats):
-        for layer in layers:
-            fmap = f[layer][0]
-            ch = top_channels(fmap, channels)
-            chosen[r, layer] = (ch, torch.stack([_normalise(fmap[:, c]) for c in ch], dim=1))
-    paths = []
+    x, y = images
+    shown = _unnormalise(x, runs[0])
+    chosen = _chosen_maps(feats, layers, opts.channels)
     ncols = 1 + sum(len(chosen[r, layers[0]][0]) for r in range(len(runs)))
-    for i in range(min(n_maps, x.shape[0])):
+    paths = []
+    for i in range(min(opts.n_maps, x.shape[0])):
         fig, axes = plt.subplots(
             len(layers), ncols, figsize=(1.6 * ncols, 1.7 * len(layers)), squeeze=False
         )
-        mean = torch.tensor(runs[0].mean).view(3, 1, 1)
-        std = torch.tensor(runs[0].std).view(3, 1, 1)
-        img = (x[i] * std + mean).clamp(0, 1).permute(1, 2, 0)
         for row, layer in enumerate(layers):
-            ax = axes[row, 0]
-            ax.imshow(img.numpy())
-            ax.set_ylabel(f"layer {layer}", fontsize=8)
+            axes[row, 0].imshow(shown[i].numpy())
+            axes[row, 0].set_ylabel(f"layer {layer}", fontsize=8)
             col = 1
             for r, run in enumerate(runs):
                 ch, maps = chosen[r, layer]
@@ -245,26 +244,46 @@ def feature_map_figures(
                     ax.imshow(
                         maps[i, j].numpy(), cmap="viridis", vmin=0, vmax=1, interpolation="nearest"
                     )
-                    if row == 0:
-                        ax.set_title(f"{run.label}\nch {c}" if j == 0 else f"ch {c}", fontsize=7)
-                    else:
-                        ax.set_title(f"ch {c}", fontsize=7)
+                    ax.set_title(
+                        f"{run.label}\nch {c}" if row == 0 and j == 0 else f"ch {c}", fontsize=7
+                    )
                     col += 1
         for ax in axes.flat:
             ax.set_xticks([])
             ax.set_yticks([])
-        label = runs[0].classes[int(y[i])]
         fig.suptitle(
-            f"feature maps, validation image {i} ({label}); TNT: pixel tokens on the "
-            "image grid, ViT/DeiT: patch tokens",
+            f"feature maps, validation image {i} ({runs[0].classes[int(y[i])]}); TNT: pixel "
+            "tokens on the image grid, ViT/DeiT: patch tokens",
             fontsize=8,
         )
         fig.tight_layout()
-        p = out / f"feature_maps_{i:02d}.png"
-        fig.savefig(p, dpi=100)
-        plt.close(fig)
-        paths.append(p)
+        paths.append(_save(fig, out / f"feature_maps_{i:02d}.png"))
     return paths
+
+
+def _unnormalise(x: Tensor, run: VizRun) -> Tensor:
+    """Images (B, 3, H, W) normalised by ``run``'s transform -> (B, H, W, 3) in [0, 1]."""
+    mean = torch.tensor(run.mean).view(3, 1, 1)
+    std = torch.tensor(run.std).view(3, 1, 1)
+    return (x * std + mean).clamp(0, 1).permute(0, 2, 3, 1)
+
+
+def _chosen_maps(feats: list[dict], layers: list[int], k: int) -> dict:
+    """(run, layer) -> its ``k`` most varying channels, and their maps normalised
+    (B, k, H, W)."""
+    chosen = {}
+    for r, f in enumerate(feats):
+        for layer in layers:
+            fmap = f[layer][0]
+            ch = top_channels(fmap, k)
+            chosen[r, layer] = (ch, torch.stack([_normalise(fmap[:, c]) for c in ch], dim=1))
+    return chosen
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.savefig(path, dpi=100)
+    pyplot().close(fig)
+    return path
 
 
 def tsne_figure(
@@ -277,10 +296,7 @@ def tsne_figure(
 ) -> Path:
     """t-SNE of each run's patch features at ``layer`` side by side, colored by image class."""
     fig = tsne_plot(runs, points, labels, layer, spreads)
-    p = out / f"tsne_layer{layer:02d}.png"
-    fig.savefig(p, dpi=100)
-    pyplot().close(fig)
-    return p
+    return _save(fig, out / f"tsne_layer{layer:02d}.png")
 
 
 # a legend of more classes than this is a wall of text; the colors repeat past 20 anyway
@@ -333,49 +349,27 @@ def tsne_plot(
 def run_viz(
     tracker: Tracker,
     run_ids: list[str],
+    opts: VizOptions | None = None,
     *,
-    n_images: int = 64,
-    layers: str | None = None,
     out: str | Path | None = None,
-    channels: int = 4,
-    n_maps: int = 4,
-    max_points: int = 2000,
-    device: str = "cpu",
 ) -> VizResult:
-    """Feature maps, t-SNE and spread metrics for the runs, on the same validation images."""
-    dev = _check_viz_args(n_images, channels, n_maps, device)
-    runs = []
-    for rid in dict.fromkeys(run_ids):
-        _say(f"loading {rid} ...")
-        runs.append(load_run(tracker, rid, dev))
-    digests = {r.digest for r in runs}
-    if len(digests) > 1:
-        raise UserError(
-            "runs were trained on different datasets ("
-            + ", ".join(f"{r.label}: {r.digest}" for r in runs)
-            + "); viz compares models on the same images"
-        )
-    wanted = parse_layers(layers, min(r.depth for r in runs))
+    """Feature maps, t-SNE and spread metrics for the runs, on the same validation images;
+    the PNGs go to ``out`` (default ``reports/viz/<run ids>``) and onto each run."""
+    opts = opts or VizOptions()
+    dev = _check_viz_args(opts)
+    runs = _load_runs(tracker, run_ids, dev)
+    wanted = parse_layers(opts.layers, min(r.depth for r in runs))
     key = "-".join(r.run_id[:8] for r in runs)
     out = Path(out) if out else Path("reports") / "viz" / key
     out.mkdir(parents=True, exist_ok=True)
-    _say(f"features of {min(n_images, len(runs[0].val))} images, layers {wanted} ...")
-    images, feats = _features(runs, n_images, wanted, dev)
-    n = images[0][0].shape[0]
-
-    # patch features: every patch token of the N images, a fixed subsample for t-SNE/spread
-    points, point_labels, spreads = [], [], []
-    gen = torch.Generator().manual_seed(0)
-    for r, f in enumerate(feats):
-        N = f[wanted[0]][1].shape[1]
-        pick = torch.randperm(n * N, generator=gen)[:max_points]
-        points.append({L: f[L][1].reshape(n * N, -1)[pick] for L in wanted})
-        point_labels.append(images[r][1].repeat_interleave(N)[pick])
-        spreads.append({L: spread(points[r][L]) for L in wanted})
+    _say(f"features of {min(opts.n_images, len(runs[0].val))} images, layers {wanted} ...")
+    images, feats = _features(runs, opts.n_images, wanted, dev)
+    points, point_labels = _sample_points(images, feats, wanted, opts.max_points)
+    spreads = [{L: spread(p[L]) for L in wanted} for p in points]
 
     result = VizResult(out)
     _say(f"writing feature maps to {out} ...")
-    result.figures += feature_map_figures(runs, *images[0], feats, wanted, channels, n_maps, out)
+    result.figures += feature_map_figures(runs, images[0], feats, wanted, opts, out)
     for L in wanted:
         _say(f"t-SNE layer {L} ...")
         result.figures.append(tsne_figure(runs, points, point_labels, L, spreads, out))
@@ -384,22 +378,55 @@ def run_viz(
     return result
 
 
+def _load_runs(tracker: Tracker, run_ids: list[str], dev: torch.device) -> list[VizRun]:
+    """Each run once, in order; all of them trained on the same dataset."""
+    runs = []
+    for rid in dict.fromkeys(run_ids):
+        _say(f"loading {rid} ...")
+        runs.append(load_run(tracker, rid, dev))
+    if len({r.digest for r in runs}) > 1:
+        raise UserError(
+            "runs were trained on different datasets ("
+            + ", ".join(f"{r.label}: {r.digest}" for r in runs)
+            + "); viz compares models on the same images"
+        )
+    return runs
+
+
+def _sample_points(
+    images: list[tuple[Tensor, Tensor]], feats: list[dict], wanted: list[int], max_points: int
+) -> tuple[list[dict], list[Tensor]]:
+    """Per run, every patch token of the n images, a fixed subsample of ``max_points`` (for
+    t-SNE and the spread): {layer: features (k, D)}, and each token's image class (k,)."""
+    points, labels = [], []
+    gen = torch.Generator().manual_seed(0)
+    for (_, y), f in zip(images, feats, strict=True):
+        n, N = f[wanted[0]][1].shape[:2]
+        pick = torch.randperm(n * N, generator=gen)[:max_points]
+        points.append({L: f[L][1].reshape(n * N, -1)[pick] for L in wanted})
+        labels.append(y.repeat_interleave(N)[pick])
+    return points, labels
+
+
 def _say(stage: str) -> None:
     """A stage line on stderr, so a long viz never goes quiet."""
     print(f"viz: {stage}", file=sys.stderr, flush=True)
 
 
-def _check_viz_args(n_images: int, channels: int, n_maps: int, device: str) -> torch.device:
-    if n_images < 2:
-        raise UserError(f"--images {n_images}: need at least 2 images")
-    if channels < 1 or n_maps < 0:
-        raise UserError(f"--channels {channels} / --maps {n_maps}: need >= 1 channel, >= 0 maps")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: no CUDA device is available")
+def _check_viz_args(opts: VizOptions) -> torch.device:
+    """The device to run on; a UserError naming an option out of range."""
+    if opts.n_images < 2:
+        raise UserError(f"--images {opts.n_images}: need at least 2 images")
+    if opts.channels < 1 or opts.n_maps < 0:
+        raise UserError(
+            f"--channels {opts.channels} / --maps {opts.n_maps}: need >= 1 channel, >= 0 maps"
+        )
+    if opts.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {opts.device}: no CUDA device is available")
     try:
-        return torch.device(device)
+        return torch.device(opts.device)
     except RuntimeError:
-        raise UserError(f"--device {device!r}: expected cpu or cuda[:N]") from None
+        raise UserError(f"--device {opts.device!r}: expected cpu or cuda[:N]") from None
 
 
 def _features(runs: list[VizRun], n_images: int, wanted: list[int], dev: torch.device) -> tuple:

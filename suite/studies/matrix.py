@@ -444,7 +444,7 @@ def _profile_cell(cfg, result: Any, tracker: Tracker, steps: int) -> None:
     """Inference throughput and latency of the cell's trained architecture, onto its run (a
     ``suite.training.fit.TrainResult``), with the conditions it was timed in."""
     from suite.models import create_model, model_img_size
-    from suite.profile import time_model
+    from suite.profile import TimingOptions, time_model
     from suite.runtime import resolve_device
     from suite.training.engine import training_noise
 
@@ -455,17 +455,8 @@ def _profile_cell(cfg, result: Any, tracker: Tracker, steps: int) -> None:
     model = create_model(cfg.model.name, **cfg.model.overrides)
     device = resolve_device(cfg.train.device)
     # compiled as the cell's training was (train.compile: auto = whole model on CUDA)
-    t = time_model(
-        model,
-        size,
-        cfg.train.batch_size,
-        mode="infer",
-        dtype="fp32",
-        device=device,
-        warmup=1,
-        steps=steps,
-        compile=cfg.train.compile,
-    )
+    opts = TimingOptions("infer", "fp32", warmup=1, steps=steps, compile=cfg.train.compile)
+    t = time_model(model, size, cfg.train.batch_size, opts, device=device)
     run = tracker.attach(run_id)
     run.log_metrics(
         {
