@@ -414,20 +414,17 @@ def run_cell(
             run.fail(f"UserError: {e}")  # the impossible cell, recorded FAILED with its error
         print(f"cell {cell.index} ({cell.run_name}) FAILED: {redact(str(e))}", file=sys.stderr)
         return False
-    from suite.training.fit import (
-        fit,  # imported on first use: a rerun that skips every cell is fast
-    )
+    # imported on first use: a rerun that skips every cell is fast
+    from suite.training.fit import StudyLink, fit
 
     try:
         result = fit(
             cfg,
             tracker,
-            parent_run_id=parent_id,
-            extra_tags=tags,
-            extra_params=params,
+            continue_run=continue_run,
+            study=StudyLink(parent_id, tags, params),
             on_epoch=on_epoch,
             progress=on_epoch is not None,
-            continue_run=continue_run,
         )
         _profile_cell(cfg, result, tracker, profile_steps)
     except KeyboardInterrupt:

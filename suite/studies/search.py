@@ -184,7 +184,7 @@ class Objective:
         import optuna
 
         from suite.training.engine import NonFiniteLoss
-        from suite.training.fit import fit
+        from suite.training.fit import StudyLink, fit
 
         tracker = self.tracker()
         tags = {"kind": "trial", "study": self.scfg.study, "trial": trial.number}
@@ -217,15 +217,8 @@ class Objective:
 
         params = {f"search.{k}": v for k, v in overrides.items()}
         try:
-            result = fit(
-                cfg,
-                tracker,
-                parent_run_id=self.parent_run_id,
-                extra_tags=tags,
-                extra_params=params,
-                on_epoch=on_epoch,
-                progress=False,
-            )
+            study = StudyLink(self.parent_run_id, tags, params)
+            result = fit(cfg, tracker, study=study, on_epoch=on_epoch, progress=False)
         except _Pruned as e:
             raise optuna.TrialPruned(str(e)) from None
         except NonFiniteLoss as e:  # diverged: this trial fails, the study goes on
