@@ -154,29 +154,42 @@ def fit(
     if world > 1 and not dist.is_initialized():
         # NCCL for GPUs; gloo for CPU processes, also on a machine that has GPUs
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    link = study or StudyLink()
     ctx = FitContext(
-        device, rank, world, resume, continue_run, link, on_epoch, progress and rank == 0
+        device=device,
+        rank=rank,
+        world=world,
+        resume=resume,
+        continue_run=continue_run,
+        study=study or StudyLink(),
+        on_epoch=on_epoch,
+        progress=progress and rank == 0,
     )
     try:
         # other ranks look up what rank 0 recorded (the run to resume) but record nothing
         return _fit(cfg, tracker if rank == 0 else tracker.read_only(), ctx)
-    except torch.cuda.OutOfMemoryError:
+    except (MemoryError, RuntimeError) as e:  # torch.cuda.OutOfMemoryError is a RuntimeError
         # the run is already FAILED (with the error as a tag); the user gets one line
-        raise UserError(oom_message("train.batch_size", cfg.train.batch_size, device)) from None
-    except (MemoryError, RuntimeError) as e:
-        # CPU: torch's allocator raises RuntimeError ("DefaultCPUAllocator: can't allocate
-        # memory"), Python's MemoryError; the run is FAILED with it as well
-        if isinstance(e, RuntimeError) and not is_cpu_oom(e):
+        if (message := out_of_memory(e, cfg.train.batch_size, device)) is None:
             raise
-        why = (str(e).splitlines() or [type(e).__name__])[0][:120]
-        raise UserError(
-            f"train.batch_size = {cfg.train.batch_size} does not fit in memory on {device} "
-            f"({type(e).__name__}: {why}); lower train.batch_size"
-        ) from None
+        raise UserError(message) from None
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def out_of_memory(e: BaseException, batch_size: int, device: torch.device) -> str | None:
+    """The one line for a run that ran out of memory, naming what to lower; None when ``e`` is
+    another error. CUDA raises OutOfMemoryError; on CPU torch's allocator raises RuntimeError
+    ("DefaultCPUAllocator: can't allocate memory"), Python MemoryError."""
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return oom_message("train.batch_size", batch_size, device)
+    if isinstance(e, RuntimeError) and not is_cpu_oom(e):
+        return None
+    why = (str(e).splitlines() or [type(e).__name__])[0][:120]
+    return (
+        f"train.batch_size = {batch_size} does not fit in memory on {device} "
+        f"({type(e).__name__}: {why}); lower train.batch_size"
+    )
 
 
 def is_cpu_oom(e: BaseException) -> bool:
@@ -198,7 +211,8 @@ def _fit(cfg: Config, tracker: Tracker, ctx: FitContext) -> TrainResult:
     if ctx.world > 1:
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         state.net = nn.parallel.DistributedDataParallel(state.model, device_ids=ids)
-    tags, name = run_tags(recipe, ctx.world, ctx.study.tags), default_run_name(cfg)
+    tags = run_tags(recipe, ctx.world, ctx.study.tags)
+    name = default_run_name(cfg)
     with tracker.run(cfg.tracking.experiment, name, tags, ctx.study.parent_run_id, run_id) as run:
         if folder is None:  # a new run: its own folder (other ranks never write)
             folder = (
