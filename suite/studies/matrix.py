@@ -89,6 +89,20 @@ class Cell:
         data = [self.dataset] if "data.name" in self.varied else []
         return " ".join([self.model, *data, f"s{self.seed}", *extra])
 
+    def run_tags(self, matrix: str) -> dict[str, Any]:
+        """The tags of the cell's run. Which config keys vary is a tag: the values are the
+        run's params already (model.name, train.seed, ...), so MLflow's compare view shows
+        each once."""
+        return {
+            "kind": "cell",
+            "matrix": matrix,
+            "cell_hash": self.digest,
+            "cell": self.index,
+            "varied": ",".join(self.varied),
+            "dataset": self.dataset,
+            "matrix_n_seeds": self.seeds,
+        }
+
 
 def config_digest(raw: dict[str, Any]) -> str:
     """Hash of a cell's resolved config (everything but tracking), seed included: every key
@@ -161,6 +175,18 @@ def cells_table(cells: list[Cell], done: set[str] | None = None) -> pd.DataFrame
 
 # ---------------------------------------------------------------------------------------------
 # Running
+
+
+@dataclass
+class CellContext:
+    """What every cell of one matrix runs with: where its run is recorded (the matrix's
+    experiment, under its parent run) and how many inference steps profile it."""
+
+    matrix: str  # the matrix's name
+    experiment: str
+    parent_id: str
+    tracker: Tracker
+    profile_steps: int = 3
 
 
 @dataclass
@@ -266,9 +292,10 @@ def run_matrix(
     parent_id = open_parent(tracker, experiment, name, cells, path, everything)
     running = unfinished_cells(tracker, experiment, name, everything)
     bar = _MatrixBar(cells, todo, name) if progress else None
+    ctx = CellContext(name, experiment, parent_id, tracker, profile_steps)
     with tracker.run(experiment, f"matrix/{name}", run_id=parent_id) as parent:
         for cell in todo:
-            _run_or_skip(cell, running, bar, name, experiment, parent_id, tracker, profile_steps)
+            _run_or_skip(cell, running, bar, ctx)
         if bar is not None:
             bar.close()
         # nothing ran: the runs read at the start are still the store's
@@ -277,16 +304,7 @@ def run_matrix(
     return MatrixResult(name, parent_id, len(todo), len(cells) - len(todo), failed, summary, runs)
 
 
-def _run_or_skip(
-    cell: Cell,
-    running: dict,
-    bar: _MatrixBar | None,
-    name: str,
-    experiment: str,
-    parent_id: str,
-    tracker: Tracker,
-    profile_steps: int,
-) -> None:
+def _run_or_skip(cell: Cell, running: dict, bar: _MatrixBar | None, ctx: CellContext) -> None:
     run_id, alive = running.get(cell.digest, (None, False))
     if alive:  # another process is training it right now: it will record it
         print(
@@ -296,7 +314,7 @@ def _run_or_skip(
         )
     else:  # a cell cut short by a killed process goes on in its run
         on_epoch = bar.start(cell) if bar is not None else None
-        run_cell(cell, name, experiment, parent_id, tracker, profile_steps, run_id, on_epoch)
+        run_cell(cell, ctx, run_id, on_epoch)
     if bar is not None:
         bar.finish(cell)
 
@@ -380,56 +398,38 @@ def unfinished_cells(
 
 def run_cell(
     cell: Cell,
-    matrix: str,
-    experiment: str,
-    parent_id: str,
-    tracker: Tracker,
-    profile_steps: int,
+    ctx: CellContext,
     continue_run: str | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> bool:
     """Train and profile one cell; False (recorded as FAILED with the error) if it fails."""
-    # which config keys vary is a tag: the values are the run's params already (model.name,
-    # train.seed, ...), so the MLflow compare view shows each once
-    tags = {
-        "kind": "cell",
-        "matrix": matrix,
-        "cell_hash": cell.digest,
-        "cell": cell.index,
-        "varied": ",".join(cell.varied),
-        "dataset": cell.dataset,
-        "matrix_n_seeds": cell.seeds,
-    }
-    params: dict[str, Any] = {}
+    tags = cell.run_tags(ctx.matrix)
     raw = copy.deepcopy(cell.raw)
-    raw.setdefault("tracking", {}).update(experiment=experiment, run_name=cell.run_name)
+    raw.setdefault("tracking", {}).update(experiment=ctx.experiment, run_name=cell.run_name)
     try:
         cfg = from_dict(raw, f"cell {cell.index}")
         from suite.models import check_model_config
 
         check_model_config(cfg.model.name, cfg.model.overrides)
     except UserError as e:
-        with tracker.run(experiment, cell.run_name, tags, parent_id) as run:
-            run.log_params({**flatten(raw), **params})
+        with ctx.tracker.run(ctx.experiment, cell.run_name, tags, ctx.parent_id) as run:
+            run.log_params(flatten(raw))
             run.fail(f"UserError: {e}")  # the impossible cell, recorded FAILED with its error
         print(f"cell {cell.index} ({cell.run_name}) FAILED: {redact(str(e))}", file=sys.stderr)
         return False
-    from suite.training.fit import (
-        fit,  # imported on first use: a rerun that skips every cell is fast
-    )
+    # imported on first use: a rerun that skips every cell is fast
+    from suite.training.fit import StudyLink, fit
 
     try:
         result = fit(
             cfg,
-            tracker,
-            parent_run_id=parent_id,
-            extra_tags=tags,
-            extra_params=params,
+            ctx.tracker,
+            continue_run=continue_run,
+            study=StudyLink(ctx.parent_id, tags),
             on_epoch=on_epoch,
             progress=on_epoch is not None,
-            continue_run=continue_run,
         )
-        _profile_cell(cfg, result, tracker, profile_steps)
+        _profile_cell(cfg, result, ctx.tracker, ctx.profile_steps)
     except KeyboardInterrupt:
         raise
     except Exception as e:

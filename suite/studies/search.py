@@ -24,6 +24,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from typing import Any
 from suite.config import (
     OBJECTIVES,
     Choices,
+    Config,
     Range,
     SearchConfig,
     Tie,
@@ -90,6 +92,16 @@ def sample(trial: Any, space: dict[str, Choices | Range | Tie], base: dict[str, 
     for name in ties:  # inner_dim x pixels kept at the base model's value
         out[name] = _tied_inner_dim(base, out)
     return out
+
+
+def checked_config(raw: dict[str, Any], source: str) -> Config:
+    """``raw`` as a run's Config, the model's own knobs checked too (the base of a search,
+    each trial): a UserError if it cannot be built."""
+    cfg = from_dict(raw, source)
+    from suite.models import check_model_config
+
+    check_model_config(cfg.model.name, cfg.model.overrides)
+    return cfg
 
 
 def _tied_inner_dim(base: dict[str, Any], chosen: dict[str, Any]) -> int:
@@ -184,59 +196,65 @@ class Objective:
         import optuna
 
         from suite.training.engine import NonFiniteLoss
-        from suite.training.fit import fit
+        from suite.training.fit import StudyLink, fit
 
         tracker = self.tracker()
         tags = {"kind": "trial", "study": self.scfg.study, "trial": trial.number}
         trial.set_user_attr("worker", worker_id())  # who runs it: a dead worker's trial is reaped
         if self._surplus(trial):
             trial.set_user_attr("fail_reason", "surplus: n_trials reached by other workers")
-            return math.nan if len(self.scfg.objectives) == 1 else (math.nan,) * 2
+            return self._value(None)
         try:
-            overrides = sample(trial, self.scfg.space, self.base)
-            raw = with_values(self.base, overrides, f"trial {trial.number}")
-            raw.setdefault("tracking", {})["run_name"] = f"{self.scfg.study}/trial-{trial.number}"
-            raw["tracking"]["experiment"] = self.experiment()
-            cfg = from_dict(raw, f"trial {trial.number}")
-            from suite.models import check_model_config
-
-            check_model_config(cfg.model.name, cfg.model.overrides)
+            overrides, cfg = self._trial_config(trial)
         except UserError as e:  # cannot be built: pruned before any training
             trial.set_user_attr("pruned_reason", str(e))
             self._record_unbuildable(tracker, trial, tags, str(e))
             raise optuna.TrialPruned(str(e)) from None
         trial.set_user_attr("overrides", json.dumps(overrides, default=str))
-        single = len(self.scfg.objectives) == 1
-
-        def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
-            if single:
-                trial.report(metrics[self.scfg.objectives[0]], epoch)
-                if trial.should_prune():
-                    trial.set_user_attr("pruned_epoch", epoch + 1)
-                    raise _Pruned(f"pruned after epoch {epoch + 1}")
-
         params = {f"search.{k}": v for k, v in overrides.items()}
+        study = StudyLink(self.parent_run_id, tags, params)
         try:
-            result = fit(
-                cfg,
-                tracker,
-                parent_run_id=self.parent_run_id,
-                extra_tags=tags,
-                extra_params=params,
-                on_epoch=on_epoch,
-                progress=False,
-            )
+            result = fit(cfg, tracker, study=study, on_epoch=self._reporter(trial), progress=False)
         except _Pruned as e:
             raise optuna.TrialPruned(str(e)) from None
         except NonFiniteLoss as e:  # diverged: this trial fails, the study goes on
             trial.set_user_attr("fail_reason", str(e))
-            return tuple(math.nan for _ in self.scfg.objectives) if not single else math.nan
+            return self._value(None)
         trial.set_user_attr("mlflow_run_id", result.run_id)
-        gmacs = result.metrics["gmacs"]
         if self.scfg.gmacs_budget > 0:
-            trial.set_constraint("gmacs", gmacs - self.scfg.gmacs_budget)
-        values = tuple(float(result.metrics[o]) for o in self.scfg.objectives)
-        return values[0] if single else values
+            trial.set_constraint("gmacs", result.metrics["gmacs"] - self.scfg.gmacs_budget)
+        return self._value(result.metrics)
+
+    def _trial_config(self, trial: Any) -> tuple[dict[str, Any], Config]:
+        """The trial's sampled overrides, and the base config with them: the trial's run."""
+        overrides = sample(trial, self.scfg.space, self.base)
+        raw = with_values(self.base, overrides, f"trial {trial.number}")
+        raw.setdefault("tracking", {})["run_name"] = f"{self.scfg.study}/trial-{trial.number}"
+        raw["tracking"]["experiment"] = self.experiment()
+        return overrides, checked_config(raw, f"trial {trial.number}")
+
+    def _reporter(self, trial: Any) -> Callable[[int, dict[str, float]], None] | None:
+        """fit's on_epoch: each epoch's objective to the pruner, which may stop the trial
+        there; none for two objectives (Optuna prunes single-objective studies only)."""
+        if len(self.scfg.objectives) > 1:
+            return None
+        objective = self.scfg.objectives[0]
+
+        def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+            trial.report(metrics[objective], epoch)
+            if trial.should_prune():
+                trial.set_user_attr("pruned_epoch", epoch + 1)
+                raise _Pruned(f"pruned after epoch {epoch + 1}")
+
+        return on_epoch
+
+    def _value(self, metrics: dict[str, float] | None) -> float | tuple[float, ...]:
+        """Optuna's value of a trial: its objectives read from ``metrics`` (NaN without them: a
+        trial that stepped back or diverged), a float for one objective, else a tuple."""
+        values = tuple(
+            math.nan if metrics is None else float(metrics[o]) for o in self.scfg.objectives
+        )
+        return values[0] if len(values) == 1 else values
 
     def _surplus(self, trial: Any) -> bool:
         """Two workers may start a trial at once when one is missing: the later-numbered one
@@ -290,19 +308,7 @@ def run_search(
     storage = storage or default_storage(uri, workers)  # before the clamp: the same file
     check_not_tracking_store(storage, uri)
     workers = _clamp_search_workers(workers, scfg, cfg)
-    directions = [OBJECTIVES[o] for o in scfg.objectives]
-    quiet_optuna()
-    study = optuna.create_study(
-        storage=make_storage(storage, scfg),
-        study_name=scfg.study,
-        directions=directions,
-        sampler=make_sampler(scfg),
-        pruner=make_pruner(scfg, cfg.train.epochs),
-        load_if_exists=True,
-    )
-    if study.metric_names is None:
-        study.set_metric_names(list(scfg.objectives))
-    _check_fingerprint(study, scfg, storage)
+    study = _open_study(scfg, storage, cfg.train.epochs)
     tracker = make_tracker(uri)
     experiment = cfg.tracking.experiment
     parent_id = study.user_attrs.get("mlflow_parent_run_id")
@@ -323,6 +329,26 @@ def run_search(
         _finish(study, scfg, tracker, parent)
         _check_something_was_built(study)
     return SearchResult(study, parent.run_id, storage)
+
+
+def _open_study(scfg: SearchConfig, storage: str, epochs: int) -> Any:
+    """The study in ``storage``: a new one, or the one of that name to go on with (refused if
+    its space, sampler or objectives changed)."""
+    import optuna
+
+    quiet_optuna()
+    study = optuna.create_study(
+        storage=make_storage(storage, scfg),
+        study_name=scfg.study,
+        directions=[OBJECTIVES[o] for o in scfg.objectives],
+        sampler=make_sampler(scfg),
+        pruner=make_pruner(scfg, epochs),
+        load_if_exists=True,
+    )
+    if study.metric_names is None:
+        study.set_metric_names(list(scfg.objectives))
+    _check_fingerprint(study, scfg, storage)
+    return study
 
 
 def _clamp_search_workers(workers: int, scfg: SearchConfig, cfg: Any) -> int:
@@ -378,11 +404,7 @@ def _load(
             )
             scfg = SearchConfig(**{**scfg.__dict__, "n_trials": size})
     base = {k: v for k, v in raw.items() if k not in ("search", "matrix")}
-    cfg = from_dict(base, str(path))  # the base must be a valid run on its own
-    from suite.models import check_model_config
-
-    check_model_config(cfg.model.name, cfg.model.overrides)
-    return scfg, cfg
+    return scfg, checked_config(base, str(path))  # the base must be a valid run on its own
 
 
 def _run_workers(args: tuple, workers: int) -> None:
@@ -401,10 +423,7 @@ def _worker(path, sets, storage, scfg: SearchConfig, uri, parent_id, timeout) ->
     quiet_optuna()
     raw = apply_sets(read_toml(path), sets)
     base = {k: v for k, v in raw.items() if k not in ("search", "matrix")}
-    cfg = from_dict(base, str(path))
-    from suite.models import check_model_config
-
-    check_model_config(cfg.model.name, cfg.model.overrides)
+    cfg = checked_config(base, str(path))
     study = optuna.load_study(
         study_name=scfg.study,
         storage=make_storage(storage, scfg),

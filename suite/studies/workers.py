@@ -28,6 +28,7 @@ from suite.runtime import clamp_workers, cpu_cores, spawn_workers
 from suite.studies.matrix import (
     RESUMABLE,
     Cell,
+    CellContext,
     MatrixResult,
     check_paths,
     expand,
@@ -274,7 +275,8 @@ def _run_popped(
             _end_killed(tracker, experiment, cell.digest, resume, started, e)
             raise
     else:
-        run_cell(cell, name, experiment, plan.parent_id, tracker, plan.profile_steps, resume)
+        ctx = CellContext(name, experiment, plan.parent_id, tracker, plan.profile_steps)
+        run_cell(cell, ctx, resume)
     value = _top1(tracker, experiment, cell.digest)
     state = "FAILED" if value is None else f"FINISHED top-1 {value:.2f}"
     took = time.monotonic() - t0
@@ -433,4 +435,4 @@ def run_one_cell(
         raise UserError(f"--run-cell {digest}: no cell of {path} has this hash")
     experiment = base.get("tracking", {}).get("experiment") or name
     tracker = make_tracker(tracking_uri, rank=dist_env()[0])  # rank != 0: lookups only
-    return run_cell(cell, name, experiment, parent_id, tracker, 3, continue_run)
+    return run_cell(cell, CellContext(name, experiment, parent_id, tracker, 3), continue_run)

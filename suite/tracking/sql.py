@@ -34,31 +34,16 @@ def runs_by_sql(engine: Any, experiment_id: str, status: str | None, tags: Mappi
     values, as ``MlflowTracker.runs``'s frame: newest first (then by run ID), each run's
     params, latest metrics (NaN where MLflow stored NaN) and tags."""
     import pandas as pd
-    from sqlalchemy import text
 
-    where = ["experiment_id = :exp", "lifecycle_stage = 'active'"]
-    args: dict[str, Any] = {"exp": int(experiment_id)}
-    if status is not None:
-        where.append("status = :status")
-        args["status"] = status
-    for i, (k, v) in enumerate(tags.items()):
-        where.append(f"run_uuid IN (SELECT run_uuid FROM tags WHERE key = :k{i} AND value = :v{i})")
-        args[f"k{i}"], args[f"v{i}"] = k, str(v)
-    chosen = f"SELECT run_uuid FROM runs WHERE {' AND '.join(where)}"
+    where, args = _chosen_runs(experiment_id, status, tags)
+    chosen = f"SELECT run_uuid FROM runs WHERE {where}"
     with engine.connect() as con:
-        # rows as plain tuples: pandas probes SQLAlchemy's Row objects attribute by attribute
-        runs = pd.DataFrame(
-            map(
-                tuple,
-                con.execute(
-                    text(
-                        f"SELECT run_uuid, name, status, start_time FROM runs WHERE "
-                        f"{' AND '.join(where)} ORDER BY start_time DESC, run_uuid"
-                    ),
-                    args,
-                ),
-            ),
-            columns=["run_id", "run_name", "status", "start_time"],
+        runs = _frame(
+            con,
+            f"SELECT run_uuid, name, status, start_time FROM runs WHERE {where} "
+            "ORDER BY start_time DESC, run_uuid",
+            args,
+            ["run_id", "run_name", "status", "start_time"],
         )
         parts = [runs.set_index("run_id")]
         for table, prefix, value in (
@@ -66,11 +51,8 @@ def runs_by_sql(engine: Any, experiment_id: str, status: str | None, tags: Mappi
             ("latest_metrics", METRIC_PREFIX, "CASE WHEN is_nan THEN NULL ELSE value END"),
             ("tags", TAG_PREFIX, "value"),
         ):
-            rows = con.execute(
-                text(f"SELECT run_uuid, key, {value} FROM {table} WHERE run_uuid IN ({chosen})"),
-                args,
-            )
-            long = pd.DataFrame(map(tuple, rows), columns=["run_id", "key", "value"])
+            query = f"SELECT run_uuid, key, {value} FROM {table} WHERE run_uuid IN ({chosen})"
+            long = _frame(con, query, args, ["run_id", "key", "value"])
             if table == "latest_metrics":
                 long["value"] = long["value"].astype(float)  # NULL (MLflow's NaN) -> NaN
             wide = long.pivot(index="run_id", columns="key", values="value")
@@ -80,6 +62,31 @@ def runs_by_sql(engine: Any, experiment_id: str, status: str | None, tags: Mappi
     out = pd.concat(parts, axis=1).loc[runs["run_id"]]
     out.columns.name = None
     return out.rename_axis("run_id").reset_index()
+
+
+def _chosen_runs(
+    experiment_id: str, status: str | None, tags: Mapping
+) -> tuple[str, dict[str, Any]]:
+    """The WHERE clause (on MLflow's runs table) of the experiment's active runs with
+    ``status`` and tag values, and its bound arguments."""
+    where = ["experiment_id = :exp", "lifecycle_stage = 'active'"]
+    args: dict[str, Any] = {"exp": int(experiment_id)}
+    if status is not None:
+        where.append("status = :status")
+        args["status"] = status
+    for i, (k, v) in enumerate(tags.items()):
+        where.append(f"run_uuid IN (SELECT run_uuid FROM tags WHERE key = :k{i} AND value = :v{i})")
+        args[f"k{i}"], args[f"v{i}"] = k, str(v)
+    return " AND ".join(where), args
+
+
+def _frame(con: Any, query: str, args: dict[str, Any], columns: list[str]) -> Any:
+    """A query's rows as a DataFrame with ``columns``."""
+    import pandas as pd
+    from sqlalchemy import text
+
+    # rows as plain tuples: pandas probes SQLAlchemy's Row objects attribute by attribute
+    return pd.DataFrame(map(tuple, con.execute(text(query), args)), columns=columns)
 
 
 def histories_by_sql(engine: Any, run_ids: list[str], key: str) -> list[tuple[str, int, float]]:

@@ -551,12 +551,6 @@ def _build_imagefolder(
             f"(only in train: {', '.join(map(shown, only_t)) or '-'}; "
             f"only in val: {', '.join(map(shown, only_v)) or '-'})"
         )
-    # digest: the sorted (relative path, size) list; reading every image would be too slow
-    files = sorted(
-        (os.path.relpath(p, root), os.path.getsize(p)) for p, _ in train.samples + val.samples
-    )
-    # the names as bytes: a name that is not UTF-8 cannot be str.encode()d
-    h = hashlib.sha256(b"\n".join(os.fsencode(p) + b"\t%d" % s for p, s in files))
     info = DataInfo(
         name="imagefolder",
         num_classes=len(train.classes),
@@ -565,10 +559,19 @@ def _build_imagefolder(
         val_size=len(val),
         mean=mean,
         std=std,
-        digest=h.hexdigest()[:16],
+        digest=_listing_digest(root, [p for p, _ in train.samples + val.samples]),
         source=str(root),
     )
     return train, val, info
+
+
+def _listing_digest(root: Path, paths: list[str]) -> str:
+    """A dataset folder's digest: the hash of its sorted (path relative to ``root``, size)
+    list; reading every image would be too slow."""
+    files = sorted((os.path.relpath(p, root), os.path.getsize(p)) for p in paths)
+    # the names as bytes: a name that is not UTF-8 cannot be str.encode()d
+    h = hashlib.sha256(b"\n".join(os.fsencode(p) + b"\t%d" % s for p, s in files))
+    return h.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------

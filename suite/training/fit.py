@@ -14,7 +14,7 @@ import re
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -97,8 +97,34 @@ class Recipe:
     amp: str  # the precision resolved: fp32, bf16 or fp16
     data: Data
     criterion: Criterion
-    mixup: Callable | None  # a batch-level mix apart from data.prep (None: prep mixes)
-    teacher: nn.Module | None
+    # how each step runs (precision, scaler, EMA, data.prep, teacher, ...); each epoch gives
+    # it its own on_log and progress bar (dataclasses.replace)
+    steps: StepOptions
+
+
+@dataclass
+class StudyLink:
+    """A run's place in a study (a matrix cell, a search trial): the parent run it is filed
+    under, and the tags and params the study adds to the run's own."""
+
+    parent_run_id: str | None = None
+    tags: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FitContext:
+    """One ``fit`` call's settings besides its Config, resolved once: where it runs (only rank
+    0 records and writes), where it starts, its place in a study, and what it reports."""
+
+    device: torch.device
+    rank: int
+    world: int
+    resume: str | None
+    continue_run: str | None
+    study: StudyLink
+    on_epoch: Callable[[int, dict[str, float]], None] | None
+    progress: bool  # per-epoch lines and bars (rank 0 only)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,9 +137,7 @@ def fit(
     *,
     resume: str | None = None,
     continue_run: str | None = None,
-    parent_run_id: str | None = None,
-    extra_tags: dict[str, str] | None = None,
-    extra_params: dict[str, Any] | None = None,
+    study: StudyLink | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     progress: bool = True,
 ) -> TrainResult:
@@ -122,6 +146,7 @@ def fit(
     ``resume``: a checkpoint file or folder, or a run ID, to continue exactly from.
     ``continue_run``: the ID of a tracked run that was cut short (a killed process): it goes on
     in that same run, from its last checkpoint if it saved one, else from the start.
+    ``study``: the parent run, tags and params of a matrix cell or search trial.
     ``on_epoch(epoch, metrics)`` is called after each epoch's checkpoint (the search prunes).
     """
     rank, local_rank, world = dist_env()
@@ -129,34 +154,42 @@ def fit(
     if world > 1 and not dist.is_initialized():
         # NCCL for GPUs; gloo for CPU processes, also on a machine that has GPUs
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    opts = dict(
+    ctx = FitContext(
+        device=device,
+        rank=rank,
+        world=world,
         resume=resume,
         continue_run=continue_run,
-        parent_run_id=parent_run_id,
-        extra_tags=extra_tags or {},
-        extra_params=extra_params or {},
+        study=study or StudyLink(),
         on_epoch=on_epoch,
         progress=progress and rank == 0,
     )
     try:
         # other ranks look up what rank 0 recorded (the run to resume) but record nothing
-        return _fit(cfg, tracker if rank == 0 else tracker.read_only(), device, **opts)
-    except torch.cuda.OutOfMemoryError:
+        return _fit(cfg, tracker if rank == 0 else tracker.read_only(), ctx)
+    except (MemoryError, RuntimeError) as e:  # torch.cuda.OutOfMemoryError is a RuntimeError
         # the run is already FAILED (with the error as a tag); the user gets one line
-        raise UserError(oom_message("train.batch_size", cfg.train.batch_size, device)) from None
-    except (MemoryError, RuntimeError) as e:
-        # CPU: torch's allocator raises RuntimeError ("DefaultCPUAllocator: can't allocate
-        # memory"), Python's MemoryError; the run is FAILED with it as well
-        if isinstance(e, RuntimeError) and not is_cpu_oom(e):
+        if (message := out_of_memory(e, cfg.train.batch_size, device)) is None:
             raise
-        why = (str(e).splitlines() or [type(e).__name__])[0][:120]
-        raise UserError(
-            f"train.batch_size = {cfg.train.batch_size} does not fit in memory on {device} "
-            f"({type(e).__name__}: {why}); lower train.batch_size"
-        ) from None
+        raise UserError(message) from None
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def out_of_memory(e: BaseException, batch_size: int, device: torch.device) -> str | None:
+    """The one line for a run that ran out of memory, naming what to lower; None when ``e`` is
+    another error. CUDA raises OutOfMemoryError; on CPU torch's allocator raises RuntimeError
+    ("DefaultCPUAllocator: can't allocate memory"), Python MemoryError."""
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return oom_message("train.batch_size", batch_size, device)
+    if isinstance(e, RuntimeError) and not is_cpu_oom(e):
+        return None
+    why = (str(e).splitlines() or [type(e).__name__])[0][:120]
+    return (
+        f"train.batch_size = {batch_size} does not fit in memory on {device} "
+        f"({type(e).__name__}: {why}); lower train.batch_size"
+    )
 
 
 def is_cpu_oom(e: BaseException) -> bool:
@@ -165,60 +198,44 @@ def is_cpu_oom(e: BaseException) -> bool:
     return "DefaultCPUAllocator" in text or "can't allocate memory" in text
 
 
-def _fit(
-    cfg: Config,
-    tracker: Tracker,
-    device: torch.device,
-    *,
-    resume,
-    continue_run,
-    parent_run_id,
-    extra_tags,
-    extra_params,
-    on_epoch,
-    progress,
-) -> TrainResult:
-    rank, _, world = dist_env()
-    recipe, state, lr = prepare(cfg, tracker, device)
+def _fit(cfg: Config, tracker: Tracker, ctx: FitContext) -> TrainResult:
+    recipe, state, lr = prepare(cfg, tracker, ctx.device)
     profile = model_profile(state.model, recipe.data.img_size)
-    ckpt_path, folder = start_point(resume, continue_run, tracker)
-    run_id = continue_run
+    ckpt_path, folder = start_point(ctx.resume, ctx.continue_run, tracker)
+    run_id = ctx.continue_run
     if ckpt_path is not None:
-        run_id = Checkpointer.restore(ckpt_path, state, cfg.model.name, device) or run_id
-        if resume and run_id and tracker.uri:
-            check_resumed_run(tracker, run_id, cfg, resume)
+        run_id = Checkpointer.restore(ckpt_path, state, cfg.model.name, ctx.device) or run_id
+        if ctx.resume and run_id and tracker.uri:
+            check_resumed_run(tracker, run_id, cfg, ctx.resume)
     state.net = state.model
-    if world > 1:
-        ids = [device.index] if device.type == "cuda" else None
+    if ctx.world > 1:
+        ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         state.net = nn.parallel.DistributedDataParallel(state.model, device_ids=ids)
-    tags = run_tags(recipe, world, extra_tags)
+    tags = run_tags(recipe, ctx.world, ctx.study.tags)
     name = default_run_name(cfg)
-    with tracker.run(cfg.tracking.experiment, name, tags, parent_run_id, run_id) as run:
+    with tracker.run(cfg.tracking.experiment, name, tags, ctx.study.parent_run_id, run_id) as run:
         if folder is None:  # a new run: its own folder (other ranks never write)
             folder = (
                 new_checkpoint_dir(cfg.train.out_dir, run.run_id or name)
-                if rank == 0
+                if ctx.rank == 0
                 else Path(cfg.train.out_dir)
             )
-        ckpt = Checkpointer(
-            folder,
-            checkpoint_meta(cfg, recipe, run.run_id),
-            enabled=rank == 0 and cfg.train.checkpoint,
-        )
+        meta = checkpoint_meta(cfg, recipe, run.run_id)
+        ckpt = Checkpointer(folder, meta, enabled=ctx.rank == 0 and cfg.train.checkpoint)
         if ckpt_path is None:
-            params = run_params(cfg, recipe, lr, world, extra_params)
+            params = run_params(cfg, recipe, lr, ctx.world, ctx.study.params)
             record_start(run, params, folder, cfg, recipe.data.info, profile)
         else:
             log_missing_epochs(run, tracker, state.history)
         if cfg.tracking.system_metrics:
             run.start_system_metrics()
         state.net = compile_for_training(state, recipe, run)
-        train_epochs(state, recipe, run, ckpt, on_epoch=on_epoch, progress=progress)
+        train_epochs(state, recipe, run, ckpt, on_epoch=ctx.on_epoch, progress=ctx.progress)
         final = {**(state.history[-1] if state.history else {}), **profile}
         # peak memory of the training process (CUDA: max allocated; CPU: peak RSS)
         final["best_val_top1"], final["peak_mb"] = state.best, peak_memory_mb(recipe.device)
         last = {"best_val_top1": state.best, "peak_mb": final["peak_mb"]}
-        if rank == 0:
+        if ctx.rank == 0:
             _log_artifacts(run, state.history, folder, cfg, state.model)
             last.update(ckpt.kept_size(cfg.train.keep_checkpoints))
         run.log_metrics(last)  # one request (a search trial's commits add up)
@@ -276,7 +293,16 @@ def prepare(
     teacher = load_teacher(cfg, device, tracker)
     criterion = Criterion(cfg.train.label_smoothing, cfg.distill if teacher is not None else None)
     # MixUp/CutMix: part of data.prep (BatchMix), after normalisation and erasing, as before
-    return Recipe(cfg, device, amp, data, criterion, None, teacher), state, lr
+    steps = StepOptions(
+        amp=amp,
+        scaler=state.scaler,
+        clip_grad=cfg.train.clip_grad,
+        ema=state.ema,
+        prep=data.prep,
+        teacher=teacher,
+        log_every=cfg.tracking.log_every,
+    )
+    return Recipe(cfg, device, amp, data, criterion, steps), state, lr
 
 
 def checkpoint_meta(cfg: Config, recipe: Recipe, run_id: str) -> dict[str, Any]:
@@ -527,24 +553,10 @@ def run_epoch(
     seed_everything(cfg.train.seed * 1000 + epoch)
     base_step = epoch * len(data.train)
     step_rows: list[tuple[int, dict[str, float]]] = []
-    bar = (
-        _progress_bar(
-            len(data.train), f"epoch {epoch + 1}/{cfg.train.epochs}", cfg.train.batch_size
-        )
-        if progress
-        else None
-    )
-    opts = StepOptions(
-        amp=amp,
-        scaler=state.scaler,
-        clip_grad=cfg.train.clip_grad,
-        ema=state.ema,
-        prep=data.prep,
-        mixup=recipe.mixup,
-        teacher=recipe.teacher,
-        log_every=cfg.tracking.log_every,
-        on_log=lambda s, v: step_rows.append((base_step + s, v)),
-        progress=bar,
+    what = f"epoch {epoch + 1}/{cfg.train.epochs}"
+    bar = _progress_bar(len(data.train), what, cfg.train.batch_size) if progress else None
+    opts = replace(
+        recipe.steps, on_log=lambda s, v: step_rows.append((base_step + s, v)), progress=bar
     )
     m = train_one_epoch(
         state.net, data.train, state.optimizer, state.scheduler, recipe.criterion, device, opts
@@ -559,19 +571,24 @@ def run_epoch(
     if progress:
         from tqdm import tqdm
 
-        noisy = training_noise(m, device)  # a disturbed figure is marked, with the reason
-        bound = data_bound(m)  # so is an epoch that waited for its data
         # through tqdm: a matrix's bar above is cleared and redrawn, not written over
-        tqdm.write(
-            f"epoch {epoch + 1}/{cfg.train.epochs}  train_loss {m['train_loss']:.4f}  "
-            f"val_loss {m['val_loss']:.4f}  val_top1 {m['val_top1']:.2f}  "
-            f"val_top5 {m['val_top5']:.2f}  {m['train_img_per_s']:.0f}{'*' if noisy else ''} "
-            f"img/s  {m['epoch_s']:.1f}s"
-            + (f"  (* timing disturbed: {noisy})" if noisy else "")
-            + (f"  (data-bound: {bound}; raise data.workers)" if bound else ""),
-            file=sys.stderr,
-        )
+        tqdm.write(epoch_line(what, m, device), file=sys.stderr)
     return m, step_rows
+
+
+def epoch_line(what: str, m: dict[str, float], device: torch.device) -> str:
+    """``epoch 2/5  train_loss ...  val_top1 ...  640 img/s  3.1s``: an epoch's metrics; a
+    disturbed img/s is marked, with the reason, and so is an epoch that waited for its data."""
+    noisy = training_noise(m, device)
+    bound = data_bound(m)
+    return (
+        f"{what}  train_loss {m['train_loss']:.4f}  "
+        f"val_loss {m['val_loss']:.4f}  val_top1 {m['val_top1']:.2f}  "
+        f"val_top5 {m['val_top5']:.2f}  {m['train_img_per_s']:.0f}{'*' if noisy else ''} "
+        f"img/s  {m['epoch_s']:.1f}s"
+        + (f"  (* timing disturbed: {noisy})" if noisy else "")
+        + (f"  (data-bound: {bound}; raise data.workers)" if bound else "")
+    )
 
 
 class _progress_bar:
