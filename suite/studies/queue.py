@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from suite.errors import UserError
-from suite.studies.storage import open_storage, storage_lock
-from suite.tracking import process_is_gone, worker_id
+from suite.studies.storage import open_storage, reap_dead_workers, storage_lock
+from suite.tracking import worker_id
 
 HEARTBEAT_S = 2  # a worker beats every 2 s; silent for GRACE_S, its cell is queued again
 GRACE_S = 10
@@ -200,22 +200,11 @@ class MatrixQueue:
             self.study.tell(popped.number, value, skip_if_finished=True)
 
     def reap(self) -> None:
-        """Fail the cells of dead workers and queue them again: those whose heartbeat is stale
-        (Optuna does it, on RDB storages) and, on this host, those whose process is gone."""
-        import optuna
-        from optuna.trial import TrialState
-
+        """Fail the cells of dead workers and queue them again (``reap_dead_workers``)."""
         with self.lock():
-            optuna.storages.fail_stale_trials(self.study)
-            for t in self.trials(TrialState.RUNNING):
-                host, _, pid = str(t.user_attrs.get("worker", "")).rpartition(":")
-                if host and process_is_gone(host, int(pid), t.datetime_start):
-                    self.study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
-                    retries = int(t.user_attrs.get("retries", 0)) + 1
-                    if retries > MAX_RETRY:  # a cell that kills its worker every time
-                        continue
-                    attrs = {**t.user_attrs, "retry_of": t.number, "retries": retries}
-                    self.study.enqueue_trial({"cell": t.user_attrs["cell"]}, user_attrs=attrs)
+            reap_dead_workers(
+                self.study, MAX_RETRY, lambda t: ({"cell": t.user_attrs["cell"]}, t.user_attrs)
+            )
 
     def wait_or_stop(self, poll_s: float = 1.0) -> bool:
         """With nothing waiting: True (after a pause) while others still run cells, since

@@ -45,12 +45,16 @@ from suite.config import (
 )
 from suite.errors import UserError, redact
 from suite.runtime import spawn_workers
-from suite.studies.storage import check_not_tracking_store, open_storage, quiet_optuna
+from suite.studies.storage import (
+    check_not_tracking_store,
+    open_storage,
+    quiet_optuna,
+    reap_dead_workers,
+)
 from suite.tracking import (
     Tracker,
     flatten,
     make_tracker,
-    process_is_gone,
     resolve_uri,
     tag_col,
     worker_id,
@@ -435,7 +439,7 @@ def _worker(path, sets, storage, scfg: SearchConfig, uri, parent_id, timeout) ->
     experiment = objective.experiment()
     t0 = time.monotonic()
     while True:
-        reap_dead_trials(study, tracker, experiment, scfg.study)
+        reap_dead_trials(study, tracker, experiment, scfg)
         trials = study.get_trials(deepcopy=False)
         count = {s: sum(t.state == s for t in trials) for s in TrialState}
         finished = count[TrialState.COMPLETE] + count[TrialState.PRUNED]
@@ -490,22 +494,15 @@ def print_trial_line(study: Any, trial: Any) -> None:
     print(trial_line(trial, study.metric_names), file=sys.stderr, flush=True)
 
 
-def reap_dead_trials(study: Any, tracker: Tracker, experiment: str, study_name: str) -> None:
-    """Fail the trials of workers that died, queue their parameters again, and end their
-    MLflow runs KILLED. A worker is dead when its heartbeat is stale (RDB storages) or, on
-    this host, when its process is gone (any storage, the journal file included)."""
-    import optuna
+def reap_dead_trials(study: Any, tracker: Tracker, experiment: str, scfg: SearchConfig) -> None:
+    """Fail the trials of workers that died, queue their parameters again (``max_retry``
+    times at most: ``reap_dead_workers``, as the matrix's cells), and end their MLflow runs
+    KILLED."""
     from optuna.trial import TrialState
 
-    # storages with heartbeats (RDB): stale trials failed, retried by the storage's callback
-    optuna.storages.fail_stale_trials(study)
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        host, _, pid = str(t.user_attrs.get("worker", "")).rpartition(":")
-        if host and process_is_gone(host, int(pid), t.datetime_start):
-            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
-            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+    reap_dead_workers(study, scfg.max_retry, lambda t: (t.params, {}))
     running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-    runs = tracker.runs(experiment, status="RUNNING", kind="trial", study=study_name)
+    runs = tracker.runs(experiment, status="RUNNING", kind="trial", study=scfg.study)
     for _, r in runs.iterrows():
         if int(r[tag_col("trial")]) not in running:  # its trial ended without it: the worker died
             tracker.attach(r["run_id"]).end("KILLED")

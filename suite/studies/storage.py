@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -232,3 +232,35 @@ def _null_pool() -> Any:
     from sqlalchemy.pool import NullPool
 
     return NullPool
+
+
+def reap_dead_workers(
+    study: Any, max_retry: int, requeue: Callable[[Any], tuple[dict, dict]]
+) -> list[int]:
+    """Fail the RUNNING trials whose worker died and queue each again, at most ``max_retry``
+    times in a row (a trial that kills its worker every time is then given up); the numbers of
+    the trials failed. The matrix's cells and the search's trials both come back this way.
+
+    A worker is dead when its heartbeat is stale (RDB storages: Optuna fails the trial and its
+    storage's callback queues it again, with the same limit) or, on this host, when its process
+    is gone (any storage, the journal file included). ``requeue(trial)`` gives the parameters
+    and user attributes of the trial that takes its place."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from suite.tracking import process_is_gone
+
+    optuna.storages.fail_stale_trials(study)
+    failed = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        host, _, pid = str(t.user_attrs.get("worker", "")).rpartition(":")
+        if not host or not process_is_gone(host, int(pid), t.datetime_start):
+            continue
+        study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+        failed.append(t.number)
+        retries = int(t.user_attrs.get("retries", 0)) + 1
+        if retries <= max_retry:
+            params, attrs = requeue(t)
+            attrs = {**attrs, "retry_of": t.number, "retries": retries}
+            study.enqueue_trial(params, user_attrs=attrs)
+    return failed
