@@ -8,7 +8,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import suite
-from suite.errors import Terminated, UserError, parse_assignment, redact, sigterm_as_interrupt
+from suite.errors import (
+    Terminated,
+    UserError,
+    first_line,
+    parse_assignment,
+    redact,
+    sigterm_as_interrupt,
+)
 
 # ---------------------------------------------------------------------------------------------
 # The commands: each one's work, then its parser (in the order --help lists them)
@@ -517,10 +524,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _one_line(e: UserError) -> str:
     """The error's message; a DataLoader worker's error arrives as torch's multi-line report
     ("Caught UserError in DataLoader worker process 0. ... suite.errors.UserError: <msg>")."""
-    lines = str(e).strip().splitlines() or [type(e).__name__]
+    lines = str(e).strip().splitlines()
     if len(lines) > 1 and lines[0].startswith(f"Caught {type(e).__name__} in DataLoader"):
         return lines[-1].partition(f"{type(e).__name__}: ")[2] or lines[-1]
-    return lines[0]
+    return first_line(e)
 
 
 if __name__ == "__main__":

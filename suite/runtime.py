@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from suite.config import PRECISIONS, check_compile_setting
-from suite.errors import Terminated, UserError, sigterm_as_interrupt
+from suite.errors import Terminated, UserError, first_line, sigterm_as_interrupt
 from suite.models import compile_blocks
 
 # precision names (train.amp, profile --dtype) -> autocast dtypes; fp32 runs without autocast
@@ -177,7 +177,7 @@ def compile_model(
         if mode == "regional":
             _uncompile_blocks(getattr(model, "module", model))
         torch.compiler.reset()
-        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        reason = f"{type(e).__name__}: {first_line(e) if str(e).strip() else ''}"
         print(
             f"warning: torch.compile ({mode}) failed, running eager: {reason[:300]}",
             file=sys.stderr,

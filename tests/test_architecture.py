@@ -142,21 +142,36 @@ def test_mlflow_column_names_stay_in_tracking():
     assert not bad, "\n".join(bad)
 
 
-def test_functions_are_short_and_take_few_positional_arguments():
-    """At most 60 lines and 8 positional parameters (self aside; keyword-only knobs, as model
-    constructors have, are fine)."""
-    long, wide = [], []
+MAX_LINES = 60  # no function longer
+LONG_LINES = 50  # ... and only a few (MAX_LONG) above this: short by design, not at the edge
+MAX_LONG = 3
+MAX_PARAMS = 8  # positional and keyword-only alike (self aside): more travel as one object
+
+
+def test_functions_are_short_and_take_few_parameters():
+    """No function over 60 lines, at most 3 over 50, and none taking more than 8 parameters,
+    keyword-only ones counted (settings that travel together are one object: a config
+    dataclass, ``StepOptions``, ``TimingOptions``...; dataclass constructors are generated,
+    not written, and so not counted)."""
+    too_long, long, wide = [], [], []
     for name, path in modules().items():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
                 lines = node.end_lineno - node.lineno + 1
-                args = [a.arg for a in node.args.posonlyargs + node.args.args]
-                positional = len([a for a in args if a not in ("self", "cls")])
-                if lines > 60:
-                    long.append(f"{name}.{node.name}: {lines} lines")
-                if positional > 8:
-                    wide.append(f"{name}.{node.name}: {positional} positional parameters")
-    assert not long and not wide, "\n".join(long + wide)
+                a = node.args
+                args = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs]
+                params = len([x for x in args if x not in ("self", "cls")])
+                where = f"{name}.{node.name}"
+                if lines > MAX_LINES:
+                    too_long.append(f"{where}: {lines} lines")
+                elif lines > LONG_LINES:
+                    long.append(f"{where}: {lines} lines")
+                if params > MAX_PARAMS:
+                    wide.append(f"{where}: {params} parameters")
+    assert not too_long and not wide, "\n".join(too_long + wide)
+    assert len(long) <= MAX_LONG, f"more than {MAX_LONG} functions over {LONG_LINES} lines:\n" + (
+        "\n".join(long)
+    )
 
 
 def test_every_package_folder_is_installed():
@@ -175,3 +190,19 @@ def test_every_package_folder_is_installed():
         if p.is_dir() and p.name != "__pycache__" and any(p.glob("*.py"))
     }
     assert folders <= listed, f"not in pyproject's packages: {sorted(folders - listed)}"
+
+
+def test_one_first_line_helper():
+    """A one-line error quotes the first line of the exception below it through
+    ``errors.first_line``, not through a copy of the idiom."""
+    from suite.errors import first_line
+
+    assert first_line(RuntimeError("disk full\nSQL: INSERT ...")) == "disk full"
+    assert first_line(OSError()) == "OSError"
+    assert first_line(ValueError("\n  bad value  \nmore")) == "bad value"
+    copies = [
+        name
+        for name, path in modules().items()
+        if name != "suite.errors" and "splitlines() or [type(" in path.read_text()
+    ]
+    assert not copies, copies

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from suite.errors import UserError
+from suite.errors import UserError, first_line
 from suite.studies.storage import open_storage, reap_dead_workers, storage_lock
 from suite.tracking import worker_id
 
@@ -70,7 +70,7 @@ def queue_lost(url: str, e: BaseException) -> QueueLost:
     except Exception:  # a journal path, or not a URL SQLAlchemy reads
         shown = url
     orig = getattr(e, "orig", None) or e.__cause__ or e.__context__ or e
-    first = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+    first = first_line(orig)
     return QueueLost(
         f"matrix queue storage {shown} unreachable ({first[:200]}): the cells cut short stay "
         "in the queue and go on when the same command is run again with it back"

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from suite.errors import UserError, redact, redact_data, unredacted_for_connect
+from suite.errors import UserError, first_line, redact, redact_data, unredacted_for_connect
 from suite.tracking.base import (
     EXPERIMENT_MAX_CHARS,
     PARAM_MAX_CHARS,
@@ -335,7 +335,7 @@ class MlflowTracker(Tracker):
             raise
         except BaseException as e:
             if _is_server_lost(e):  # nothing can be recorded there: say so in one line
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                first = first_line(e)
                 raise UserError(
                     f"tracking server {self.uri} unreachable mid-run ({first[:300]}): run "
                     f"{run.run_id} stays RUNNING there with its checkpoint kept; once the "
@@ -416,7 +416,7 @@ class MlflowTracker(Tracker):
         except UserError:
             raise
         except Exception as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            first = first_line(e)
             raise UserError(f"{uri}: no checkpoint to read there ({first[:200]})") from None
 
     def runs(self, experiment: str, status: str | None = None, **tags: str) -> Any:

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from suite.errors import UserError
+from suite.errors import UserError, first_line
 
 
 def open_store(uri: str, make_client: Any) -> Any:
@@ -231,7 +231,7 @@ def _probe(uri: str, make_client: Any) -> Any:
         client.search_experiments(max_results=1)
         return client
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(e)
         what = "unreachable" if http else "cannot be opened"
         if "already exists" in first:  # MLflow re-running migrations over a half-built schema
             what += " (half-built: a schema migration died in it; restore it from a backup)"

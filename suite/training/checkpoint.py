@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from suite.errors import UserError
+from suite.errors import UserError, first_line
 
 
 def rng_state() -> dict[str, Any]:
@@ -70,7 +70,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # whatever stops a safe read (a pickle with code, a bad file)
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(e)
         raise UserError(
             f"checkpoint {path}: cannot be read safely (not a checkpoint, truncated, or holds "
             f"objects other than tensors and plain data): {first[:200]}"

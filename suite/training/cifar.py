@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from suite.errors import UserError
+from suite.errors import UserError, first_line
 
 PIXELS = 3 * 32 * 32  # one row of ``data``: the CHW image flattened
 
@@ -177,7 +177,7 @@ def load_cifar(name: str, root_setting: str) -> CifarArrays:
         x_val, y_val = _read_batch(path, layout)
     except (OSError, EOFError, ValueError, TypeError, KeyError, IndexError, MemoryError,
             pickle.UnpicklingError) as e:  # fmt: skip
-        why = (str(e).splitlines() or [type(e).__name__])[0]
+        why = first_line(e)
         raise UserError(
             f"data.root: {path} is not {layout.title} in torchvision's pickle format ({why})"
         ) from None

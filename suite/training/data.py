@@ -38,7 +38,7 @@ from torchvision import datasets, tv_tensors
 from torchvision.transforms import v2
 
 from suite.config import DATASETS, DataConfig
-from suite.errors import UserError
+from suite.errors import UserError, first_line
 from suite.training.cifar import load_cifar
 from suite.training.pipeline import open_image, pil_transforms
 
@@ -500,7 +500,7 @@ class CheckedImageFolder(datasets.ImageFolder):
             try:
                 return super().__getitem__((i + j) % len(self))
             except BAD_IMAGE_ERRORS as e:  # PIL's errors for bad files
-                reason = shown((str(e).splitlines() or [type(e).__name__])[0])
+                reason = shown(first_line(e))
                 if not self.skip_bad:
                     raise UserError(
                         f"data.root: cannot read image {shown(path)} ({reason}); remove it "
@@ -539,7 +539,7 @@ def _build_imagefolder(
         train = CheckedImageFolder(str(root / "train"), t_train, cfg.skip_bad_images)
         val = CheckedImageFolder(str(root / "val"), t_val, cfg.skip_bad_images)
     except (FileNotFoundError, OSError) as e:  # a class folder without images, unreadable dirs
-        why = shown((str(e).splitlines() or [type(e).__name__])[0])
+        why = shown(first_line(e))
         raise UserError(f"data.root: {cfg.root}: {why} ({expected})") from None
     if uint8:  # JPEGs opened undecoded (the transform picks the DCT scale), others as before
         train.loader = val.loader = functools.partial(open_image, fallback=rgb_loader)

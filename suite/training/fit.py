@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from suite.config import Config, safe_name, to_toml
-from suite.errors import UserError, redact_data
+from suite.errors import UserError, first_line, redact_data
 from suite.models import create_model, get_entry, model_img_size
 from suite.plots import learning_curves, pyplot
 from suite.profile import peak_memory_mb
@@ -185,7 +185,7 @@ def out_of_memory(e: BaseException, batch_size: int, device: torch.device) -> st
         return oom_message("train.batch_size", batch_size, device)
     if isinstance(e, RuntimeError) and not is_cpu_oom(e):
         return None
-    why = (str(e).splitlines() or [type(e).__name__])[0][:120]
+    why = first_line(e)[:120]
     return (
         f"train.batch_size = {batch_size} does not fit in memory on {device} "
         f"({type(e).__name__}: {why}); lower train.batch_size"
@@ -466,7 +466,7 @@ def check_resumed_run(tracker: Tracker, run_id: str, cfg: Config, resume: str) -
     try:
         run = tracker.get_run(run_id)
     except Exception as e:
-        why = (str(e).splitlines() or [type(e).__name__])[0]
+        why = first_line(e)
         raise UserError(
             f"--resume {resume}: its run {run_id} is not in {tracker.uri} ({why})"
         ) from None
