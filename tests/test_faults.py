@@ -20,7 +20,7 @@ import torch
 
 mlflow = pytest.importorskip("mlflow")
 optuna = pytest.importorskip("optuna")
-from conftest import Evil  # noqa: E402
+from conftest import Evil, answers, free_port, kill_group, wait_until_answers  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
 from suite.cli import main  # noqa: E402
@@ -635,95 +635,43 @@ def _alive(p: psutil.Process) -> bool:
         return False
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def answers(url: str) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
-def start_server(tmp_path: Path, port: int) -> subprocess.Popen:
-    """A loopback ``mlflow server`` on ``port`` (its own session, to be killed whole) with an
-    SQLite store and artifacts in ``tmp_path``, waited for until it answers."""
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
-    cmd += ["--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--workers", "1"]
-    cmd += ["--artifacts-destination", str(tmp_path / "artifacts")]
-    proc = subprocess.Popen(
-        cmd,
-        env=ENV,
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        wait_for(lambda: answers(f"http://127.0.0.1:{port}"), 120, "the MLflow server", proc)
-    except BaseException:
-        kill_group(proc)
-        raise
-    return proc
-
-
-def kill_group(proc: subprocess.Popen) -> None:
-    from contextlib import suppress
-
-    with suppress(ProcessLookupError):  # the whole group is gone already
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-
-
-def test_tracking_server_killed_mid_training_one_line_then_resume(tmp_path):
+def test_tracking_server_killed_mid_training_one_line_then_resume(tmp_path, start_mlflow):
     """The MLflow server dies in epoch 2: within seconds one line naming the server and the
     run, exit 2, the checkpoint kept; with the server back, --resume finishes the same run,
     each epoch logged once."""
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    server = start_server(tmp_path, port)
+    port = free_port()  # the restarted server takes it again: the run's URL answers again
+    server, uri = start_mlflow(port=port, env=ENV)
+    argv = ["train", "--tracking-uri", uri]
+    argv += sets("train.epochs=5", "data.train_size=1024", f"train.out_dir='{tmp_path}/r'")
+    proc = start(argv, tmp_path, stderr=subprocess.PIPE)
     try:
-        argv = ["train", "--tracking-uri", uri]
-        argv += sets("train.epochs=5", "data.train_size=1024", f"train.out_dir='{tmp_path}/r'")
-        proc = start(argv, tmp_path, stderr=subprocess.PIPE)
-        try:
-            run = wait_for(lambda: runs(uri), 120, "the run to start", proc)[0]
-            tag = lambda: runs(uri)[0].data.tags.get("checkpoint_dir")  # noqa: E731
-            folder = Path(wait_for(tag, 60, "tags", proc))
-            wait_for(lambda: checkpoint_epoch(folder) >= 1, 120, "epoch 1's checkpoint", proc)
-            kill_group(server)
-            t0 = time.monotonic()
-            _, err = proc.communicate(timeout=300)
-            took = time.monotonic() - t0
-        finally:
-            if proc.poll() is None:
-                kill9(proc)
-        print(f"server killed -> one-line error in {took:.1f} s")
-        assert proc.returncode == 2, err[-3000:]
-        assert "Traceback" not in err, err[-3000:]
-        last = err.strip().splitlines()[-1]
-        assert last.startswith(f"tntbench train: error: tracking server {uri} unreachable"), err
-        assert run.info.run_id in last
-        assert sum("error" in line for line in err.splitlines()) == 1, err[-3000:]
-        assert took < 30
-        done = checkpoint_epoch(folder)
-        assert 1 <= done < 5  # kept, and the run was cut short
-        server = start_server(tmp_path, port)
-        assert mlflow.MlflowClient(uri).get_run(run.info.run_id).info.status == "RUNNING"
-        assert main([*argv, "--resume", run.info.run_id]) == 0
-        (after,) = runs(uri)
-        assert after.info.run_id == run.info.run_id and after.info.status == "FINISHED"
-        assert epochs_logged(uri, run.info.run_id) == [1, 2, 3, 4, 5]  # each epoch once
-    finally:
+        run = wait_for(lambda: runs(uri), 120, "the run to start", proc)[0]
+        tag = lambda: runs(uri)[0].data.tags.get("checkpoint_dir")  # noqa: E731
+        folder = Path(wait_for(tag, 60, "tags", proc))
+        wait_for(lambda: checkpoint_epoch(folder) >= 1, 120, "epoch 1's checkpoint", proc)
         kill_group(server)
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=300)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            kill9(proc)
+    print(f"server killed -> one-line error in {took:.1f} s")
+    assert proc.returncode == 2, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"tntbench train: error: tracking server {uri} unreachable"), err
+    assert run.info.run_id in last
+    assert sum("error" in line for line in err.splitlines()) == 1, err[-3000:]
+    assert took < 30
+    done = checkpoint_epoch(folder)
+    assert 1 <= done < 5  # kept, and the run was cut short
+    start_mlflow(port=port, env=ENV)  # the same URL again
+    assert mlflow.MlflowClient(uri).get_run(run.info.run_id).info.status == "RUNNING"
+    assert main([*argv, "--resume", run.info.run_id]) == 0
+    (after,) = runs(uri)
+    assert after.info.run_id == run.info.run_id and after.info.status == "FINISHED"
+    assert epochs_logged(uri, run.info.run_id) == [1, 2, 3, 4, 5]  # each epoch once
 
 
 FSIZE_CREATE = """
@@ -814,7 +762,7 @@ def test_kill9_ui_leaves_no_server_serving(tmp_path):
     proc = start(["ui", "--tracking-uri", uri, "--port", str(port)], tmp_path)
     seen: dict[int, psutil.Process] = {}
     try:
-        wait_for(lambda: answers(f"http://127.0.0.1:{port}"), 180, "the UI to answer", proc)
+        wait_until_answers(f"http://127.0.0.1:{port}", proc, timeout=180)
         watch_tree(proc, seen)
         assert len(seen) >= 2  # the guard and mlflow server (and its uvicorn)
     finally:

@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
@@ -180,53 +178,11 @@ def test_two_workers_on_postgres_match_one_worker(tmp_path, pg_databases):
     assert_each_cell_once(uri, storage, 6)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def mlflow_server(tmp_path, pg_databases):
-    """An MLflow tracking server on loopback with a PostgreSQL backend, as a team runs one."""
-    port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--backend-store-uri",
-        pg_databases(),
-        "--artifacts-destination",
-        str(tmp_path / "artifacts"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail("the MLflow server did not start within 120 s")
-        time.sleep(0.5)
-    try:
-        yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+def mlflow_server(pg_databases, start_mlflow):
+    """An MLflow tracking server on loopback with a PostgreSQL backend, as a team runs one
+    (start_mlflow after pg_databases: the server is killed before its database is dropped)."""
+    return start_mlflow(pg_databases())[1]
 
 
 @pytest.mark.slow
