@@ -15,50 +15,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import Evil
+from conftest import Evil, set_args, tiny_sets, tiny_toml
 
 from suite.cli import main
 
 mlflow = pytest.importorskip("mlflow")
 
-TRAIN = [
-    "--set",
-    "data.train_size=64",
-    "--set",
-    "data.val_size=32",
-    "--set",
-    "train.epochs=1",
-    "--set",
-    "train.batch_size=32",
-    "--set",
-    "tracking.system_metrics=false",
-    "--set",
-    "model.depth=1",
-    "--set",
-    "train.amp='fp32'",
-    "--set",  # the store's finished run keeps last.pt: the --resume cases reach their check
-    "train.keep_checkpoints='all'",
-]
+SMALL = {"data.train_size": 64, "data.val_size": 32, "train.amp": "fp32"}  # the tiny run, halved
+# keep_checkpoints: the store's finished run keeps last.pt, so the --resume cases reach their check
+TRAIN = set_args(tiny_sets({**SMALL, "train.keep_checkpoints": "all"}))
 
-SEARCH = """
-[search]
-study = "s"
-n_trials = 2
-[search.space]
-"model.inner_heads" = { choices = [1, 2] }
-[model]
-name = "tnt_nano"
-depth = 1
-[data]
-train_size = 64
-val_size = 32
-[train]
-epochs = 1
-batch_size = 32
-amp = "fp32"
-[tracking]
-system_metrics = false
-"""
+SEARCH = (
+    '[search]\nstudy = "s"\nn_trials = 2\n'
+    '[search.space]\n"model.inner_heads" = { choices = [1, 2] }\n'
+    + tiny_toml({"model.name": "tnt_nano", **SMALL})
+)
 
 
 @pytest.fixture(scope="module")
