@@ -20,7 +20,14 @@ import torch
 
 mlflow = pytest.importorskip("mlflow")
 optuna = pytest.importorskip("optuna")
-from conftest import Evil, answers, free_port, kill_group, wait_until_answers  # noqa: E402
+from conftest import (  # noqa: E402
+    Evil,
+    answers,
+    free_port,
+    kill_group,
+    tiny_toml,
+    wait_until_answers,
+)
 from optuna.trial import TrialState  # noqa: E402
 
 from suite.cli import main  # noqa: E402
@@ -147,33 +154,23 @@ def test_sigterm_train_mid_epoch_ends_the_run_killed_then_resume(tmp_path):
     assert epochs_logged(uri, run.info.run_id) == [1, 2, 3, 4]  # each epoch once
 
 
-MATRIX = """
-# Question: none (a fault test). Run: tests/test_faults.py
-[matrix]
-name = "faults"
-models = ["tnt_nano", "vit_nano"]
-seeds = [0]
-[model]
-depth = 1
-[data]
-train_size = 384
-val_size = 64
-[train]
-epochs = 3
-batch_size = 32
-amp = "fp32"
-device = "cpu"
-out_dir = "{tmp}/r"
-[tracking]
-system_metrics = false
-log_every = 4
-"""
+# the tiny run, longer (384 images, 3 epochs: time to kill a cell mid-run), on the CPU
+LONGER = {"data.train_size": 384, "train.epochs": 3, "train.amp": "fp32", "train.device": "cpu"}
+
+
+def matrix_toml(tmp: Path) -> str:
+    """Two one-seed cells of the longer tiny run, checkpoints under ``tmp``."""
+    return (
+        "# Question: none (a fault test). Run: tests/test_faults.py\n"
+        '[matrix]\nname = "faults"\nmodels = ["tnt_nano", "vit_nano"]\nseeds = [0]\n'
+        + tiny_toml({**LONGER, "train.out_dir": f"{tmp}/r", "tracking.log_every": 4})
+    )
 
 
 def test_kill9_matrix_mid_cell_then_rerun_resumes_the_cell(tmp_path):
     uri = f"sqlite:///{tmp_path}/m.db"
     cfg = tmp_path / "m.toml"
-    cfg.write_text(MATRIX.format(tmp=tmp_path))
+    cfg.write_text(matrix_toml(tmp_path))
     argv = ["matrix", str(cfg), "--tracking-uri", uri, "--no-progress"]
     proc = start(argv, tmp_path)
 
@@ -205,7 +202,7 @@ def test_sigterm_matrix_with_two_workers_leaves_nothing_running_then_rerun_finis
     finishes every cell exactly once."""
     uri = f"sqlite:///{tmp_path}/m.db"
     cfg = tmp_path / "m.toml"
-    cfg.write_text(MATRIX.format(tmp=tmp_path))
+    cfg.write_text(matrix_toml(tmp_path))
     # epochs long enough (a few seconds each) that both cells are seen running together
     longer = ["--set", "data.train_size=1024"]
     argv = ["matrix", str(cfg), "--tracking-uri", uri, "--no-progress", "--workers", "2", *longer]
@@ -244,32 +241,15 @@ def test_sigterm_matrix_with_two_workers_leaves_nothing_running_then_rerun_finis
     assert not runs(uri, "attributes.status = 'RUNNING'")
 
 
-SEARCH = """
-[search]
-study = "k"
-sampler = "random"
-pruner = "none"
-n_trials = 4
-heartbeat_interval = 1
-grace_period = 3
-[search.space]
-"train.lr" = {{ low = 1e-4, high = 1e-3, log = true }}
-[model]
-name = "tnt_nano"
-depth = 1
-[data]
-train_size = 256
-val_size = 64
-[train]
-epochs = {epochs}
-batch_size = 32
-amp = "fp32"
-device = "cpu"
-out_dir = "{tmp}/r"
-[tracking]
-experiment = "k"
-system_metrics = false
-"""
+def search_toml(tmp: Path, epochs: int) -> str:
+    """A 4-trial random search of the longer tiny run (256 images), heartbeats every second."""
+    run = {**LONGER, "model.name": "tnt_nano", "data.train_size": 256, "train.epochs": epochs}
+    return (
+        '[search]\nstudy = "k"\nsampler = "random"\npruner = "none"\nn_trials = 4\n'
+        "heartbeat_interval = 1\ngrace_period = 3\n[search.space]\n"
+        '"train.lr" = { low = 1e-4, high = 1e-3, log = true }\n'
+        + tiny_toml({**run, "train.out_dir": f"{tmp}/r", "tracking.experiment": "k"})
+    )
 
 
 def open_storage(storage: str):
@@ -283,7 +263,7 @@ def open_storage(storage: str):
 def _kill_one_of_two_workers(tmp_path, storage):
     uri = f"sqlite:///{tmp_path}/m.db"
     cfg = tmp_path / "s.toml"
-    cfg.write_text(SEARCH.format(tmp=tmp_path, epochs=3))
+    cfg.write_text(search_toml(tmp_path, 3))
     cmd = [
         sys.executable,
         "-m",
@@ -532,7 +512,7 @@ def one_line_terminated(proc: subprocess.Popen, err: str) -> None:
 def torchrun_argv(tmp_path: Path) -> tuple[str, list[str]]:
     uri = f"sqlite:///{tmp_path}/m.db"
     cfg = tmp_path / "m.toml"
-    cfg.write_text(MATRIX.format(tmp=tmp_path))
+    cfg.write_text(matrix_toml(tmp_path))
     argv = ["matrix", str(cfg), "--tracking-uri", uri, "--no-progress", "--gpus-per-cell", "2"]
     assert runs(uri) == []  # the store made before the command: polling it races no creation
     return uri, [*argv, "--set", "matrix.models=['tnt_nano']", "--set", "data.train_size=1024"]
@@ -874,7 +854,7 @@ def test_postgres_queue_lost_mid_cell_one_line_then_rerun_finishes(tmp_path, pg_
     storage = real.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
     uri = f"sqlite:///{tmp_path}/m.db"
     cfg = tmp_path / "m.toml"
-    cfg.write_text(MATRIX.format(tmp=tmp_path))
+    cfg.write_text(matrix_toml(tmp_path))
     argv = ["matrix", str(cfg), "--tracking-uri", uri, "--no-progress", "--workers", "2"]
     argv += ["--storage", storage, "--set", "data.train_size=1024"]
     assert runs(uri) == []  # the store made before the command: polling it races no creation

@@ -18,6 +18,7 @@ import pytest
 
 mlflow = pytest.importorskip("mlflow")
 optuna = pytest.importorskip("optuna")
+from conftest import tiny_toml  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
 from suite.cli import main  # noqa: E402
@@ -26,35 +27,22 @@ from suite.studies.storage import open_storage  # noqa: E402
 from suite.studies.workers import worker_env  # noqa: E402
 from suite.tracking import make_tracker  # noqa: E402
 
-MATRIX = """
-# Question: none (a queue test). Run: tests/test_matrix_queue.py
-[matrix]
-name = "{name}"
-models = {models}
-seeds = {seeds}
-[model]
-depth = 1
-[data]
-train_size = {train_size}
-val_size = 64
-[train]
-epochs = {epochs}
-batch_size = 32
-amp = "fp32"
-device = "cpu"
-out_dir = "{tmp}/r"
-[tracking]
-system_metrics = false
-log_every = 4
-"""
 SIX = dict(models='["tnt_nano", "vit_nano", "deit_nano"]', seeds="[0, 1]")
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
-def write_matrix(tmp_path: Path, name: str = "q", **kw) -> Path:
-    opts = {**SIX, "train_size": 128, "epochs": 1, **kw}
+def write_matrix(tmp_path: Path, name: str = "q", train_size: int = 128, epochs: int = 1, **kw):
+    """The matrix ``name`` of the tiny run on the CPU (``models``, ``seeds``: TOML arrays;
+    SIX by default), checkpoints under ``tmp_path``; its path."""
+    opts = {**SIX, **kw}
+    run = {"data.train_size": train_size, "train.epochs": epochs, "train.amp": "fp32"}
+    run |= {"train.device": "cpu", "train.out_dir": f"{tmp_path}/r", "tracking.log_every": 4}
     p = tmp_path / f"{name}.toml"
-    p.write_text(MATRIX.format(name=name, tmp=tmp_path, **opts))
+    p.write_text(
+        "# Question: none (a queue test). Run: tests/test_matrix_queue.py\n"
+        f'[matrix]\nname = "{name}"\nmodels = {opts["models"]}\nseeds = {opts["seeds"]}\n'
+        + tiny_toml(run)
+    )
     return p
 
 
