@@ -9,7 +9,9 @@ import sys
 import time
 import urllib.request
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import NoReturn
 
 import pytest
@@ -135,21 +137,23 @@ class Evil:
 # ---------------------------------------------------------------------------------------------
 # The tiny training run the tests share: one dict, given as --set strings or as TOML text
 
-TINY_RUN: dict[str, object] = {
-    "model.depth": 1,
-    "data.train_size": 128,
-    "data.val_size": 64,
-    "train.epochs": 1,
-    "train.batch_size": 32,
-    "tracking.system_metrics": False,
-}
+TINY_RUN: Mapping[str, object] = MappingProxyType(
+    {
+        "model.depth": 1,
+        "data.train_size": 128,
+        "data.val_size": 64,
+        "train.epochs": 1,
+        "train.batch_size": 32,
+        "tracking.system_metrics": False,
+    }
+)
 """The smallest run worth training (seconds on a CPU): every test file's tiny settings are
 these plus its own differences. No model name: a matrix or search names its models, and
 ``--set model.name`` is refused there (the default model is tnt_nano)."""
 
 
 def tiny(changes: dict[str, object] | None = None) -> dict[str, object]:
-    """``TINY_RUN`` with ``changes`` on top (a new dict: the shared one is never edited)."""
+    """``TINY_RUN`` with ``changes`` on top, as a new dict (the shared one is read-only)."""
     return {**TINY_RUN, **(changes or {})}
 
 
