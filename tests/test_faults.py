@@ -109,6 +109,7 @@ def train_into_epoch_2(tmp_path: Path, stderr=subprocess.DEVNULL):
         uri,
         *sets("train.epochs=4", f"train.out_dir='{tmp_path}/r'"),
     ]
+    assert runs(uri) == []  # the store made before the command: polling it races no creation
     proc = start(argv, tmp_path, stderr)
     try:
         run = wait_for(lambda: runs(uri), 120, "the run to start", proc)[0]
@@ -172,6 +173,7 @@ def test_kill9_matrix_mid_cell_then_rerun_resumes_the_cell(tmp_path):
     cfg = tmp_path / "m.toml"
     cfg.write_text(matrix_toml(tmp_path))
     argv = ["matrix", str(cfg), "--tracking-uri", uri, "--no-progress"]
+    assert runs(uri) == []  # the store made before the command: polling it races no creation
     proc = start(argv, tmp_path)
 
     def a_cell_with_a_checkpoint():
@@ -206,6 +208,7 @@ def test_sigterm_matrix_with_two_workers_leaves_nothing_running_then_rerun_finis
     # epochs long enough (a few seconds each) that both cells are seen running together
     longer = ["--set", "data.train_size=1024"]
     argv = ["matrix", str(cfg), "--tracking-uri", uri, "--no-progress", "--workers", "2", *longer]
+    assert runs(uri) == []  # the store made before the command: polling it races no creation
     proc = start(argv, tmp_path, stderr=subprocess.PIPE)
     try:
         wait_for(
