@@ -225,48 +225,33 @@ def _batches(loader: DataLoader) -> Iterator:
         yield from loader
 
 
-def time_per_core(v: Variant, images: int, batch: int, seed: int) -> tuple[float, noise.Window]:
-    """img/s of one process on one thread: loading + per-batch work, ``images`` images."""
+def time_loader(
+    v: Variant, images: int, batch: int, seed: int, *, workers: int = 0
+) -> tuple[float, noise.Window]:
+    """img/s of ``v``'s DataLoader over ``images`` images. ``workers`` 0: per core (one process
+    on one thread: loading plus the per-batch work); else what ``workers`` worker processes
+    deliver after their first batch (the batch-level work apart: on a GPU it runs there)."""
     torch.manual_seed(seed)
-    loader = DataLoader(v.dataset, batch_size=batch, shuffle=True, num_workers=0)
+    extra = {"prefetch_factor": 4} if workers else {}
+    loader = DataLoader(v.dataset, batch_size=batch, shuffle=True, num_workers=workers, **extra)
     it = _batches(loader)
+    if workers:
+        next(it)  # workers started and warm
+    per_batch = v.batch_prep if not workers else None
     steps: list[float] = []
     n = 0
-    with noise.watch(torch.device("cpu"), children=False) as cond:
+    with noise.watch(torch.device("cpu"), children=bool(workers)) as cond:
         t0 = time.perf_counter()
         while n < images:
             s0 = time.perf_counter()
             x, y = next(it)
-            if v.batch_prep is not None:
-                v.batch_prep(x, y)
-            steps.append(time.perf_counter() - s0)
-            n += x.shape[0]
-        elapsed = time.perf_counter() - t0
-    return n / elapsed, noise.judge(steps, cond[0], 1.0)
-
-
-def time_workers(
-    v: Variant, workers: int, images: int, batch: int, seed: int
-) -> tuple[float, noise.Window]:
-    """img/s a DataLoader of ``workers`` processes delivers (after its first batch)."""
-    torch.manual_seed(seed)
-    loader = DataLoader(
-        v.dataset, batch_size=batch, shuffle=True, num_workers=workers, prefetch_factor=4
-    )
-    it = _batches(loader)
-    next(it)  # workers started and warm
-    steps: list[float] = []
-    n = 0
-    with noise.watch(torch.device("cpu"), children=True) as cond:
-        t0 = time.perf_counter()
-        while n < images:
-            s0 = time.perf_counter()
-            x, _ = next(it)
+            if per_batch is not None:
+                per_batch(x, y)
             steps.append(time.perf_counter() - s0)
             n += x.shape[0]
         elapsed = time.perf_counter() - t0
     del it, loader
-    return n / elapsed, noise.judge(steps, cond[0], float(workers))
+    return n / elapsed, noise.judge(steps, cond[0], float(max(workers, 1)))
 
 
 def interleaved(
@@ -418,14 +403,14 @@ def main() -> None:
         per_core = interleaved(
             vs,
             args.rounds,
-            lambda v, r: time_per_core(v, args.images, args.batch_size, seed=r),
+            lambda v, r: time_loader(v, args.images, args.batch_size, seed=r),
         )
         loaded = [v for v in vs if v.name in ("deit recipe: today", "deit recipe: new")]
         print(f"with {args.workers} workers")
         per_workers = interleaved(
             loaded,
             args.rounds,
-            lambda v, r: time_workers(v, args.workers, 4 * args.images, args.batch_size, r),
+            lambda v, r: time_loader(v, 4 * args.images, args.batch_size, r, workers=args.workers),
         )
         ratios = {
             RATIO_KEY: ratio(per_core, "deit recipe: new", "deit recipe: today"),

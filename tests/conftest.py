@@ -1,9 +1,17 @@
+import contextlib
+import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import NoReturn
 
 import pytest
@@ -124,3 +132,151 @@ class Evil:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
+
+
+# ---------------------------------------------------------------------------------------------
+# The tiny training run the tests share: one dict, given as --set strings or as TOML text
+
+TINY_RUN: Mapping[str, object] = MappingProxyType(
+    {
+        "model.depth": 1,
+        "data.train_size": 128,
+        "data.val_size": 64,
+        "train.epochs": 1,
+        "train.batch_size": 32,
+        "tracking.system_metrics": False,
+    }
+)
+"""The smallest run worth training (seconds on a CPU): every test file's tiny settings are
+these plus its own differences. No model name: a matrix or search names its models, and
+``--set model.name`` is refused there (the default model is tnt_nano)."""
+
+
+def tiny(changes: dict[str, object] | None = None) -> dict[str, object]:
+    """``TINY_RUN`` with ``changes`` on top, as a new dict (the shared one is read-only)."""
+    return {**TINY_RUN, **(changes or {})}
+
+
+def toml_value(value: object) -> str:
+    """``value`` as TOML writes it, which is also what ``--set KEY=VALUE`` parses."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string: quotes, backslashes escaped
+    raise TypeError(f"no TOML value for {value!r}")
+
+
+def tiny_sets(changes: dict[str, object] | None = None) -> list[str]:
+    """The tiny run as ``KEY=VALUE`` strings, for ``--set`` (or ``load_config``'s sets)."""
+    return [f"{key}={toml_value(v)}" for key, v in tiny(changes).items()]
+
+
+def set_args(sets: list[str]) -> list[str]:
+    """``["--set", s]`` for each of ``sets``: a command line's arguments."""
+    return [a for s in sets for a in ("--set", s)]
+
+
+def tiny_toml(changes: dict[str, object] | None = None) -> str:
+    """The tiny run as a config file's TOML text: one [section] per first key part."""
+    tables: dict[str, list[str]] = {}
+    for key, v in tiny(changes).items():
+        section, name = key.split(".", 1)
+        tables.setdefault(section, []).append(f"{name} = {toml_value(v)}")
+    return "".join(
+        f"[{s}]\n" + "".join(f"{line}\n" for line in lines) for s, lines in tables.items()
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Loopback servers: a port the OS picks, an MLflow server waited for until it answers
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that no one listens on now (the OS picks it: never a fixed one,
+    so parallel test runs and other programs do not collide)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def answers(url: str) -> bool:
+    """Whether the MLflow server (or ``tntbench ui``) at ``url`` answers its health check."""
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def wait_until_answers(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Wait until ``url`` answers; fail the test when ``proc`` (the server, or the command that
+    starts one) ends first or ``timeout`` s pass (mlflow server starts slowly on a busy machine)."""
+    deadline = time.monotonic() + timeout
+    while not answers(url):
+        if proc.poll() is not None:
+            pytest.fail(f"the server process ended (exit {proc.returncode}) before {url} answered")
+        if time.monotonic() > deadline:
+            pytest.fail(f"no answer from {url} within {timeout:.0f} s")
+        time.sleep(0.5)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL ``proc``'s whole process group (a server started with ``start_new_session``)."""
+    with contextlib.suppress(ProcessLookupError):  # the whole group is gone already
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def start_mlflow_server(
+    backend_store_uri: str, artifacts: Path, port: int, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, str]:
+    """A loopback ``mlflow server`` on ``port`` (its own session: ``kill_group`` ends it whole),
+    one worker, waited for until it answers; (the process, its URL)."""
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--backend-store-uri", backend_store_uri, "--workers", "1"]
+    cmd += ["--artifacts-destination", str(artifacts)]
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        cwd=artifacts.parent,  # anything it writes beside its store, never in the checkout
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_answers(url, proc)
+    except BaseException:
+        kill_group(proc)
+        raise
+    return proc, url
+
+
+@pytest.fixture
+def start_mlflow(tmp_path: Path):
+    """``start_mlflow(backend_store_uri=None, port=None, env=None) -> (process, URL)``: a
+    loopback ``mlflow server`` waited for until it answers, its artifacts in ``tmp_path``; by
+    default on a free port with an SQLite store in ``tmp_path``. A test may kill one
+    (``kill_group``) and start another on the same port; every one started is killed (its
+    whole process group) after the test."""
+    started: list[subprocess.Popen] = []
+
+    def start(
+        backend_store_uri: str | None = None,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+    ) -> tuple[subprocess.Popen, str]:
+        backend_store_uri = backend_store_uri or f"sqlite:///{tmp_path}/server.db"
+        proc, url = start_mlflow_server(
+            backend_store_uri, tmp_path / "artifacts", port or free_port(), env
+        )
+        started.append(proc)
+        return proc, url
+
+    try:
+        yield start
+    finally:
+        for proc in started:
+            kill_group(proc)

@@ -15,50 +15,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import Evil
+from conftest import Evil, set_args, tiny_sets, tiny_toml
 
 from suite.cli import main
 
 mlflow = pytest.importorskip("mlflow")
 
-TRAIN = [
-    "--set",
-    "data.train_size=64",
-    "--set",
-    "data.val_size=32",
-    "--set",
-    "train.epochs=1",
-    "--set",
-    "train.batch_size=32",
-    "--set",
-    "tracking.system_metrics=false",
-    "--set",
-    "model.depth=1",
-    "--set",
-    "train.amp='fp32'",
-    "--set",  # the store's finished run keeps last.pt: the --resume cases reach their check
-    "train.keep_checkpoints='all'",
-]
+SMALL = {"data.train_size": 64, "data.val_size": 32, "train.amp": "fp32"}  # the tiny run, halved
+# keep_checkpoints: the store's finished run keeps last.pt, so the --resume cases reach their check
+TRAIN = set_args(tiny_sets({**SMALL, "train.keep_checkpoints": "all"}))
 
-SEARCH = """
-[search]
-study = "s"
-n_trials = 2
-[search.space]
-"model.inner_heads" = { choices = [1, 2] }
-[model]
-name = "tnt_nano"
-depth = 1
-[data]
-train_size = 64
-val_size = 32
-[train]
-epochs = 1
-batch_size = 32
-amp = "fp32"
-[tracking]
-system_metrics = false
-"""
+SEARCH = (
+    '[search]\nstudy = "s"\nn_trials = 2\n'
+    '[search.space]\n"model.inner_heads" = { choices = [1, 2] }\n'
+    + tiny_toml({"model.name": "tnt_nano", **SMALL})
+)
 
 
 @pytest.fixture(scope="module")
@@ -706,117 +677,95 @@ def _sys_path() -> str:
     return "/sys/tntbench-test/o.journal"
 
 
+def _train_set(setting: str):
+    """``tntbench train --set SETTING``: a bad value refused before any work."""
+    return lambda t, u, r, c: ["train", "--set", setting]
+
+
+def _matrix_case(lines: str | None, *args: str):
+    """``tntbench matrix`` of the one-cell matrix (``lines``: more [matrix] lines; None: the
+    file as it is) with ``args``, on the store."""
+
+    def argv(t, u, r, c):
+        path = _matrix_file(t) if lines is None else _matrix_with(t, lines)
+        return ["matrix", path, *args, "--tracking-uri", u]
+
+    return argv
+
+
+def _search_case(make_file=_search_file, *args: str):
+    """``tntbench search`` of ``make_file(tmp)`` (the tiny search by default) with ``args``."""
+    return lambda t, u, r, c: ["search", make_file(t), *args, "--tracking-uri", u]
+
+
+def _search_space(spec: str):
+    """``tntbench search`` with the space line replaced by ``spec``."""
+    return _search_case(lambda t: _space(t, spec))
+
+
+def _search_line(line: str):
+    """``tntbench search`` with ``line`` added to [search]."""
+    return _search_case(lambda t: _search_file(t, **{"n_trials = 2": f"n_trials = 2\n{line}"}))
+
+
+def _storage_case(command: str, storage):
+    """``tntbench matrix`` or ``search`` of its tiny file with ``--storage storage(tmp, uri)``."""
+    make_file = {"matrix": _matrix_file, "search": _search_file}[command]
+
+    def argv(t, u, r, c):
+        path = make_file(t)
+        return [command, path, "--storage", storage(t, u), "--tracking-uri", u]
+
+    return argv
+
+
+# (id, argv builder, words the one line must contain), as CASES above
 ISSUE27_CASES = [
     # --- A: results silently wrong
-    (
-        "matrix-duplicate-seeds",
-        lambda t, u, r, c: ["matrix", _matrix_with(t, "seeds = [0, 0]"), "--tracking-uri", u],
-        ["matrix.seeds", "twice"],
-    ),
+    ("matrix-duplicate-seeds", _matrix_case("seeds = [0, 0]"), ["matrix.seeds", "twice"]),
     (
         "matrix-duplicate-axis-value",
-        lambda t, u, r, c: [
-            "matrix",
-            _matrix_with(t, '"model.inner_heads" = [1, 2, 1]'),
-            "--tracking-uri",
-            u,
-        ],
+        _matrix_case('"model.inner_heads" = [1, 2, 1]'),
         ["matrix.model.inner_heads", "twice"],
     ),
     (
         "matrix-duplicate-models",
-        lambda t, u, r, c: [
-            "matrix",
-            _matrix_with(t, ""),
-            "--set",
-            "matrix.models=['tnt_nano', 'tnt_nano']",
-            "--tracking-uri",
-            u,
-        ],
+        _matrix_case("", "--set", "matrix.models=['tnt_nano', 'tnt_nano']"),
         ["matrix.models", "twice"],
     ),
     (
         "matrix-set-model-name",
-        lambda t, u, r, c: [
-            "matrix",
-            _matrix_file(t),
-            "--set",
-            "model.name='vit_nano'",
-            "--tracking-uri",
-            u,
-        ],
+        _matrix_case(None, "--set", "model.name='vit_nano'"),
         ["model.name", "matrix.models"],
     ),
     (
         "matrix-set-train-seed",
-        lambda t, u, r, c: [
-            "matrix",
-            _matrix_file(t),
-            "--set",
-            "train.seed=3",
-            "--tracking-uri",
-            u,
-        ],
+        _matrix_case(None, "--set", "train.seed=3"),
         ["train.seed", "matrix.seeds"],
     ),
     (
         "matrix-model-name-axis",
-        lambda t, u, r, c: [
-            "matrix",
-            _matrix_with(t, '"model.name" = ["vit_nano", "tnt_nano"]'),
-            "--tracking-uri",
-            u,
-        ],
+        _matrix_case('"model.name" = ["vit_nano", "tnt_nano"]'),
         ["model.name", "matrix.models"],
     ),
     (
         "matrix-model-name-in-tied-axis",
-        lambda t, u, r, c: [
-            "matrix",
-            _matrix_with(t, 'pair = [{ "model.name" = "vit_nano", "model.depth" = 1 }]'),
-            "--tracking-uri",
-            u,
-        ],
+        _matrix_case('pair = [{ "model.name" = "vit_nano", "model.depth" = 1 }]'),
         ["matrix.pair", "model.name"],
     ),
     (
         "search-gmacs-budget-negative",
-        lambda t, u, r, c: [
-            "search",
-            _search_file(t, **{"n_trials = 2": "n_trials = 2\ngmacs_budget = -1"}),
-            "--tracking-uri",
-            u,
-        ],
+        _search_line("gmacs_budget = -1"),
         ["search.gmacs_budget", ">= 0"],
     ),
-    (
-        "search-timeout-nan",
-        lambda t, u, r, c: ["search", _search_file(t), "--timeout", "nan", "--tracking-uri", u],
-        ["--timeout"],
-    ),
-    (
-        "search-timeout-negative",
-        lambda t, u, r, c: ["search", _search_file(t), "--timeout", "-5", "--tracking-uri", u],
-        ["--timeout"],
-    ),
-    (
-        "model-drop-rate-nan",
-        lambda t, u, r, c: ["train", "--set", "model.drop_rate=nan"],
-        ["drop_rate"],
-    ),
-    (
-        "model-mlp-ratio-inf",
-        lambda t, u, r, c: ["train", "--set", "model.mlp_ratio=inf"],
-        ["mlp_ratio", "finite"],
-    ),
-    (
-        "model-drop-path-nan",
-        lambda t, u, r, c: ["train", "--set", "model.drop_path_rate=nan"],
-        ["drop_path_rate", "finite"],
-    ),
+    ("search-timeout-nan", _search_case(_search_file, "--timeout", "nan"), ["--timeout"]),
+    ("search-timeout-negative", _search_case(_search_file, "--timeout", "-5"), ["--timeout"]),
+    ("model-drop-rate-nan", _train_set("model.drop_rate=nan"), ["drop_rate"]),
+    ("model-mlp-ratio-inf", _train_set("model.mlp_ratio=inf"), ["mlp_ratio", "finite"]),
+    ("model-drop-path-nan", _train_set("model.drop_path_rate=nan"), ["drop_path_rate", "finite"]),
     (
         "model-inner-mlp-ratio-inf",
-        lambda t, u, r, c: ["train", "--set", "model.inner_mlp_ratio=inf"],
+        _train_set("model.inner_mlp_ratio=inf"),
         ["inner_mlp_ratio", "finite"],
     ),
     (
@@ -864,150 +813,66 @@ ISSUE27_CASES = [
     # --- B: one line, not a traceback
     (
         "storage-parent-is-a-file",
-        lambda t, u, r, c: [
-            "matrix",
-            _matrix_file(t),
-            "--storage",
-            f"{_write(t / 'f', 'x')}/o.journal",
-            "--tracking-uri",
-            u,
-        ],
+        _storage_case("matrix", lambda t, u: f"{_write(t / 'f', 'x')}/o.journal"),
         ["--storage", "cannot write"],
     ),
     (
         "storage-sqlite-parent-is-a-file",
-        lambda t, u, r, c: [
-            "search",
-            _search_file(t),
-            "--storage",
-            f"sqlite:///{_write(t / 'f', 'x')}/o.db",
-            "--tracking-uri",
-            u,
-        ],
+        _storage_case("search", lambda t, u: f"sqlite:///{_write(t / 'f', 'x')}/o.db"),
         ["--storage", "cannot write"],
     ),
     (
         "storage-read-only",
-        lambda t, u, r, c: [
-            "search",
-            _search_file(t),
-            "--storage",
-            _sys_path(),
-            "--tracking-uri",
-            u,
-        ],
+        _storage_case("search", lambda t, u: _sys_path()),
         ["--storage", "/sys/tntbench-test"],
     ),
     (
         "storage-journal-without-path",
-        lambda t, u, r, c: [
-            "search",
-            _search_file(t),
-            "--storage",
-            "journal:",
-            "--tracking-uri",
-            u,
-        ],
+        _storage_case("search", lambda t, u: "journal:"),
         ["--storage", "journal:"],
     ),
     (
         "storage-is-a-folder",
-        lambda t, u, r, c: [
-            "matrix",
-            _matrix_file(t),
-            "--storage",
-            _folder(t / "q.journal"),
-            "--tracking-uri",
-            u,
-        ],
+        _storage_case("matrix", lambda t, u: _folder(t / "q.journal")),
         ["--storage", "q.journal", "folder"],
     ),
     (
         "search-storage-is-the-mlflow-store",
-        lambda t, u, r, c: ["search", _search_file(t), "--storage", u, "--tracking-uri", u],
+        _storage_case("search", lambda t, u: u),
         ["--storage", "MLflow tracking store"],
     ),
     (
         "matrix-storage-is-the-mlflow-store",
-        lambda t, u, r, c: ["matrix", _matrix_file(t), "--storage", u, "--tracking-uri", u],
+        _storage_case("matrix", lambda t, u: u),
         ["--storage", "MLflow tracking store"],
     ),
-    (
-        "train-seed-past-int64",
-        lambda t, u, r, c: ["train", "--set", f"train.seed={2**70}"],
-        ["train.seed", "0.."],
-    ),
-    ("data-seed-negative", lambda t, u, r, c: ["train", "--set", "data.seed=-1"], ["data.seed"]),
-    (
-        "epochs-past-int64",
-        lambda t, u, r, c: ["train", "--set", f"train.epochs={2**64}"],
-        ["train.epochs", "64-bit"],
-    ),
-    (
-        "matrix-seed-out-of-range",
-        lambda t, u, r, c: ["matrix", _matrix_with(t, f"seeds = [{2**40}]"), "--tracking-uri", u],
-        ["matrix.seeds"],
-    ),
+    ("train-seed-past-int64", _train_set(f"train.seed={2**70}"), ["train.seed", "0.."]),
+    ("data-seed-negative", _train_set("data.seed=-1"), ["data.seed"]),
+    ("epochs-past-int64", _train_set(f"train.epochs={2**64}"), ["train.epochs", "64-bit"]),
+    ("matrix-seed-out-of-range", _matrix_case(f"seeds = [{2**40}]"), ["matrix.seeds"]),
     (
         "search-log-range-from-zero",
-        lambda t, u, r, c: [
-            "search",
-            _space(t, '"train.lr" = { low = 0, high = 0.1, log = true }'),
-            "--tracking-uri",
-            u,
-        ],
+        _search_space('"train.lr" = { low = 0, high = 0.1, log = true }'),
         ["search.space.train.lr", "log"],
     ),
     (
         "search-high-inf",
-        lambda t, u, r, c: [
-            "search",
-            _space(t, '"train.lr" = { low = 0.001, high = inf }'),
-            "--tracking-uri",
-            u,
-        ],
+        _search_space('"train.lr" = { low = 0.001, high = inf }'),
         ["search.space.train.lr.high", "finite"],
     ),
     (
         "search-low-above-high",
-        lambda t, u, r, c: [
-            "search",
-            _space(t, '"train.lr" = { low = 0.1, high = 0.01 }'),
-            "--tracking-uri",
-            u,
-        ],
+        _search_space('"train.lr" = { low = 0.1, high = 0.01 }'),
         ["search.space.train.lr", "low"],
     ),
-    (
-        "search-seed-negative",
-        lambda t, u, r, c: [
-            "search",
-            _search_file(t, **{"n_trials = 2": "n_trials = 2\nseed = -1"}),
-            "--tracking-uri",
-            u,
-        ],
-        ["search.seed"],
-    ),
+    ("search-seed-negative", _search_line("seed = -1"), ["search.seed"]),
     (
         "search-tie-to-unsearched-key",
-        lambda t, u, r, c: [
-            "search",
-            _space(t, '"model.inner_dim" = { tie = "model.pixel_size", keep = "pixels_x_dim" }'),
-            "--tracking-uri",
-            u,
-        ],
+        _search_space('"model.inner_dim" = { tie = "model.pixel_size", keep = "pixels_x_dim" }'),
         ["search.space.model.inner_dim", "model.pixel_size"],
     ),
-    (
-        "model-depth-huge",
-        lambda t, u, r, c: ["train", "--set", "model.depth=100000000"],
-        ["depth", "at most"],
-    ),
-    (
-        "model-absurd-size",
-        lambda t, u, r, c: ["train", "--set", "model.embed_dim=60000"],
-        ["parameters"],
-    ),
+    ("model-depth-huge", _train_set("model.depth=100000000"), ["depth", "at most"]),
+    ("model-absurd-size", _train_set("model.embed_dim=60000"), ["parameters"]),
     (
         "models-command-depth-huge",
         lambda t, u, r, c: ["models", "tnt_nano", "--set", "depth=100000000"],
@@ -1214,26 +1079,24 @@ def test_issue27_palette_transparency_becomes_white_not_its_hidden_colour(tmp_pa
     assert (clear == 255).all()
 
 
-def test_issue27_symlink_loop_is_listed_once(tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("links", "images", "note"),
+    [
+        # a/up -> split: back into listed folders; a/up/b is b listed again under class a, once
+        ({"a/up": "..", "b/self": "."}, 6 + 3, "loop"),
+        ({"a/again": ".", "b/again": "."}, 6, "skipped 2 directory links"),
+    ],
+    ids=["loop-listed-once", "link-to-itself-keeps-six"],
+)
+def test_issue27_directory_symlinks_never_loop(links, images, note, tmp_path, capsys):
     from suite.training.data import CheckedImageFolder
 
-    root = _folder_of(tmp_path)
-    os.symlink("..", root / "a" / "up")  # a -> split: back into listed folders
-    os.symlink(".", root / "b" / "self")
+    root = _folder_of(tmp_path)  # 2 classes of 3 images
+    for link, target in links.items():
+        os.symlink(target, root / link)
     ds = CheckedImageFolder(str(root), None, skip_bad=False)
-    assert len(ds) == 6 + 3  # a/up/b is b listed again under class a, once; no loop
-    assert "loop" in capsys.readouterr().err
-
-
-def test_issue27_symlink_to_itself_keeps_six_images(tmp_path, capsys):
-    from suite.training.data import CheckedImageFolder
-
-    root = _folder_of(tmp_path)
-    for c in ("a", "b"):
-        os.symlink(".", root / c / "again")
-    ds = CheckedImageFolder(str(root), None, skip_bad=False)
-    assert len(ds) == 6
-    assert "skipped 2 directory links" in capsys.readouterr().err
+    assert len(ds) == images
+    assert note in capsys.readouterr().err
 
 
 def test_issue27_fifo_and_socket_are_skipped_and_counted(tmp_path, capsys):

@@ -8,12 +8,11 @@ import subprocess
 import sys
 
 import pytest
-from conftest import CHECKOUT, checkout_state
+from conftest import CHECKOUT, checkout_state, tiny_sets
 
 pytestmark = pytest.mark.slow  # a copy of the checkout and three commands in subprocesses
 
-TINY = ["model.name='tnt_nano'", "model.depth=1", "data.train_size=64", "data.val_size=32"]
-TINY += ["train.epochs=1", "train.batch_size=32", "tracking.system_metrics=false"]
+TINY = tiny_sets({"model.name": "tnt_nano", "data.train_size": 64, "data.val_size": 32})
 
 
 def _copy(dst):

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+from conftest import free_port
 
 from suite.models import Attention, create_model
 from suite.models.fastpath import SDPA_MAX_BATCH, sdpa
@@ -277,7 +278,7 @@ def test_torchrun_two_gpus_nccl_log_one_run(tmp_path):
         "--nproc_per_node",
         "2",
         "--master_port",
-        "29547",
+        str(free_port()),  # the OS picks it: parallel runs never share a rendezvous
         "-m",
         "suite",
         "train",

@@ -20,7 +20,14 @@ import torch
 
 mlflow = pytest.importorskip("mlflow")
 optuna = pytest.importorskip("optuna")
-from conftest import Evil  # noqa: E402
+from conftest import (  # noqa: E402
+    Evil,
+    answers,
+    free_port,
+    kill_group,
+    tiny_toml,
+    wait_until_answers,
+)
 from optuna.trial import TrialState  # noqa: E402
 
 from suite.cli import main  # noqa: E402
@@ -102,6 +109,7 @@ def train_into_epoch_2(tmp_path: Path, stderr=subprocess.DEVNULL):
         uri,
         *sets("train.epochs=4", f"train.out_dir='{tmp_path}/r'"),
     ]
+    assert runs(uri) == []  # the store made before the command: polling it races no creation
     proc = start(argv, tmp_path, stderr)
     try:
         run = wait_for(lambda: runs(uri), 120, "the run to start", proc)[0]
@@ -147,34 +155,25 @@ def test_sigterm_train_mid_epoch_ends_the_run_killed_then_resume(tmp_path):
     assert epochs_logged(uri, run.info.run_id) == [1, 2, 3, 4]  # each epoch once
 
 
-MATRIX = """
-# Question: none (a fault test). Run: tests/test_faults.py
-[matrix]
-name = "faults"
-models = ["tnt_nano", "vit_nano"]
-seeds = [0]
-[model]
-depth = 1
-[data]
-train_size = 384
-val_size = 64
-[train]
-epochs = 3
-batch_size = 32
-amp = "fp32"
-device = "cpu"
-out_dir = "{tmp}/r"
-[tracking]
-system_metrics = false
-log_every = 4
-"""
+# the tiny run, longer (384 images, 3 epochs: time to kill a cell mid-run), on the CPU
+LONGER = {"data.train_size": 384, "train.epochs": 3, "train.amp": "fp32", "train.device": "cpu"}
+
+
+def matrix_toml(tmp: Path) -> str:
+    """Two one-seed cells of the longer tiny run, checkpoints under ``tmp``."""
+    return (
+        "# Question: none (a fault test). Run: tests/test_faults.py\n"
+        '[matrix]\nname = "faults"\nmodels = ["tnt_nano", "vit_nano"]\nseeds = [0]\n'
+        + tiny_toml({**LONGER, "train.out_dir": f"{tmp}/r", "tracking.log_every": 4})
+    )
 
 
 def test_kill9_matrix_mid_cell_then_rerun_resumes_the_cell(tmp_path):
     uri = f"sqlite:///{tmp_path}/m.db"
     cfg = tmp_path / "m.toml"
-    cfg.write_text(MATRIX.format(tmp=tmp_path))
+    cfg.write_text(matrix_toml(tmp_path))
     argv = ["matrix", str(cfg), "--tracking-uri", uri, "--no-progress"]
+    assert runs(uri) == []  # the store made before the command: polling it races no creation
     proc = start(argv, tmp_path)
 
     def a_cell_with_a_checkpoint():
@@ -205,10 +204,11 @@ def test_sigterm_matrix_with_two_workers_leaves_nothing_running_then_rerun_finis
     finishes every cell exactly once."""
     uri = f"sqlite:///{tmp_path}/m.db"
     cfg = tmp_path / "m.toml"
-    cfg.write_text(MATRIX.format(tmp=tmp_path))
+    cfg.write_text(matrix_toml(tmp_path))
     # epochs long enough (a few seconds each) that both cells are seen running together
     longer = ["--set", "data.train_size=1024"]
     argv = ["matrix", str(cfg), "--tracking-uri", uri, "--no-progress", "--workers", "2", *longer]
+    assert runs(uri) == []  # the store made before the command: polling it races no creation
     proc = start(argv, tmp_path, stderr=subprocess.PIPE)
     try:
         wait_for(
@@ -244,32 +244,15 @@ def test_sigterm_matrix_with_two_workers_leaves_nothing_running_then_rerun_finis
     assert not runs(uri, "attributes.status = 'RUNNING'")
 
 
-SEARCH = """
-[search]
-study = "k"
-sampler = "random"
-pruner = "none"
-n_trials = 4
-heartbeat_interval = 1
-grace_period = 3
-[search.space]
-"train.lr" = {{ low = 1e-4, high = 1e-3, log = true }}
-[model]
-name = "tnt_nano"
-depth = 1
-[data]
-train_size = 256
-val_size = 64
-[train]
-epochs = {epochs}
-batch_size = 32
-amp = "fp32"
-device = "cpu"
-out_dir = "{tmp}/r"
-[tracking]
-experiment = "k"
-system_metrics = false
-"""
+def search_toml(tmp: Path, epochs: int) -> str:
+    """A 4-trial random search of the longer tiny run (256 images), heartbeats every second."""
+    run = {**LONGER, "model.name": "tnt_nano", "data.train_size": 256, "train.epochs": epochs}
+    return (
+        '[search]\nstudy = "k"\nsampler = "random"\npruner = "none"\nn_trials = 4\n'
+        "heartbeat_interval = 1\ngrace_period = 3\n[search.space]\n"
+        '"train.lr" = { low = 1e-4, high = 1e-3, log = true }\n'
+        + tiny_toml({**run, "train.out_dir": f"{tmp}/r", "tracking.experiment": "k"})
+    )
 
 
 def open_storage(storage: str):
@@ -283,7 +266,7 @@ def open_storage(storage: str):
 def _kill_one_of_two_workers(tmp_path, storage):
     uri = f"sqlite:///{tmp_path}/m.db"
     cfg = tmp_path / "s.toml"
-    cfg.write_text(SEARCH.format(tmp=tmp_path, epochs=3))
+    cfg.write_text(search_toml(tmp_path, 3))
     cmd = [
         sys.executable,
         "-m",
@@ -532,7 +515,7 @@ def one_line_terminated(proc: subprocess.Popen, err: str) -> None:
 def torchrun_argv(tmp_path: Path) -> tuple[str, list[str]]:
     uri = f"sqlite:///{tmp_path}/m.db"
     cfg = tmp_path / "m.toml"
-    cfg.write_text(MATRIX.format(tmp=tmp_path))
+    cfg.write_text(matrix_toml(tmp_path))
     argv = ["matrix", str(cfg), "--tracking-uri", uri, "--no-progress", "--gpus-per-cell", "2"]
     assert runs(uri) == []  # the store made before the command: polling it races no creation
     return uri, [*argv, "--set", "matrix.models=['tnt_nano']", "--set", "data.train_size=1024"]
@@ -635,95 +618,43 @@ def _alive(p: psutil.Process) -> bool:
         return False
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def answers(url: str) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
-def start_server(tmp_path: Path, port: int) -> subprocess.Popen:
-    """A loopback ``mlflow server`` on ``port`` (its own session, to be killed whole) with an
-    SQLite store and artifacts in ``tmp_path``, waited for until it answers."""
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
-    cmd += ["--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--workers", "1"]
-    cmd += ["--artifacts-destination", str(tmp_path / "artifacts")]
-    proc = subprocess.Popen(
-        cmd,
-        env=ENV,
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        wait_for(lambda: answers(f"http://127.0.0.1:{port}"), 120, "the MLflow server", proc)
-    except BaseException:
-        kill_group(proc)
-        raise
-    return proc
-
-
-def kill_group(proc: subprocess.Popen) -> None:
-    from contextlib import suppress
-
-    with suppress(ProcessLookupError):  # the whole group is gone already
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-
-
-def test_tracking_server_killed_mid_training_one_line_then_resume(tmp_path):
+def test_tracking_server_killed_mid_training_one_line_then_resume(tmp_path, start_mlflow):
     """The MLflow server dies in epoch 2: within seconds one line naming the server and the
     run, exit 2, the checkpoint kept; with the server back, --resume finishes the same run,
     each epoch logged once."""
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    server = start_server(tmp_path, port)
+    port = free_port()  # the restarted server takes it again: the run's URL answers again
+    server, uri = start_mlflow(port=port, env=ENV)
+    argv = ["train", "--tracking-uri", uri]
+    argv += sets("train.epochs=5", "data.train_size=1024", f"train.out_dir='{tmp_path}/r'")
+    proc = start(argv, tmp_path, stderr=subprocess.PIPE)
     try:
-        argv = ["train", "--tracking-uri", uri]
-        argv += sets("train.epochs=5", "data.train_size=1024", f"train.out_dir='{tmp_path}/r'")
-        proc = start(argv, tmp_path, stderr=subprocess.PIPE)
-        try:
-            run = wait_for(lambda: runs(uri), 120, "the run to start", proc)[0]
-            tag = lambda: runs(uri)[0].data.tags.get("checkpoint_dir")  # noqa: E731
-            folder = Path(wait_for(tag, 60, "tags", proc))
-            wait_for(lambda: checkpoint_epoch(folder) >= 1, 120, "epoch 1's checkpoint", proc)
-            kill_group(server)
-            t0 = time.monotonic()
-            _, err = proc.communicate(timeout=300)
-            took = time.monotonic() - t0
-        finally:
-            if proc.poll() is None:
-                kill9(proc)
-        print(f"server killed -> one-line error in {took:.1f} s")
-        assert proc.returncode == 2, err[-3000:]
-        assert "Traceback" not in err, err[-3000:]
-        last = err.strip().splitlines()[-1]
-        assert last.startswith(f"tntbench train: error: tracking server {uri} unreachable"), err
-        assert run.info.run_id in last
-        assert sum("error" in line for line in err.splitlines()) == 1, err[-3000:]
-        assert took < 30
-        done = checkpoint_epoch(folder)
-        assert 1 <= done < 5  # kept, and the run was cut short
-        server = start_server(tmp_path, port)
-        assert mlflow.MlflowClient(uri).get_run(run.info.run_id).info.status == "RUNNING"
-        assert main([*argv, "--resume", run.info.run_id]) == 0
-        (after,) = runs(uri)
-        assert after.info.run_id == run.info.run_id and after.info.status == "FINISHED"
-        assert epochs_logged(uri, run.info.run_id) == [1, 2, 3, 4, 5]  # each epoch once
-    finally:
+        run = wait_for(lambda: runs(uri), 120, "the run to start", proc)[0]
+        tag = lambda: runs(uri)[0].data.tags.get("checkpoint_dir")  # noqa: E731
+        folder = Path(wait_for(tag, 60, "tags", proc))
+        wait_for(lambda: checkpoint_epoch(folder) >= 1, 120, "epoch 1's checkpoint", proc)
         kill_group(server)
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=300)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            kill9(proc)
+    print(f"server killed -> one-line error in {took:.1f} s")
+    assert proc.returncode == 2, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"tntbench train: error: tracking server {uri} unreachable"), err
+    assert run.info.run_id in last
+    assert sum("error" in line for line in err.splitlines()) == 1, err[-3000:]
+    assert took < 30
+    done = checkpoint_epoch(folder)
+    assert 1 <= done < 5  # kept, and the run was cut short
+    start_mlflow(port=port, env=ENV)  # the same URL again
+    assert mlflow.MlflowClient(uri).get_run(run.info.run_id).info.status == "RUNNING"
+    assert main([*argv, "--resume", run.info.run_id]) == 0
+    (after,) = runs(uri)
+    assert after.info.run_id == run.info.run_id and after.info.status == "FINISHED"
+    assert epochs_logged(uri, run.info.run_id) == [1, 2, 3, 4, 5]  # each epoch once
 
 
 FSIZE_CREATE = """
@@ -814,7 +745,7 @@ def test_kill9_ui_leaves_no_server_serving(tmp_path):
     proc = start(["ui", "--tracking-uri", uri, "--port", str(port)], tmp_path)
     seen: dict[int, psutil.Process] = {}
     try:
-        wait_for(lambda: answers(f"http://127.0.0.1:{port}"), 180, "the UI to answer", proc)
+        wait_until_answers(f"http://127.0.0.1:{port}", proc, timeout=180)
         watch_tree(proc, seen)
         assert len(seen) >= 2  # the guard and mlflow server (and its uvicorn)
     finally:
@@ -926,7 +857,7 @@ def test_postgres_queue_lost_mid_cell_one_line_then_rerun_finishes(tmp_path, pg_
     storage = real.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
     uri = f"sqlite:///{tmp_path}/m.db"
     cfg = tmp_path / "m.toml"
-    cfg.write_text(MATRIX.format(tmp=tmp_path))
+    cfg.write_text(matrix_toml(tmp_path))
     argv = ["matrix", str(cfg), "--tracking-uri", uri, "--no-progress", "--workers", "2"]
     argv += ["--storage", storage, "--set", "data.train_size=1024"]
     assert runs(uri) == []  # the store made before the command: polling it races no creation

@@ -4,6 +4,7 @@ tests/test_demo.py)."""
 from pathlib import Path
 
 import pytest
+from conftest import tiny_sets
 
 from suite.cli import main
 from suite.config import from_dict, load_config
@@ -12,14 +13,7 @@ from suite.studies.matrix import expand, run_matrix
 from suite.tracking import make_tracker
 
 EXPERIMENTS = sorted((Path(__file__).parent.parent / "experiments").glob("*.toml"))
-TINY = [
-    "data.train_size=128",
-    "data.val_size=64",
-    "train.epochs=1",
-    "train.batch_size=32",
-    "tracking.system_metrics=false",
-    "model.depth=1",
-]
+TINY = tiny_sets()
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)

@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,6 +18,7 @@ import pytest
 
 mlflow = pytest.importorskip("mlflow")
 optuna = pytest.importorskip("optuna")
+from conftest import tiny_toml  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
 from suite.cli import main  # noqa: E402
@@ -28,35 +27,22 @@ from suite.studies.storage import open_storage  # noqa: E402
 from suite.studies.workers import worker_env  # noqa: E402
 from suite.tracking import make_tracker  # noqa: E402
 
-MATRIX = """
-# Question: none (a queue test). Run: tests/test_matrix_queue.py
-[matrix]
-name = "{name}"
-models = {models}
-seeds = {seeds}
-[model]
-depth = 1
-[data]
-train_size = {train_size}
-val_size = 64
-[train]
-epochs = {epochs}
-batch_size = 32
-amp = "fp32"
-device = "cpu"
-out_dir = "{tmp}/r"
-[tracking]
-system_metrics = false
-log_every = 4
-"""
 SIX = dict(models='["tnt_nano", "vit_nano", "deit_nano"]', seeds="[0, 1]")
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
-def write_matrix(tmp_path: Path, name: str = "q", **kw) -> Path:
-    opts = {**SIX, "train_size": 128, "epochs": 1, **kw}
+def write_matrix(tmp_path: Path, name: str = "q", train_size: int = 128, epochs: int = 1, **kw):
+    """The matrix ``name`` of the tiny run on the CPU (``models``, ``seeds``: TOML arrays;
+    SIX by default), checkpoints under ``tmp_path``; its path."""
+    opts = {**SIX, **kw}
+    run = {"data.train_size": train_size, "train.epochs": epochs, "train.amp": "fp32"}
+    run |= {"train.device": "cpu", "train.out_dir": f"{tmp_path}/r", "tracking.log_every": 4}
     p = tmp_path / f"{name}.toml"
-    p.write_text(MATRIX.format(name=name, tmp=tmp_path, **opts))
+    p.write_text(
+        "# Question: none (a queue test). Run: tests/test_matrix_queue.py\n"
+        f'[matrix]\nname = "{name}"\nmodels = {opts["models"]}\nseeds = {opts["seeds"]}\n'
+        + tiny_toml(run)
+    )
     return p
 
 
@@ -180,53 +166,11 @@ def test_two_workers_on_postgres_match_one_worker(tmp_path, pg_databases):
     assert_each_cell_once(uri, storage, 6)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def mlflow_server(tmp_path, pg_databases):
-    """An MLflow tracking server on loopback with a PostgreSQL backend, as a team runs one."""
-    port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--backend-store-uri",
-        pg_databases(),
-        "--artifacts-destination",
-        str(tmp_path / "artifacts"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail("the MLflow server did not start within 120 s")
-        time.sleep(0.5)
-    try:
-        yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+def mlflow_server(pg_databases, start_mlflow):
+    """An MLflow tracking server on loopback with a PostgreSQL backend, as a team runs one
+    (start_mlflow after pg_databases: the server is killed before its database is dropped)."""
+    return start_mlflow(pg_databases())[1]
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ import time
 import urllib.request
 
 import pytest
+from conftest import tiny_sets
 
 from suite.cli import main
 from suite.outputs.report import Report, build_report, mlflow_counts, run_link
@@ -22,14 +23,7 @@ from suite.studies.matrix import run_matrix
 from suite.studies.search import format_search, run_search
 from suite.tracking import make_tracker
 
-TINY = [
-    "data.train_size=128",
-    "data.val_size=64",
-    "train.epochs=2",
-    "train.batch_size=32",
-    "tracking.system_metrics=false",
-    "model.depth=1",
-]
+TINY = tiny_sets({"train.epochs": 2})
 
 
 @pytest.fixture(scope="module")

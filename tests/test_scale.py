@@ -7,6 +7,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from conftest import tiny_sets
 
 from suite.tracking import make_tracker, refresh_statistics, select_runs
 
@@ -144,15 +145,9 @@ def test_report_reads_the_store_once(tmp_path, monkeypatch):
     assert calls == {"runs": 1, "history": 0, "bulk": 1}  # one experiment: one read
 
 
-TINY_TRAIN = [
-    "data.train_size=64",
-    "data.val_size=32",
-    "train.batch_size=32",
-    "train.epochs=2",
-    "train.amp='fp32'",
-    "model.depth=1",
-    "tracking.system_metrics=false",
-]
+TINY_TRAIN = tiny_sets(
+    {"data.train_size": 64, "data.val_size": 32, "train.epochs": 2, "train.amp": "fp32"}
+)
 
 
 def _inodes(*folders):

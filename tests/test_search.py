@@ -11,32 +11,18 @@ import time
 import pytest
 
 optuna = pytest.importorskip("optuna")
+from conftest import tiny_toml  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
 from suite.studies.search import run_search  # noqa: E402
 
-TINY = """
-[model]
-name = "tnt_nano"
-depth = 1
-[data]
-train_size = 128
-val_size = 64
-[train]
-epochs = {epochs}
-batch_size = 32
-lr = 1e-3
-amp = "fp32"
-out_dir = "{tmp}/runs"
-[tracking]
-experiment = "s"
-system_metrics = false
-"""
-
 
 def write(tmp_path, search, epochs=1):
+    """``search`` (its [search] tables) and the tiny run, ``epochs`` epochs, as s.toml."""
+    run = {"model.name": "tnt_nano", "train.epochs": epochs, "train.lr": 1e-3}
+    run |= {"train.amp": "fp32", "train.out_dir": f"{tmp_path}/runs", "tracking.experiment": "s"}
     p = tmp_path / "s.toml"
-    p.write_text(search + TINY.format(epochs=epochs, tmp=tmp_path))
+    p.write_text(search + tiny_toml(run))
     return p
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import Evil
+from conftest import Evil, tiny_toml
 
 from suite.cli import main
 from suite.config import DataConfig
@@ -32,23 +32,11 @@ mlflow = pytest.importorskip("mlflow")
 optuna = pytest.importorskip("optuna")
 
 
-TINY = """
-[model]
-name = "tnt_nano"
-depth = 1
-[data]
-train_size = 64
-val_size = 32
-[train]
-epochs = 1
-batch_size = 32
-amp = "fp32"
-device = "cpu"
-out_dir = "{tmp}/runs"
-[tracking]
-experiment = "{exp}"
-system_metrics = false
-"""
+def tiny_config(tmp: Path, exp: str) -> str:
+    """The tiny run's config file (TOML), checkpoints under ``tmp``, in experiment ``exp``."""
+    run = {"model.name": "tnt_nano", "data.train_size": 64, "data.val_size": 32}
+    run |= {"train.amp": "fp32", "train.device": "cpu", "train.out_dir": f"{tmp}/runs"}
+    return tiny_toml({**run, "tracking.experiment": exp})
 
 
 # stderr lines that are not the error: warnings and progress lines
@@ -185,7 +173,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("trained")
     uri = f"sqlite:///{root}/m.db"
     cfg = root / "c.toml"
-    cfg.write_text(TINY.format(tmp=root, exp="t"))
+    cfg.write_text(tiny_config(root, "t"))
     assert main(["train", str(cfg), "--tracking-uri", uri]) == 0
     (run,) = mlflow.MlflowClient(uri).search_runs(["1"])
     return uri, run.info.run_id, Path(run.data.tags["checkpoint_dir"])
@@ -294,7 +282,7 @@ def test_unreachable_storage_password_is_never_printed_or_stored(tmp_path, capsy
     cfg = tmp_path / "s.toml"
     space = '[search]\nstudy = "p"\nn_trials = 1\n[search.space]\n'
     space += '"model.inner_heads" = { choices = [1, 2] }\n'
-    cfg.write_text(space + TINY.format(tmp=tmp_path, exp="p"))
+    cfg.write_text(space + tiny_config(tmp_path, "p"))
     url = "postgresql+psycopg://bench:Sup3rSecretPw@127.0.0.1:9/none?connect_timeout=2"
     code = main(
         ["search", str(cfg), "--tracking-uri", f"sqlite:///{tmp_path}/m.db", "--storage", url]
@@ -316,7 +304,7 @@ def test_postgres_storage_password_is_not_in_the_store(tmp_path, pg_storage_url,
     cfg = tmp_path / "s.toml"
     space = '[search]\nstudy = "p"\nn_trials = 2\n[search.space]\n'
     space += '"model.inner_heads" = { choices = [1, 2] }\n'
-    cfg.write_text(space + TINY.format(tmp=tmp_path, exp="p"))
+    cfg.write_text(space + tiny_config(tmp_path, "p"))
     store = tmp_path / "store"
     store.mkdir()
     uri = f"sqlite:///{store}/m.db"
@@ -361,7 +349,7 @@ def searched(tmp_path):
     cfg = tmp_path / "s.toml"
     space = '[search]\nstudy = "r"\nn_trials = 2\n[search.space]\n'
     space += '"model.inner_heads" = { choices = [1, 2] }\n'
-    cfg.write_text(space + TINY.format(tmp=tmp_path, exp="r"))
+    cfg.write_text(space + tiny_config(tmp_path, "r"))
     uri = f"sqlite:///{tmp_path}/m.db"
     storage = tmp_path / "optuna.db"
     assert (

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from conftest import free_port
 
 from suite.config import DistillConfig, load_config
 from suite.tracking import Tracker, make_tracker
@@ -205,7 +206,7 @@ def test_torchrun_two_cpu_processes_log_one_run(tmp_path):
         "--nproc_per_node",
         "2",
         "--master_port",
-        "29533",
+        str(free_port()),  # the OS picks it: parallel runs never share a rendezvous
         "-m",
         "suite",
         "train",

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import tiny_sets
 from PIL import Image
 
 from suite.cli import main
@@ -12,15 +13,7 @@ from suite.outputs.viz import extract, parse_layers, pixel_map, spread
 from suite.tracking import make_tracker
 from suite.training.fit import fit
 
-TINY = [
-    "data.train_size=192",
-    "data.val_size=64",
-    "train.epochs=2",
-    "train.batch_size=32",
-    "tracking.system_metrics=false",
-    "model.depth=2",
-    "train.lr=2e-3",
-]
+TINY = tiny_sets({"data.train_size": 192, "train.epochs": 2, "model.depth": 2, "train.lr": 2e-3})
 
 
 def test_pixel_map_layout_at_first_block_input():
