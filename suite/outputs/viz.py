@@ -133,25 +133,21 @@ def spread(features: Tensor) -> dict[str, float]:
 def load_run(tracker: Tracker, run_id: str, device: torch.device) -> VizRun:
     """The model of a run's best (else last) checkpoint, with its dataset's validation split."""
     from suite.config import from_dict
-    from suite.models import create_model, model_img_size
-    from suite.training.checkpoint import load_weights, model_state
+    from suite.models import model_img_size
+    from suite.training.checkpoint import checkpoint_model
     from suite.training.data import build_datasets
 
     ckpt, ckpt_path = _checkpoint(tracker, run_id)
     try:
         raw = tomllib.loads(ckpt["config_toml"])
-        name, kwargs = str(ckpt["model_name"]), dict(ckpt["model_kwargs"])
+        name = str(ckpt["model_name"])
     except (KeyError, TypeError, ValueError, tomllib.TOMLDecodeError) as e:
         raise UserError(
             f"checkpoint {ckpt_path}: not a tntbench training checkpoint ({e})"
         ) from None
     cfg = from_dict(raw, source=str(ckpt_path), check_paths=False)
     check_model_config(cfg.model.name, cfg.model.overrides)
-    try:
-        model = create_model(name, **kwargs)
-    except (ValueError, TypeError) as e:
-        raise UserError(f"checkpoint {ckpt_path}: {e}") from None
-    load_weights(model, model_state(ckpt, ckpt_path), ckpt_path)
+    model = checkpoint_model(ckpt, ckpt_path, name)
     model.to(device).eval()
     _, val, info = build_datasets(cfg.data, model_img_size(cfg.model.name, cfg.model.overrides))
     label = f"{ckpt['model_name']} {run_id[:8]}"

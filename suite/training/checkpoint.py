@@ -98,6 +98,27 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path: s
         raise UserError(f"checkpoint {path} does not fit the model: {detail[:300]}") from None
 
 
+def checkpoint_model(ckpt: dict[str, Any], path: str | Path, name: str | None = None) -> Any:
+    """The model a training checkpoint describes (its one description: ``model_name`` and
+    ``model_kwargs``, written by ``fit.checkpoint_meta``) with the checkpoint's weights, on the
+    CPU in eval mode; what viz and a distillation teacher both load. ``name``: a model named
+    by the user instead (a bare state dict has none; another name's kwargs are not used)."""
+    from suite.models import create_model
+
+    name = name or ckpt.get("model_name")
+    if not isinstance(name, str) or not name:
+        raise UserError(f"checkpoint {path}: it does not name its model")
+    kwargs = ckpt.get("model_kwargs", {}) if ckpt.get("model_name", name) == name else {}
+    if not isinstance(kwargs, dict):
+        raise UserError(f"checkpoint {path}: model_kwargs is not a table of knobs")
+    try:
+        model = create_model(name, **kwargs)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"checkpoint {path}: {e}") from None
+    load_weights(model, model_state(ckpt, path), path)
+    return model.eval()
+
+
 # What a FINISHED run keeps (``train.keep_checkpoints``). A running or interrupted run always
 # has its ``last.pt`` (everything ``--resume`` needs); once FINISHED nothing resumes it, and the
 # optimizer's moments (AdamW: 2 x the weights) are dead weight in every cell of a study.

@@ -44,9 +44,8 @@ from suite.tracking import Run, Tracker, environment_tags, flatten, make_tracker
 from suite.training.checkpoint import (
     KEEP_CHECKPOINTS,
     Checkpointer,
+    checkpoint_model,
     load_checkpoint,
-    load_weights,
-    model_state,
 )
 from suite.training.data import DataInfo, build_datasets
 from suite.training.engine import (
@@ -645,15 +644,12 @@ def load_teacher(cfg: Config, device: torch.device, tracker: Tracker) -> nn.Modu
     else:
         path = Path(k.teacher)
         ckpt = load_checkpoint(path)
-    name = k.teacher_model or ckpt.get("model_name")
-    if not isinstance(name, str) or not name:
+    if not (k.teacher_model or ckpt.get("model_name")):
         raise UserError(f"distill.teacher_model: required, {path} does not name its model")
-    kwargs = ckpt.get("model_kwargs", {}) if ckpt.get("model_name", name) == name else {}
     try:
-        teacher = create_model(name, **(kwargs if isinstance(kwargs, dict) else {}))
-    except (ValueError, TypeError) as e:
-        raise UserError(f"distill.teacher {path}: {e}") from None
-    load_weights(teacher, model_state(ckpt, path), path)
+        teacher = checkpoint_model(ckpt, path, k.teacher_model)
+    except UserError as e:
+        raise UserError(f"distill.teacher: {e}") from None
     teacher.to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
