@@ -103,3 +103,40 @@ def test_readme_and_docs_link_only_to_files_that_exist():
     for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", page.read_text()):
             assert (page.parent / target).is_file(), f"{page.name} links to {target}"
+
+
+# --set for each example that trains, so the whole table runs in about a minute: smaller data
+# and fewer trials, the same commands and files
+SHRINK = {
+    "train": ["data.train_size=256", "data.val_size=64"],
+    "search": ["search.n_trials=2", "data.train_size=128", "data.val_size=64", "train.epochs=1"],
+}
+
+
+@pytest.mark.slow
+def test_readme_command_table_examples_run(tmp_path, monkeypatch, capsys):
+    """Every example of the README's command table runs in a fresh folder and exits 0, in the
+    table's order (`viz`'s RUN_IDs are two `train` runs; `ui` is served in test_ui.py). Only
+    shrunk by SHRINK's --set where it trains."""
+    rows = re.findall(
+        r"^\| `([a-z]+)` \|[^|]*\| `tntbench ([^`]*)` \|$", (ROOT / "README.md").read_text(), re.M
+    )
+    monkeypatch.chdir(tmp_path)  # the default store and reports/smoke land here
+    train_runs: list[str] = []
+    for name, example in rows:
+        if name in ("demo", "ui"):  # test_demo.py and test_ui.py run these two
+            continue
+        argv = [str(ROOT / w) if w.startswith("experiments/") else w for w in shlex.split(example)]
+        argv += [a for s in SHRINK.get(name, []) for a in ("--set", s)]
+        for seed in (0, 1) if name == "train" else (None,):
+            extra = ["--set", f"train.seed={seed}"] if seed is not None else []
+            if name == "viz":
+                argv = ["viz", *train_runs, *argv[3:], "--out", str(tmp_path / "viz")]
+            assert main(argv + extra) == 0, (example, capsys.readouterr().err[-2000:])
+            out = capsys.readouterr().out
+            if name == "train":
+                train_runs += re.findall(r"^run ([0-9a-f]{32}) ", out, re.M)
+        if name == "train":
+            assert len(train_runs) == 2, "train printed no run id"
+    assert (tmp_path / "reports" / "smoke").is_dir()
+    assert {p.suffix for p in (tmp_path / "viz").iterdir()} == {".png"}
