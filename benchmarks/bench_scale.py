@@ -170,7 +170,7 @@ def build_store(tmp: Path, template: Path, n: int) -> tuple[str, Path, Path]:
     dst = sqlite3.connect(db)
     src.backup(dst)
     src.close()
-    _, _, cells = expand(m, TINY)
+    cells = expand(m, TINY).cells
     rng = random.Random(n)
     with dst:
         (cell,) = _run_ids(dst, "cell")

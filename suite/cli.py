@@ -159,7 +159,7 @@ def _matrix_dry_run(args: argparse.Namespace) -> int:
     """--dry-run: the matrix's cells."""
     from suite.studies.matrix import cells_table, expand
 
-    name, _, cells = expand(args.config, args.set)
+    name, _, cells, _ = expand(args.config, args.set)
     print(f"matrix {name}: {len(cells)} cells")
     print(cells_table(cells).to_string(index=False))
     return 0

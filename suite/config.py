@@ -385,6 +385,10 @@ def to_toml(d: dict[str, dict[str, Any]]) -> str:
 # checked like the run sections; suite.studies runs them.
 
 MATRIX_AXES = ("name", "models", "datasets", "seeds")  # the [matrix] keys that are not dotted
+MATRIX_SETTINGS = ("max_retry",)  # nor these: settings of the matrix, not axes
+# a cell or trial whose worker dies is queued again this many times in a row at most
+# ([matrix] and [search] max_retry): then it is given up (it kills every worker that runs it)
+MAX_RETRY = 2
 
 
 @dataclass(frozen=True)
@@ -393,6 +397,7 @@ class MatrixConfig:
 
     name: str
     axes: tuple[tuple[dict[str, Any], ...], ...]
+    max_retry: int = MAX_RETRY
 
 
 def parse_matrix(raw: dict[str, Any], source: str) -> MatrixConfig:
@@ -414,12 +419,15 @@ def parse_matrix(raw: dict[str, Any], source: str) -> MatrixConfig:
     axes.append([{"train.seed": s} for s in seeds])
     keys = ["models", "datasets", "seeds"]
     for key, values in m.items():
-        if key not in MATRIX_AXES:
+        if key not in MATRIX_AXES + MATRIX_SETTINGS:
             axes.append(_dotted_axis(key, values, source))
             keys.append(key)
     for key, axis in zip(keys, axes, strict=True):
         _check_axis(key, axis, source)
-    return MatrixConfig(name, tuple(tuple(a) for a in axes))
+    max_retry = m.get("max_retry", MAX_RETRY)
+    if type(max_retry) is not int or not 0 <= max_retry <= 100:
+        raise UserError(f"{source}: matrix.max_retry = {max_retry!r}: an integer in 0..100")
+    return MatrixConfig(name, tuple(tuple(a) for a in axes), max_retry)
 
 
 # the keys that the named axes set: a dotted axis (or a tied table) setting one of them would
@@ -534,7 +542,7 @@ class SearchConfig:
     gmacs_budget: float = 0.0  # > 0: constraint GMACs <= budget (trial.set_constraint)
     heartbeat_interval: int = 10  # s, RDB storages: a silent worker's trial is re-queued
     grace_period: int = 30
-    max_retry: int = 2
+    max_retry: int = MAX_RETRY
     space: dict[str, Choices | Range | Tie] = field(default_factory=dict)
 
 

@@ -115,3 +115,18 @@ def test_config_checks_values_and_the_model_its_knobs():
     with pytest.raises(UserError, match=r"^model: unknown knob 'foo'"):
         check_model_config(cfg.model.name, cfg.model.overrides)
     check_model_config("tnt_nano", {"inner_heads": 2})  # a buildable one passes
+
+
+def test_matrix_max_retry_is_a_setting_not_an_axis(tmp_path):
+    """[matrix] max_retry sets the workers' retry limit (default config.MAX_RETRY, as the
+    search's); it makes no axis, and a bad value is one line naming it."""
+    from suite.config import MAX_RETRY, parse_matrix
+
+    base = {"models": ["tnt_nano"], "seeds": [0, 1]}
+    m = parse_matrix({"matrix": base}, "m.toml")
+    assert m.max_retry == MAX_RETRY and len(m.axes) == 3
+    m = parse_matrix({"matrix": {**base, "max_retry": 0}}, "m.toml")
+    assert m.max_retry == 0 and len(m.axes) == 3
+    for bad in (-1, 1.5, "2", True):
+        with pytest.raises(UserError, match="matrix.max_retry"):
+            parse_matrix({"matrix": {**base, "max_retry": bad}}, "m.toml")

@@ -23,7 +23,7 @@ def test_every_experiment_config_loads_and_states_its_question(path):
     assert any("Run:" in line for line in head), "the command that runs it"
     text = path.read_text()
     if "[matrix]" in text:
-        name, _, cells = expand(path)
+        name, _, cells, _ = expand(path)
         assert cells
         for c in cells:  # every cell is a valid config
             cfg = from_dict(c.raw, f"{path.name} cell {c.index}", check_paths=False)
@@ -41,7 +41,7 @@ def test_expand_product_and_tied_keys(tmp_path):
         'pix = [{"model.pixel_size" = 2, "model.inner_dim" = 12}, '
         '{"model.pixel_size" = 4, "model.inner_dim" = 48}]\n'
     )
-    name, _, cells = expand(p)
+    name, _, cells, _ = expand(p)
     assert name == "t" and len(cells) == 2 * 3 * 2
     pairs = {(c.overrides["model.pixel_size"], c.overrides["model.inner_dim"]) for c in cells}
     assert pairs == {(2, 12), (4, 48)}  # tied, not crossed

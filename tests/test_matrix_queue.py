@@ -255,7 +255,7 @@ def test_status_shows_todo_running_and_finished(tmp_path, capsys):
     # a worker (this process) holds one cell: running, with its host:pid
     from suite.studies.matrix import expand
 
-    _, _, cells = expand(cfg)
+    cells = expand(cfg).cells
     queue = MatrixQueue(storage, "q")
     queue.enqueue([(c.index, c.digest) for c in cells], set())
     popped = queue.pop()
@@ -303,3 +303,34 @@ def test_a_cpu_matrix_on_a_gpu_machine_splits_only_the_cores(monkeypatch):
     assert worker_env(0, 1, 0, cuda=True)["CUDA_VISIBLE_DEVICES"] == "0"
     with pytest.raises(UserError, match="needs 2 GPUs; this machine has 1"):
         worker_env(0, 2, 0, cuda=True)
+
+
+@pytest.mark.parametrize("max_retry", [0, 1, 2])
+def test_a_dead_workers_trial_comes_back_at_most_max_retry_times(tmp_path, max_retry):
+    """reap_dead_workers (the matrix's and the search's one handler): a RUNNING trial whose
+    worker's process is gone is failed and queued again with its parameters, ``retries``
+    counting up, until it has come back ``max_retry`` times in a row."""
+    import platform
+
+    from suite.studies.storage import reap_dead_workers
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that was this host's and is gone
+    storage = open_storage(str(tmp_path / "q.journal"), 2, 10, max_retry)
+    study = optuna.create_study(storage=storage)
+    study.enqueue_trial({"x": 1.0})
+    comebacks = 0
+    for _ in range(max_retry + 2):
+        trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 2)})
+        assert trial.params == {"x": 1.0}  # the queued parameters, not a new sample
+        study._storage.set_trial_user_attr(
+            trial._trial_id, "worker", f"{platform.node()}:{dead.pid}"
+        )
+        assert reap_dead_workers(study, max_retry, lambda t: (t.params, {})) == [trial.number]
+        waiting = study.get_trials(states=(TrialState.WAITING,))
+        if not waiting:
+            break
+        comebacks += 1
+        assert waiting[0].user_attrs == {"retry_of": trial.number, "retries": comebacks}
+    assert comebacks == max_retry
+    assert all(t.state == TrialState.FAIL for t in study.get_trials())

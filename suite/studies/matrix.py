@@ -30,7 +30,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pandas as pd
 
@@ -117,9 +117,18 @@ def config_digest(raw: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def expand(path: str | Path, sets: list[str] | None = None) -> tuple[str, dict, list[Cell]]:
-    """(matrix name, base raw config, cells) from a matrix TOML; every cell's config validated
-    lazily (a bad cell fails alone, when it runs)."""
+class Expanded(NamedTuple):
+    """A matrix TOML read: its name, the base raw config, the cells, the workers' retry limit."""
+
+    name: str
+    base: dict
+    cells: list[Cell]
+    max_retry: int
+
+
+def expand(path: str | Path, sets: list[str] | None = None) -> Expanded:
+    """A matrix TOML's name, base raw config, cells and ``max_retry``; every cell's config
+    validated lazily (a bad cell fails alone, when it runs)."""
     for text in sets or []:  # the named axes set these in every cell: --set would be lost
         key = parse_assignment(text, "--set")[0]
         if key in OWN_AXIS:
@@ -145,7 +154,7 @@ def expand(path: str | Path, sets: list[str] | None = None) -> tuple[str, dict, 
     for c in cells:
         c.seeds = seeds
     _check_base(base, cells, str(path))
-    return name, base, cells
+    return Expanded(name, base, cells, mcfg.max_retry)
 
 
 def _check_base(base: dict, cells: list[Cell], source: str) -> None:
@@ -281,7 +290,7 @@ def run_matrix(
 ) -> MatrixResult:
     """The matrix in this process, cell after cell (no storage needed); a rerun runs only
     the cells not FINISHED yet, and a cell cut short by a killed process goes on in its run."""
-    name, base, cells = expand(path, sets)
+    name, base, cells, _ = expand(path, sets)
     experiment = base.get("tracking", {}).get("experiment") or name
     # the experiment's runs read once: finished cells, the parent and cut-short cells all
     # come from it (a rerun of a finished 1,000-cell matrix read them four times; issue 24)

@@ -20,13 +20,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from suite.config import MAX_RETRY
 from suite.errors import UserError, first_line
 from suite.studies.storage import open_storage, reap_dead_workers, storage_lock
 from suite.tracking import worker_id
 
 HEARTBEAT_S = 2  # a worker beats every 2 s; silent for GRACE_S, its cell is queued again
 GRACE_S = 10
-MAX_RETRY = 3  # a cell whose workers keep dying is given up after 3 retries
 
 
 def study_name(matrix: str) -> str:
@@ -80,11 +80,11 @@ def queue_lost(url: str, e: BaseException) -> QueueLost:
 class MatrixQueue:
     """The study behind a matrix: enqueue, pop, beat, tell, reap. One per process."""
 
-    def __init__(self, url: str, matrix: str) -> None:
+    def __init__(self, url: str, matrix: str, max_retry: int = MAX_RETRY) -> None:
         import optuna
 
-        self.url, self.name = url, study_name(matrix)
-        self.storage = open_storage(url, HEARTBEAT_S, GRACE_S, MAX_RETRY)
+        self.url, self.name, self.max_retry = url, study_name(matrix), max_retry
+        self.storage = open_storage(url, HEARTBEAT_S, GRACE_S, max_retry)
         self.study = optuna.create_study(
             storage=self.storage, study_name=self.name, direction="maximize", load_if_exists=True
         )
@@ -203,7 +203,7 @@ class MatrixQueue:
         """Fail the cells of dead workers and queue them again (``reap_dead_workers``)."""
         with self.lock():
             reap_dead_workers(
-                self.study, MAX_RETRY, lambda t: ({"cell": t.user_attrs["cell"]}, t.user_attrs)
+                self.study, self.max_retry, lambda t: ({"cell": t.user_attrs["cell"]}, t.user_attrs)
             )
 
     def wait_or_stop(self, poll_s: float = 1.0) -> bool:

@@ -64,6 +64,7 @@ class Plan:
     gpus_per_cell: int
     profile_steps: int
     cuda: bool  # whether the cells run on CUDA (then each worker gets its own GPUs)
+    max_retry: int  # [matrix] max_retry: a cell whose workers keep dying is given up
 
 
 def default_storage(tracking_uri: str) -> str:
@@ -93,7 +94,7 @@ def run_queued_matrix(
         raise UserError(f"--workers must be >= 1, got {workers}")
     if gpus_per_cell < 0:
         raise UserError(f"--gpus-per-cell must be >= 0, got {gpus_per_cell}")
-    name, base, cells = expand(path, sets)
+    name, base, cells, max_retry = expand(path, sets)
     experiment = base.get("tracking", {}).get("experiment") or name
     done = finished_digests(tracker, experiment)
     todo = [c for c in cells if c.digest not in done]
@@ -103,7 +104,7 @@ def run_queued_matrix(
     cuda = on_cuda(cells)
     workers = clamp_workers(workers, len(todo), gpus_per_cell, cuda)
     worker_env(0, workers, gpus_per_cell, cuda)  # a plan that cannot fit fails before any work
-    queue = MatrixQueue(storage, name)
+    queue = MatrixQueue(storage, name, max_retry)
     queue.check_cells([c.digest for c in cells])
     queue.enqueue([(c.index, c.digest) for c in cells], set(done))
     parent_id = queue.parent_run_id(lambda: open_parent(tracker, experiment, name, cells, path))
@@ -117,6 +118,7 @@ def run_queued_matrix(
         gpus_per_cell,
         profile_steps,
         cuda,
+        max_retry,
     )
     with tracker.run(experiment, f"matrix/{name}", run_id=parent_id) as parent:
         _start_workers(plan)  # raises, in one line, when a worker could not do its work
@@ -138,11 +140,12 @@ def _start_workers(plan: Plan) -> None:
     bad = [(slot, c) for slot, c in enumerate(codes) if c]
     if not bad:
         return
-    name = expand(plan.path, plan.sets)[0]
+    name = expand(plan.path, plan.sets).name
     try:  # the storage is back, or never was the problem: how many cells are unfinished
         from optuna.trial import TrialState
 
-        left = len(MatrixQueue(plan.storage, name).trials(TrialState.RUNNING, TrialState.WAITING))
+        queue = MatrixQueue(plan.storage, name, plan.max_retry)
+        left = len(queue.trials(TrialState.RUNNING, TrialState.WAITING))
     except Exception as e:
         if is_storage_lost(e) or isinstance(e, UserError):
             raise queue_lost(plan.storage, e) from None
@@ -210,11 +213,12 @@ def _worker_main(plan: Plan, slot: int) -> None:
 
 def work(plan: Plan, slot: int = 0) -> None:
     """Pop and run cells until the queue is drained and no other worker runs one."""
-    name, base, cells = expand(plan.path, plan.sets)
+    name, base, cells, _ = expand(plan.path, plan.sets)
     by_hash = {c.digest: c for c in cells}
     experiment = base.get("tracking", {}).get("experiment") or name
     tracker = make_tracker(plan.tracking_uri)
-    queue = MatrixQueue(plan.storage, name)  # unreachable from the start: one line already
+    # unreachable from the start: one line already
+    queue = MatrixQueue(plan.storage, name, plan.max_retry)
     try:
         _work(queue, plan, slot, by_hash, name, tracker, experiment)
     except Exception as e:
@@ -341,7 +345,7 @@ def status_table(
 ) -> pd.DataFrame:
     """One row per cell: waiting, running (host:pid, since), finished, failed or todo, from
     MLflow and, with a storage, the queue."""
-    name, base, cells = expand(path, sets)
+    name, base, cells, _ = expand(path, sets)
     experiment = base.get("tracking", {}).get("experiment") or name
     runs = tracker.runs(experiment, kind="cell", matrix=name)
     queued = _queue_states(storage, name, tracker.uri)
@@ -429,7 +433,7 @@ def run_one_cell(
     """One cell, in this process (a torchrun rank): rank 0 records it, every rank trains."""
     from suite.runtime import dist_env
 
-    name, base, cells = expand(path, sets)
+    name, base, cells, _ = expand(path, sets)
     cell = next((c for c in cells if c.digest == digest), None)
     if cell is None:
         raise UserError(f"--run-cell {digest}: no cell of {path} has this hash")

@@ -198,7 +198,7 @@ def is_cpu_oom(e: BaseException) -> bool:
 
 
 def _fit(cfg: Config, tracker: Tracker, ctx: FitContext) -> TrainResult:
-    recipe, state, lr = prepare(cfg, tracker, ctx.device)
+    recipe, state, lr = prepare(cfg, tracker, ctx)
     profile = model_profile(state.model, recipe.data.img_size)
     ckpt_path, folder = start_point(ctx.resume, ctx.continue_run, tracker)
     run_id = ctx.continue_run
@@ -280,15 +280,14 @@ def train_epochs(
 # Building the run's parts
 
 
-def prepare(
-    cfg: Config, tracker: Tracker, device: torch.device
-) -> tuple[Recipe, TrainState, float]:
+def prepare(cfg: Config, tracker: Tracker, ctx: FitContext) -> tuple[Recipe, TrainState, float]:
     """The run's fixed parts, its training state, and its learning rate."""
+    device = ctx.device
     amp = resolve_precision(cfg.train.amp, device)
     check_precision(amp, device, "train.amp")
     seed_everything(cfg.train.seed)
-    data = build_data(cfg, device)
-    state, lr = build_state(cfg, data, device, amp)
+    data = build_data(cfg, device, ctx.rank, ctx.world)
+    state, lr = build_state(cfg, data, device, amp, ctx.world)
     teacher = load_teacher(cfg, device, tracker)
     criterion = Criterion(cfg.train.label_smoothing, cfg.distill if teacher is not None else None)
     # MixUp/CutMix: part of data.prep (BatchMix), after normalisation and erasing, as before
@@ -316,9 +315,9 @@ def checkpoint_meta(cfg: Config, recipe: Recipe, run_id: str) -> dict[str, Any]:
     }
 
 
-def build_data(cfg: Config, device: torch.device) -> Data:
-    """Datasets and loaders, each rank its shard (DistributedSampler; one shard alone)."""
-    rank, _, world = dist_env()
+def build_data(cfg: Config, device: torch.device, rank: int = 0, world: int = 1) -> Data:
+    """Datasets and loaders, each of the ``world`` ranks its shard (DistributedSampler; one
+    shard alone)."""
     t = cfg.train
     img_size = model_img_size(cfg.model.name, cfg.model.overrides)
     # uint8 items; DataInfo's mean/std normalise them per batch on the device (data.prep)
@@ -343,13 +342,13 @@ def build_data(cfg: Config, device: torch.device) -> Data:
 
 
 def build_state(
-    cfg: Config, data: Data, device: torch.device, amp: str
+    cfg: Config, data: Data, device: torch.device, amp: str, world: int = 1
 ) -> tuple[TrainState, float]:
     """The model and what trains it, with the learning rate they use (DeiT's scaling rule:
-    base_lr x global batch / 512, unless train.lr is set)."""
+    base_lr x global batch (x ``world`` ranks) / 512, unless train.lr is set)."""
     t = cfg.train
     model = build_model(cfg, data.info).to(device)
-    lr = t.lr or t.base_lr * t.batch_size * dist_env()[2] / 512
+    lr = t.lr or t.base_lr * t.batch_size * world / 512
     steps = max(len(data.train), 1)
     optimizer = build_optimizer(model, lr, t.weight_decay)
     scheduler = build_scheduler(
