@@ -148,7 +148,7 @@ def load_run(tracker: Tracker, run_id: str, device: torch.device) -> VizRun:
     cfg = from_dict(raw, source=str(ckpt_path), check_paths=False)
     check_model_config(cfg.model.name, cfg.model.overrides)
     model = checkpoint_model(ckpt, ckpt_path, name)
-    model.to(device).eval()
+    model.to(device)  # checkpoint_model returns it in eval mode
     _, val, info = build_datasets(cfg.data, model_img_size(cfg.model.name, cfg.model.overrides))
     label = f"{ckpt['model_name']} {run_id[:8]}"
     return VizRun(run_id, label, model, val, info.classes, info.mean, info.std, info.digest)

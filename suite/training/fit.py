@@ -649,7 +649,7 @@ def load_teacher(cfg: Config, device: torch.device, tracker: Tracker) -> nn.Modu
         teacher = checkpoint_model(ckpt, path, k.teacher_model)
     except UserError as e:
         raise UserError(f"distill.teacher: {e}") from None
-    teacher.to(device).eval()
+    teacher.to(device)  # checkpoint_model returns it in eval mode
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
